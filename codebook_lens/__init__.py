@@ -1,0 +1,26 @@
+"""codebook_lens: codebook features (top-k vector-quantization bottlenecks) for TransformerLens.
+
+Attach codebooks at hook points of a ``HookedTransformer`` or ``TransformerBridge``, finetune
+them, read their discrete codes from ``run_with_cache`` and patch them with ordinary hooks.
+"""
+
+from codebook_lens.config import CodebookConfig
+from codebook_lens.init import init_from_activations, kmeans, replace_dead_codes
+from codebook_lens.io import CheckpointError
+from codebook_lens.model import CodebookModel, codes_hook_name
+from codebook_lens.quantizer import Codebook, topk_codes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "CodebookConfig",
+    "Codebook",
+    "CodebookModel",
+    "CheckpointError",
+    "codes_hook_name",
+    "topk_codes",
+    "init_from_activations",
+    "kmeans",
+    "replace_dead_codes",
+]

@@ -1,0 +1,135 @@
+"""`CodebookConfig`: every knob of one codebook quantizer, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["CodebookConfig", "SIMILARITIES", "COMBINES", "INPUT_NORMS", "INIT_METHODS"]
+
+SIMILARITIES = ("cosine", "dot", "euclidean")
+COMBINES = ("sum", "mean")
+INPUT_NORMS = ("none", "layernorm")
+INIT_METHODS = ("random", "sample", "kmeans")
+
+
+@dataclass
+class CodebookConfig:
+    """Configuration of one codebook (or one group of per-head codebooks) at one site."""
+
+    d_in: int
+    """Size of the vectors being quantized (``d_model``, ``d_mlp`` or ``d_head``)."""
+
+    n_codes: int
+    """Number of code vectors per group (N in the paper; N >> k)."""
+
+    k: int = 1
+    """Number of codes active per position (and per group). Must satisfy 1 <= k <= n_codes."""
+
+    n_groups: int = 1
+    """Independent codebooks sharing one parameter ``[n_groups, n_codes, d_in]``; set it to
+    ``n_heads`` for one codebook per attention head. With 1 at a per-head site, all heads share
+    one codebook."""
+
+    similarity: Literal["cosine", "dot", "euclidean"] = "cosine"
+    """How activations are compared with codes when choosing the top k."""
+
+    combine: Literal["sum", "mean"] = "sum"
+    """How the k chosen code vectors are combined: ``"sum"`` (the paper) or ``"mean"`` (the
+    reference implementation; divides by k, empty slots included)."""
+
+    input_norm: Literal["none", "layernorm"] = "none"
+    """Normalise the activation before comparing it with the codes. With ``"layernorm"`` the codes
+    live in the normalised space and are what the model receives (the reference's choice, and
+    much more stable for large-norm sites such as ``hook_mlp_out``)."""
+
+    use_error_term: bool = False
+    """Add back ``a - quantized(a)`` (as SAELens's ``use_error_term``): downstream sees the exact
+    activation, while interventions on codes still act through the change they make."""
+
+    recon_coef: float = 1.0
+    """Weight of the reconstruction loss ``||decode(codes) - a||^2`` that trains the codes."""
+
+    commit_coef: float = 0.0
+    """Weight of the commitment loss that pulls the activation towards its codes (VQ-VAE)."""
+
+    init: Literal["random", "sample", "kmeans"] = "sample"
+    """Code initialisation: ``"random"`` (Gaussian, on the unit sphere for cosine), ``"sample"``
+    (random activations) or ``"kmeans"`` (k-means on activations). Data-driven methods run when
+    :meth:`CodebookModel.init_codebooks` is given tokens."""
+
+    kmeans_iters: int = 10
+    """Lloyd iterations for ``init="kmeans"``."""
+
+    dead_code_threshold: float = 0.0
+    """During training, a code used fewer than this many times since the last replacement is
+    dead and is re-seeded from recent activations. 0 disables replacement."""
+
+    replace_every: int = 100
+    """Training steps between dead-code replacements (when ``dead_code_threshold > 0``)."""
+
+    recent_size: int = 4096
+    """Activations kept (per group) as seeds for dead-code replacement."""
+
+    chunk_mb: float = 256.0
+    """Memory budget in MiB for one chunk of the ``tokens x n_codes`` score matrix; scoring streams
+    over tokens (and codes, if needed) so peak memory stays bounded."""
+
+    seed: int = 0
+    """Seed for code initialisation and dead-code replacement."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata saved with the codebook (not used by the library)."""
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"CodebookConfig: {msg}")
+
+        for name in ("d_in", "n_codes", "k", "n_groups", "kmeans_iters", "replace_every"):
+            v = getattr(self, name)
+            need(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                f"{name} must be a positive int, got {v!r}",
+            )
+        need(
+            self.k <= self.n_codes,
+            f"k={self.k} exceeds n_codes={self.n_codes}; choose k <= n_codes "
+            "(the paper uses k << n_codes)",
+        )
+        need(
+            self.similarity in SIMILARITIES,
+            f"similarity={self.similarity!r}; choose one of {SIMILARITIES}",
+        )
+        need(self.combine in COMBINES, f"combine={self.combine!r}; choose one of {COMBINES}")
+        need(
+            self.input_norm in INPUT_NORMS,
+            f"input_norm={self.input_norm!r}; choose one of {INPUT_NORMS}",
+        )
+        need(self.init in INIT_METHODS, f"init={self.init!r}; choose one of {INIT_METHODS}")
+        for name in ("recon_coef", "commit_coef", "dead_code_threshold"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and v >= 0, f"{name} must be >= 0, got {v!r}")
+        need(self.chunk_mb > 0, f"chunk_mb must be > 0, got {self.chunk_mb!r}")
+        need(self.recent_size >= 0, f"recent_size must be >= 0, got {self.recent_size!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CodebookConfig:
+        """Build from :meth:`to_dict` output; unknown keys raise with the valid names."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(
+                f"CodebookConfig: unknown field(s) {sorted(unknown)}; valid fields are "
+                f"{sorted(names)}"
+            )
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> CodebookConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,429 @@
+"""`CodebookModel`: codebooks attached at hook points of a HookedTransformer or TransformerBridge.
+
+Each codebook runs as a permanent forward hook at its site, so every TransformerLens entry point
+(``__call__``, ``run_with_cache``, ``run_with_hooks``, ``hooks``, ``generate``) runs with it. The
+site keeps meaning "what the model uses downstream" (the quantized value), and the chosen codes
+pass through a hook point registered on the model as ``f"{site}.hook_codes"``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from codebook_lens.config import CodebookConfig
+from codebook_lens.init import init_from_activations
+from codebook_lens.quantizer import Codebook
+
+__all__ = ["CodebookModel", "codes_hook_name", "PER_HEAD_SUFFIXES"]
+
+PER_HEAD_SUFFIXES = ("attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_result")
+_UNQUANTIZABLE = ("hook_pattern", "hook_attn_scores", "hook_codes", "hook_tokens")
+
+
+def codes_hook_name(site: str) -> str:
+    """The hook name under which the codes of ``site`` are cached and patched."""
+    return f"{site}.hook_codes"
+
+
+@dataclass
+class _Attachment:
+    """How one codebook sits at its site."""
+
+    site: str
+    layout: str  # "flat" | "split" (flat site, grouped) | "heads" | "heads_flat"
+    handle: Any  # TL LensHandle of the permanent hook
+
+
+def _backend(model: nn.Module) -> str:
+    names = {c.__name__ for c in type(model).__mro__}
+    if "TransformerBridge" in names:
+        return "bridge"
+    if "HookedTransformer" in names or hasattr(model, "hook_dict"):
+        return "hooked"
+    raise TypeError(
+        f"CodebookModel wraps a transformer_lens HookedTransformer or TransformerBridge, got "
+        f"{type(model).__name__}"
+    )
+
+
+class CodebookModel(nn.Module):
+    """A TransformerLens model with codebook quantizers at some of its hook points.
+
+    >>> cm = CodebookModel(model)
+    >>> cm.add_codebook("blocks.0.attn.hook_z", n_codes=1000, k=1)  # one codebook per head
+    >>> logits, cache = cm.run_with_cache(tokens)
+    >>> cache["blocks.0.attn.hook_z.hook_codes"].shape  # [batch, pos, head, k]
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.backend = _backend(model)
+        self.model = model
+        self._cbs = nn.ModuleDict()
+        self._att: dict[str, _Attachment] = {}
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self.enabled = True
+
+    # ------------------------------------------------------------------ bookkeeping
+    @staticmethod
+    def _key(site: str) -> str:
+        return site.replace(".", "__")
+
+    @property
+    def codebooks(self) -> dict[str, Codebook]:
+        """Attached codebooks by site name (a fresh dict; use ``add``/``remove`` to change)."""
+        return {site: self._cbs[self._key(site)] for site in self._att}
+
+    @property
+    def sites(self) -> list[str]:
+        """Sites that have a codebook, in attachment order."""
+        return list(self._att)
+
+    @property
+    def cfg(self) -> Any:
+        """The wrapped model's config."""
+        return self.model.cfg
+
+    def codebook_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the codebooks only (not of the base model)."""
+        return self._cbs.parameters()
+
+    def hook_names(self) -> list[str]:
+        """All hook names of the wrapped model, codes hooks included."""
+        return sorted(self.model.hook_dict)
+
+    def _site_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Trailing activation shape (after batch, pos) of every hook point, probed once."""
+        if self._shapes is None:
+            device = next(self.model.parameters()).device
+            tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
+            with self.disabled(), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _, cache = self.model.run_with_cache(tokens)
+            shapes = {
+                n: tuple(a.shape[2:])
+                for n, a in cache.items()
+                if isinstance(a, Tensor) and not n.endswith(".hook_codes")
+            }
+            self._shapes = shapes
+        return self._shapes
+
+    def _check_site(self, site: str) -> None:
+        names = [n for n in self.model.hook_dict if not n.endswith(".hook_codes")]
+        if site not in names:
+            close = difflib.get_close_matches(site, names, n=5, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise KeyError(
+                f"unknown hook point {site!r} on this {self.backend} model.{hint} "
+                "See cm.hook_names() for all names."
+            )
+        if any(site.endswith(s) for s in _UNQUANTIZABLE):
+            raise ValueError(
+                f"{site!r} is not an activation that can be quantized; choose a residual, MLP or "
+                "per-head site such as blocks.0.attn.hook_z or blocks.0.hook_mlp_out"
+            )
+
+    def _layout(self, site: str, cfg: CodebookConfig) -> str:
+        shape = self._site_shapes().get(site)
+        if shape is None:
+            raise ValueError(f"{site!r} did not fire on a forward pass; it cannot be quantized")
+        if len(shape) == 1:
+            (d,) = shape
+            if cfg.n_groups == 1 and cfg.d_in == d:
+                return "flat"
+            if cfg.n_groups > 1 and cfg.n_groups * cfg.d_in == d:
+                return "split"
+            raise ValueError(
+                f"{site} has activations of size {d}, but the codebook config has d_in={cfg.d_in}"
+                f" and n_groups={cfg.n_groups}; use d_in={d} (or n_groups * d_in == {d})"
+            )
+        if len(shape) == 2:
+            h, dh = shape
+            if cfg.d_in == dh and cfg.n_groups in (1, h):
+                return "heads"
+            if cfg.d_in == h * dh and cfg.n_groups == 1:
+                return "heads_flat"
+            raise ValueError(
+                f"{site} is a per-head site with {h} heads of size {dh}, but the codebook config "
+                f"has d_in={cfg.d_in} and n_groups={cfg.n_groups}; use d_in={dh} with "
+                f"n_groups={h} (one codebook per head) or 1 (shared), or d_in={h * dh}"
+            )
+        raise ValueError(
+            f"{site} has activation shape {shape}; only [b, p, d] and "
+            "[b, p, head, d] sites can be quantized"
+        )
+
+    def _default_cfg(self, site: str, overrides: dict[str, Any]) -> CodebookConfig:
+        shape = self._site_shapes().get(site, ())
+        if "n_codes" not in overrides:
+            raise TypeError(
+                "add_codebook needs a CodebookConfig, a Codebook, or at least n_codes=..."
+            )
+        if len(shape) == 2:
+            overrides = {"d_in": shape[1], "n_groups": shape[0], **overrides}
+        elif len(shape) == 1:
+            overrides = {"d_in": shape[0], **overrides}
+        return CodebookConfig(**overrides)
+
+    # ------------------------------------------------------------------ attach / remove
+    def add_codebook(
+        self,
+        site: str,
+        cfg_or_codebook: CodebookConfig | Codebook | None = None,
+        **overrides: Any,
+    ) -> Codebook:
+        """Attach a codebook at ``site`` and return it.
+
+        Pass a :class:`CodebookConfig`, an existing :class:`Codebook`, or just config fields
+        (``n_codes=...``, ``k=...``); then ``d_in`` and ``n_groups`` are read off the site, with
+        one codebook per head at per-head sites (``attn.hook_z``, ``hook_q/k/v``,
+        ``attn.hook_result``).
+        """
+        self._check_site(site)
+        if site in self._att:
+            raise ValueError(f"{site} already has a codebook; remove_codebook({site!r}) first")
+        if isinstance(cfg_or_codebook, Codebook):
+            if overrides:
+                raise TypeError("pass either a Codebook or config fields, not both")
+            cb = cfg_or_codebook
+        else:
+            if cfg_or_codebook is None:
+                cfg = self._default_cfg(site, overrides)
+            elif isinstance(cfg_or_codebook, CodebookConfig):
+                cfg = cfg_or_codebook.replace(**overrides) if overrides else cfg_or_codebook
+            else:
+                raise TypeError(
+                    f"expected a CodebookConfig or Codebook, got {type(cfg_or_codebook).__name__}"
+                )
+            cb = Codebook(cfg)
+        layout = self._layout(site, cb.cfg)
+        param = next(self.model.parameters())
+        cb.to(param.device)
+        self._cbs[self._key(site)] = cb
+        self._register_codes_hook(site, cb.hook_codes)
+        self._att[site] = _Attachment(site, layout, None)
+        self._install(site)
+        return cb
+
+    def remove_codebook(self, site: str) -> Codebook:
+        """Detach the codebook at ``site`` and return it; the site is a plain activation again."""
+        if site not in self._att:
+            raise KeyError(f"no codebook at {site!r}; attached sites: {self.sites}")
+        att = self._att.pop(site)
+        self._uninstall(att)
+        self._unregister_codes_hook(site)
+        return self._cbs.pop(self._key(site))
+
+    def detach(self) -> nn.Module:
+        """Remove every codebook and return the base model, unchanged."""
+        for site in list(self._att):
+            self.remove_codebook(site)
+        return self.model
+
+    # ------------------------------------------------------------------ hooks plumbing
+    def _register_codes_hook(self, site: str, hp: HookPoint) -> None:
+        name = codes_hook_name(site)
+        hp.name = name
+        reg = getattr(self.model, "_hook_registry", None)
+        if isinstance(reg, dict):
+            reg[name] = hp
+        else:
+            self.model.hook_dict[name] = hp
+            self.model.mod_dict[name] = hp
+
+    def _unregister_codes_hook(self, site: str) -> None:
+        name = codes_hook_name(site)
+        reg = getattr(self.model, "_hook_registry", None)
+        for d in (reg, getattr(self.model, "mod_dict", None)):
+            if isinstance(d, dict):
+                d.pop(name, None)
+        if reg is None:
+            self.model.hook_dict.pop(name, None)
+
+    def _make_hook(self, site: str):
+        key = self._key(site)
+
+        def quantize(act: Tensor, hook: HookPoint) -> Tensor | None:
+            cb = self._cbs[key]
+            if not (self.enabled and cb.enabled):
+                return None
+            layout = self._att[site].layout
+            if layout == "flat" or layout == "heads":
+                return cb(act)
+            if layout == "split":
+                return cb(act.reshape(*act.shape[:-1], cb.cfg.n_groups, cb.cfg.d_in)).reshape(
+                    act.shape
+                )
+            return cb(act.flatten(-2)).reshape(act.shape)  # heads_flat
+
+        return quantize
+
+    def _install(self, site: str) -> None:
+        hp = self.model.hook_dict[site]
+        hp.add_hook(self._make_hook(site), dir="fwd", is_permanent=True)
+        self._att[site].handle = hp.fwd_hooks[-1]
+
+    def _uninstall(self, att: _Attachment) -> None:
+        hp = self.model.hook_dict.get(att.site)
+        handle = att.handle
+        if hp is not None and handle is not None and handle in hp.fwd_hooks:
+            handle.hook.remove()
+            hp.fwd_hooks.remove(handle)
+
+    def _ensure_hooks(self) -> None:
+        """Re-install hooks removed by ``model.reset_hooks(including_permanent=True)``."""
+        for site, att in self._att.items():
+            if att.handle not in self.model.hook_dict[site].fwd_hooks:
+                self._install(site)
+
+    # ------------------------------------------------------------------ enable / disable
+    @contextmanager
+    def disabled(self, *sites: str) -> Iterator[CodebookModel]:
+        """Temporarily run the base activations at ``sites`` (all sites if none given)."""
+        for s in sites:
+            if s not in self._att:
+                raise KeyError(f"no codebook at {s!r}; attached sites: {self.sites}")
+        if not sites:
+            prev = self.enabled
+            self.enabled = False
+            try:
+                yield self
+            finally:
+                self.enabled = prev
+            return
+        cbs = [self.codebooks[s] for s in sites]
+        prev_flags = [cb.enabled for cb in cbs]
+        for cb in cbs:
+            cb.enabled = False
+        try:
+            yield self
+        finally:
+            for cb, flag in zip(cbs, prev_flags):
+                cb.enabled = flag
+
+    def enable(self, *sites: str) -> None:
+        """Turn codebooks on (all, or only ``sites``)."""
+        self._set(True, sites)
+
+    def disable(self, *sites: str) -> None:
+        """Turn codebooks off (all, or only ``sites``) until :meth:`enable`."""
+        self._set(False, sites)
+
+    def _set(self, flag: bool, sites: tuple[str, ...]) -> None:
+        if not sites:
+            self.enabled = flag
+            for cb in self._cbs.values():
+                cb.enabled = True
+            return
+        for s in sites:
+            self.codebooks[s].enabled = flag
+
+    # ------------------------------------------------------------------ running
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped model (codebooks active); same arguments as the model's forward."""
+        self._ensure_hooks()
+        return self.model(*args, **kwargs)
+
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.run_with_cache``; codes are cached under ``f"{site}.hook_codes"``."""
+        self._ensure_hooks()
+        return self.model.run_with_cache(*args, **kwargs)
+
+    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.run_with_hooks``; hooks on ``f"{site}.hook_codes"`` patch codes."""
+        self._ensure_hooks()
+        return self.model.run_with_hooks(*args, **kwargs)
+
+    def hooks(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.hooks(...)`` context manager (temporary hooks, removed on exit)."""
+        self._ensure_hooks()
+        return self.model.hooks(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``model.generate`` with the codebooks active."""
+        self._ensure_hooks()
+        return self.model.generate(*args, **kwargs)
+
+    def reset_hooks(self, *args: Any, **kwargs: Any) -> None:
+        """``model.reset_hooks``; codebook hooks survive (they are re-installed if removed)."""
+        self.model.reset_hooks(*args, **kwargs)
+        self._ensure_hooks()
+
+    def aux_loss(self) -> Tensor:
+        """Sum of every enabled codebook's weighted reconstruction/commitment loss from the last
+        forward."""
+        total = next(self.model.parameters()).new_zeros(())
+        for cb in self._cbs.values():
+            if cb.enabled and self.enabled:
+                total = total + cb.aux_loss()
+        return total
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = super().__getattr__("model")
+            return getattr(model, name)
+
+    # ------------------------------------------------------------------ init / io
+    @torch.no_grad()
+    def init_codebooks(self, tokens: Tensor, batch_size: int = 32, max_rows: int = 65536) -> None:
+        """Initialise every codebook whose ``cfg.init`` is data-driven from base-model activations
+        on ``tokens`` [batch, pos] (codebooks disabled while collecting)."""
+        sites = [s for s, cb in self.codebooks.items() if cb.cfg.init != "random"]
+        if not sites:
+            return
+        acts: dict[str, list[Tensor]] = {s: [] for s in sites}
+
+        def grabber(site: str):
+            def grab(act: Tensor, hook: HookPoint) -> None:
+                acts[site].append(act.detach().reshape(-1, *act.shape[2:]))
+
+            return grab
+
+        with self.disabled():
+            for i in range(0, tokens.shape[0], batch_size):
+                self.model.run_with_hooks(
+                    tokens[i : i + batch_size], fwd_hooks=[(s, grabber(s)) for s in sites]
+                )
+        g = torch.Generator().manual_seed(0)
+        for s in sites:
+            a = torch.cat(acts[s])
+            if not torch.isfinite(a).all():
+                raise ValueError(f"activations at {s} contain NaN/inf; check the base model")
+            if a.shape[0] > max_rows:
+                a = a[torch.randperm(a.shape[0], generator=g)[:max_rows].to(a.device)]
+            cb = self.codebooks[s]
+            layout = self._att[s].layout
+            if layout == "split":
+                a = a.reshape(-1, cb.cfg.n_groups, cb.cfg.d_in)
+            elif layout == "heads" and not cb.grouped:
+                a = a.reshape(-1, cb.cfg.d_in)
+            elif layout == "heads_flat":
+                a = a.flatten(-2)
+            init_from_activations(cb, a)
+
+    def save(self, path: str, include_model: bool = False) -> None:
+        """Write ``cfg.json`` and safetensors files to directory ``path`` (atomically)."""
+        from codebook_lens.io import save_codebook_model
+
+        save_codebook_model(self, path, include_model=include_model)
+
+    @classmethod
+    def load(cls, path: str, model: nn.Module | None = None) -> CodebookModel:
+        """Rebuild a saved CodebookModel on ``model`` (or on the saved base model)."""
+        from codebook_lens.io import load_codebook_model
+
+        return load_codebook_model(path, model)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}, sites={self.sites}"
