@@ -125,7 +125,7 @@ class Codebook(nn.Module):
         if x.shape[-1] != cfg.d_in:
             raise ValueError(
                 f"Codebook expects inputs with last dimension d_in={cfg.d_in}, got shape "
-                f"{tuple(x.shape)}; build the config with d_in={x.shape[-1]} or quantize another site"
+                f"{tuple(x.shape)}; build the config with d_in={x.shape[-1]}"
             )
         if self.grouped:
             if x.dim() < 2 or x.shape[-2] != cfg.n_groups:
