@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 __all__ = ["CodebookConfig", "SIMILARITIES", "COMBINES", "INPUT_NORMS", "INIT_METHODS"]
 
@@ -32,14 +32,14 @@ class CodebookConfig:
     ``n_heads`` for one codebook per attention head. With 1 at a per-head site, all heads share
     one codebook."""
 
-    similarity: Literal["cosine", "dot", "euclidean"] = "cosine"
+    similarity: str = "cosine"
     """How activations are compared with codes when choosing the top k."""
 
-    combine: Literal["sum", "mean"] = "sum"
+    combine: str = "sum"
     """How the k chosen code vectors are combined: ``"sum"`` (the paper) or ``"mean"`` (the
     reference implementation; divides by k, empty slots included)."""
 
-    input_norm: Literal["none", "layernorm"] = "none"
+    input_norm: str = "none"
     """Normalise the activation before comparing it with the codes. With ``"layernorm"`` the codes
     live in the normalised space and are what the model receives (the reference's choice, and
     much more stable for large-norm sites such as ``hook_mlp_out``)."""
@@ -54,7 +54,7 @@ class CodebookConfig:
     commit_coef: float = 0.0
     """Weight of the commitment loss that pulls the activation towards its codes (VQ-VAE)."""
 
-    init: Literal["random", "sample", "kmeans"] = "sample"
+    init: str = "sample"
     """Code initialisation: ``"random"`` (Gaussian, on the unit sphere for cosine), ``"sample"``
     (random activations) or ``"kmeans"`` (k-means on activations). Data-driven methods run when
     :meth:`CodebookModel.init_codebooks` is given tokens."""

@@ -9,6 +9,7 @@ pass through a hook point registered on the model as ``f"{site}.hook_codes"``.
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,6 +73,7 @@ class CodebookModel(nn.Module):
         self._att: dict[str, _Attachment] = {}
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self.enabled = True
+        self.train(model.training)
 
     # ------------------------------------------------------------------ bookkeeping
     @staticmethod
@@ -208,6 +210,7 @@ class CodebookModel(nn.Module):
         layout = self._layout(site, cb.cfg)
         param = next(self.model.parameters())
         cb.to(param.device)
+        cb.train(self.training)  # usage is counted only while training
         self._cbs[self._key(site)] = cb
         self._register_codes_hook(site, cb.hook_codes)
         self._att[site] = _Attachment(site, layout, None)
@@ -412,14 +415,14 @@ class CodebookModel(nn.Module):
                 a = a.flatten(-2)
             init_from_activations(cb, a)
 
-    def save(self, path: str, include_model: bool = False) -> None:
+    def save(self, path: str | os.PathLike, include_model: bool = False) -> None:
         """Write ``cfg.json`` and safetensors files to directory ``path`` (atomically)."""
         from codebook_lens.io import save_codebook_model
 
         save_codebook_model(self, path, include_model=include_model)
 
     @classmethod
-    def load(cls, path: str, model: nn.Module | None = None) -> CodebookModel:
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> CodebookModel:
         """Rebuild a saved CodebookModel on ``model`` (or on the saved base model)."""
         from codebook_lens.io import load_codebook_model
 

@@ -1,0 +1,48 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Both build .venv first.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+TL3 := transformer-lens==3.9.*
+TL4 := transformer-lens>=4,<5
+DEMO_OUT ?= demo_out
+
+.PHONY: setup demo test lint pytest test-tl4 bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]" "$(TL3)"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/codebook-lens demo --out $(DEMO_OUT)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+pytest: setup
+	$(BIN)/pytest -m "not slow"
+
+test: lint pytest
+
+# Second leg: TransformerBridge tests on transformer-lens 4.x (no HookedTransformer there).
+.venv-tl4/.installed: pyproject.toml
+	$(PY) -m venv .venv-tl4
+	.venv-tl4/bin/pip install -q --upgrade pip
+	.venv-tl4/bin/pip install -q $(TORCH)
+	.venv-tl4/bin/pip install -q -e ".[dev]" "$(TL4)"
+	touch $@
+
+test-tl4: .venv-tl4/.installed
+	.venv-tl4/bin/pytest -m "bridge and not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/bench_quantizer.py
+
+clean:
+	rm -rf $(VENV) .venv-tl4 $(DEMO_OUT) .pytest_cache .ruff_cache
