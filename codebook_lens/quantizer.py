@@ -21,14 +21,79 @@ from codebook_lens.config import CodebookConfig
 __all__ = ["Codebook", "topk_codes"]
 
 
+# Tile geometry, tuned on a 2-core AVX-512 Xeon (docs/performance.md): a score tile small enough
+# to stay cache-resident between the GEMM that writes it and the reduction that reads it, yet with
+# enough rows to keep the GEMM efficient; chunk_mb only ever lowers it.
+_TILE_BYTES = 4 * 2**20
+_MIN_ROWS = 64
+# Codes per block of the two-stage top-k: one vectorized block-max pass over the tile, then an
+# exact top-k among the few blocks that can hold a winner (torch's max/topk over a full row are
+# scalar loops, ~10x slower than amax).
+_BLOCK = 128
+
+
 def _prepare_codebook(codebook: Tensor, similarity: str) -> tuple[Tensor, Tensor | None]:
-    """Codes as compared (unit-norm for cosine) and an additive score bias (euclidean)."""
+    """Codes as compared (unit-norm for cosine) and an additive score bias (euclidean).
+
+    Done once per call, never per chunk. Activations are not normalised: a positive per-row scale
+    does not change a row's ranking.
+    """
     if similarity == "cosine":
         return F.normalize(codebook, dim=-1), None
     if similarity == "euclidean":
         # argmin |x-c|^2 == argmax x.c - |c|^2/2 (|x|^2 is constant per row)
         return codebook, -0.5 * codebook.pow(2).sum(-1)
     return codebook, None
+
+
+def _plan(n_tok: int, n_groups: int, n_codes: int, elem: int, chunk_mb: float) -> tuple[int, int]:
+    """(tokens, codes) per score tile; the tile holds at most ``chunk_mb`` MiB."""
+    cap = max(1, int(chunk_mb * 2**20) // elem)
+    per_group = max(1, min(cap, _TILE_BYTES // elem) // n_groups)
+    rows = min(n_tok, _MIN_ROWS)
+    if per_group >= n_codes * rows:  # whole codebook per tile: no merge across code chunks
+        return min(n_tok, per_group // n_codes), n_codes
+    codes = max(1, per_group // rows)
+    if codes > _BLOCK:
+        codes -= codes % _BLOCK
+    rows = max(1, min(n_tok, per_group // codes))
+    return rows, codes
+
+
+def _plain_topk(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    return s.max(-1, keepdim=True) if k == 1 else s.topk(k, dim=-1)
+
+
+def _merge(bv: Tensor, bi: Tensor, v: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Running top-k: candidates (v, i) are later codes, so earlier ones win ties."""
+    if k == 1 and bv.shape[-1] == 1 and v.shape[-1] == 1:
+        take = v > bv
+        return torch.where(take, v, bv), torch.where(take, i, bi)
+    v, i = torch.cat([bv, v], dim=-1), torch.cat([bi, i], dim=-1)
+    v, sel = v.topk(min(k, v.shape[-1]), dim=-1)
+    return v, i.gather(-1, sel)
+
+
+def _tile_topk(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k (values, column ids) along the last axis of a score tile ``[G, rows, codes]``."""
+    n = s.shape[-1]
+    k = min(k, n)
+    nb = n // _BLOCK
+    if nb < max(2, k):
+        return _plain_topk(s, k)
+    main = s[..., : nb * _BLOCK].unflatten(-1, (nb, _BLOCK))  # [G, R, nb, B]
+    bmax = main.amax(-1)
+    # the k blocks with the largest maxima hold the k largest scores
+    blk = bmax.argmax(-1, keepdim=True) if k == 1 else bmax.topk(k, dim=-1).indices
+    g_ix = torch.arange(s.shape[0], device=s.device).view(-1, 1, 1)
+    r_ix = torch.arange(s.shape[1], device=s.device).view(1, -1, 1)
+    cand = main[g_ix, r_ix, blk].flatten(-2)  # [G, R, k*B]
+    v, j = _plain_topk(cand, k)
+    i = blk.gather(-1, j // _BLOCK) * _BLOCK + j % _BLOCK
+    if nb * _BLOCK < n:
+        tv, ti = _plain_topk(s[..., nb * _BLOCK :], min(k, n - nb * _BLOCK))
+        v, i = _merge(v, i, tv, ti + nb * _BLOCK, k)
+    return v, i
 
 
 def topk_codes(
@@ -40,44 +105,40 @@ def topk_codes(
 ) -> Int[Tensor, "n_tok n_groups k"]:
     """Ids of the k most similar codes for each token and group, most similar first.
 
-    Scores are computed one chunk at a time so that a chunk of the score matrix takes at most
-    ``chunk_mb`` MiB; when even one token's scores exceed it, the codebook is chunked too and a
-    running top-k is merged across code chunks.
+    Scores are computed one tile of tokens x codes at a time, for all groups in one batched GEMM;
+    a tile never exceeds ``chunk_mb`` MiB (it is smaller when a cache-sized tile is faster). When
+    the codebook is chunked too, a running top-k is merged across code chunks. The result equals
+    the unchunked ``scores.topk(k)`` up to the order of exact ties.
     """
     n_tok, n_groups, _ = x.shape
     n_codes = codebook.shape[1]
     codes_cmp, bias = _prepare_codebook(codebook.to(x.dtype), similarity)
     codes_t = codes_cmp.transpose(1, 2)  # [G, d, N]
     xg = x.transpose(0, 1)  # [G, T, d]
-    budget = max(1, int(chunk_mb * 2**20) // (4 * n_groups))  # score elements per group
-    code_chunk = min(n_codes, max(k, budget // 64))
-    tok_chunk = max(1, budget // code_chunk)
-    out = torch.empty(n_groups, n_tok, k, dtype=torch.long, device=x.device)
-    for t0 in range(0, n_tok, tok_chunk):
-        xs = xg[:, t0 : t0 + tok_chunk]
+    rows, width = _plan(n_tok, n_groups, n_codes, x.element_size(), chunk_mb)
+    buf = x.new_empty(n_groups * rows * width)  # one tile buffer reused by every GEMM
+    out = torch.empty(n_tok, n_groups, k, dtype=torch.long, device=x.device)
+    for t0 in range(0, n_tok, rows):
+        xs = xg[:, t0 : t0 + rows]
+        r = xs.shape[1]
         best_v: Tensor | None = None
         best_i: Tensor | None = None
-        for c0 in range(0, n_codes, code_chunk):
-            ct = codes_t[:, :, c0 : c0 + code_chunk]
+        for c0 in range(0, n_codes, width):
+            c = min(width, n_codes - c0)
+            s = buf[: n_groups * r * c].view(n_groups, r, c)
             if bias is None:
-                s = torch.bmm(xs, ct)
+                torch.bmm(xs, codes_t[:, :, c0 : c0 + c], out=s)
             else:
-                s = torch.baddbmm(bias[:, None, c0 : c0 + code_chunk], xs, ct)
-            kk = min(k, s.shape[-1])
-            if kk == 1:
-                v, i = s.max(dim=-1, keepdim=True)
-            else:
-                v, i = s.topk(kk, dim=-1)
-            i = i + c0
-            if best_v is None:
+                torch.baddbmm(bias[:, None, c0 : c0 + c], xs, codes_t[:, :, c0 : c0 + c], out=s)
+            v, i = _tile_topk(s, k)
+            if c0:
+                i = i + c0
+            if best_v is None or best_i is None:
                 best_v, best_i = v, i
             else:
-                v = torch.cat([best_v, v], dim=-1)
-                i = torch.cat([best_i, i], dim=-1)
-                best_v, sel = v.topk(min(k, v.shape[-1]), dim=-1)
-                best_i = i.gather(-1, sel)
-        out[:, t0 : t0 + tok_chunk] = best_i
-    return out.transpose(0, 1)
+                best_v, best_i = _merge(best_v, best_i, v, i, k)
+        out[t0 : t0 + r] = best_i.transpose(0, 1)
+    return out
 
 
 class Codebook(nn.Module):
@@ -207,8 +268,10 @@ class Codebook(nn.Module):
         if self.training:
             self._count(codes)
             self._stash_recent(x_n)
-        patched = self.hook_codes(codes)
-        is_patched = patched is not codes
+        # Hooks may edit codes in place, so they get a copy; with no hooks there is nothing to
+        # check and no second decode.
+        is_patched = bool(self.hook_codes._forward_hooks)
+        patched = self.hook_codes(codes.clone() if is_patched else codes)
         if is_patched:
             self.check_codes(patched)
         x_hat_clean = self.decode(codes)

@@ -61,7 +61,8 @@ def test_save_is_atomic_and_overwrites(model, tokens, tmp_path):
     assert leftovers == []
     cm2 = CodebookModel.load(tmp_path / "ck", make_model(cm.backend))
     torch.testing.assert_close(
-        cm2.codebooks["blocks.1.hook_mlp_out"].codebook, cm.codebooks["blocks.1.hook_mlp_out"].codebook
+        cm2.codebooks["blocks.1.hook_mlp_out"].codebook,
+        cm.codebooks["blocks.1.hook_mlp_out"].codebook,
     )
 
 

@@ -185,9 +185,14 @@ def test_bad_inputs_give_clear_errors(model):
 def test_generate_runs_with_codebooks(model, tokens):
     cm = _attach(model, tokens)
     torch.manual_seed(0)
-    out = cm.generate(tokens[:1, :4], max_new_tokens=3, do_sample=False, verbose=False,
-                      stop_at_eos=False,
-                      use_past_kv_cache=False)
+    out = cm.generate(
+        tokens[:1, :4],
+        max_new_tokens=3,
+        do_sample=False,
+        verbose=False,
+        stop_at_eos=False,
+        use_past_kv_cache=False,
+    )
     assert out.shape == (1, 7)
     # greedy continuation equals argmax of the codebook model's own logits
     nxt = cm(tokens[:1, :4])[0, -1].argmax()
@@ -205,3 +210,25 @@ def test_training_gradients_reach_codebooks_and_model(model, tokens):
     emb = next(p for n, p in model.named_parameters() if "embed" in n)
     assert emb.grad is not None and emb.grad.abs().sum() > 0
     assert np.isfinite(loss.item())
+
+
+def test_in_place_patch_is_honoured(model, tokens):
+    cm = CodebookModel(model)
+    site = "blocks.1.hook_mlp_out"
+    cm.add_codebook(site, n_codes=20, k=1)
+    cm.init_codebooks(tokens)
+
+    def in_place(codes, hook):
+        codes[:, 2, 0] = 5
+        return codes
+
+    def in_place_no_return(codes, hook):
+        codes[:, 2, 0] = 5
+
+    clean = cm(tokens)
+    a = cm.run_with_hooks(tokens, fwd_hooks=[(f"{site}.hook_codes", in_place)])
+    b = cm.run_with_hooks(tokens, fwd_hooks=[(f"{site}.hook_codes", in_place_no_return)])
+    assert not torch.allclose(a, clean)
+    torch.testing.assert_close(a, b)
+    _, cache = cm.run_with_cache(tokens)  # a caching hook alone changes nothing
+    torch.testing.assert_close(cm(tokens), clean)

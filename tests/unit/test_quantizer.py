@@ -16,7 +16,9 @@ def _cb(**kw) -> Codebook:
     cfg = CodebookConfig(**{"d_in": 6, "n_codes": 17, "seed": 3, **kw})
     cb = Codebook(cfg)
     with torch.no_grad():  # codes of varied norms so dot/euclid/cosine disagree
-        cb.codebook.mul_(torch.rand(cfg.n_groups, cfg.n_codes, 1, generator=torch.Generator().manual_seed(0)) * 3)
+        cb.codebook.mul_(
+            torch.rand(cfg.n_groups, cfg.n_codes, 1, generator=torch.Generator().manual_seed(0)) * 3
+        )
     return cb
 
 
