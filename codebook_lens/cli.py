@@ -1,0 +1,228 @@
+"""The ``codebook-lens`` command.
+
+codebook-lens demo --out DIR                 TokFSM end to end (cached base model reused)
+codebook-lens fsm train-base --out DIR       step 1: FSM + base model
+codebook-lens fsm train-codebooks --base DIR --out DIR
+codebook-lens fsm analyze --model DIR --out DIR
+codebook-lens report DIR                     rebuild DIR/report.html from DIR/metrics.json
+codebook-lens lm-demo --out DIR              language-model path (topic codes, steering)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser", "format_table"]
+
+
+def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    """A plain-text table with aligned columns."""
+    rows = [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), line, *(fmt.format(*r) for r in rows)])
+
+
+def _experiment_config(args: argparse.Namespace) -> Any:
+    from codebook_lens.fsm.experiment import ExperimentConfig
+
+    cfg = ExperimentConfig.small() if args.small else ExperimentConfig()
+    if getattr(args, "steps", None):
+        cfg.train = dataclasses.replace(cfg.train, steps=args.steps)
+    if getattr(args, "placement", None):
+        cfg.plan = dataclasses.replace(cfg.plan, placement=args.placement)
+    if getattr(args, "no_progress", False):
+        cfg.train = dataclasses.replace(cfg.train, progress=False)
+    if getattr(args, "seed", None) is not None:
+        cfg.seed = args.seed
+    return cfg
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from codebook_lens.fsm.demo import run_demo, summary_rows
+
+    cfg = _experiment_config(args)
+    metrics = run_demo(
+        args.out, cfg, cache_dir=args.cache_dir, progress=not args.no_progress,
+        log=lambda m: print(m, file=sys.stderr),
+    )  # fmt: skip
+    print(format_table(summary_rows(metrics), ("metric", "value", "goal")))
+    print(f"\nwrote {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from codebook_lens.fsm.report import write_report
+
+    path = write_report(args.dir)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_fsm_train_base(args: argparse.Namespace) -> int:
+    from codebook_lens.fsm.experiment import get_base_model, transition_accuracy_of
+    from codebook_lens.fsm.machine import FSM
+    from codebook_lens.model import CodebookModel
+
+    cfg = _experiment_config(args)
+    out = Path(args.out)
+    fsm = FSM(cfg.n_states, cfg.n_edges, seed=cfg.fsm_seed)
+    fsm.save(out / "fsm.json")
+    model, info = get_base_model(fsm, cfg, args.cache_dir, progress=not args.no_progress)
+    CodebookModel(model).save(out / "base", include_model=True)
+    acc, _ = transition_accuracy_of(model, fsm, cfg)
+    (out / "experiment.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    print(format_table([("base transition accuracy", f"{acc:.3f}"),
+                        ("cached", str(info["cached"]))], ("metric", "value")))  # fmt: skip
+    return 0
+
+
+def _load_step(path: Path) -> tuple[Any, Any, Any]:
+    from codebook_lens.fsm.experiment import CodebookPlan, ExperimentConfig
+    from codebook_lens.fsm.machine import FSM
+    from codebook_lens.training import TrainConfig
+
+    d = json.loads((path / "experiment.json").read_text())
+    from codebook_lens.fsm.base_model import BaseTrainConfig
+
+    cfg = ExperimentConfig(
+        **{
+            **d,
+            "base": BaseTrainConfig(**d["base"]),
+            "plan": CodebookPlan(**d["plan"]),
+            "train": TrainConfig(**d["train"]),
+        }
+    )
+    return cfg, FSM.load(path / "fsm.json"), d
+
+
+def _cmd_fsm_train_codebooks(args: argparse.Namespace) -> int:
+    from codebook_lens.fsm.experiment import (
+        attach_codebooks,
+        finetune_codebooks,
+        init_codebooks,
+        transition_accuracy_of,
+    )
+    from codebook_lens.model import CodebookModel
+
+    base_dir, out = Path(args.base), Path(args.out)
+    cfg, fsm, raw = _load_step(base_dir)
+    if args.steps:
+        cfg.train = dataclasses.replace(cfg.train, steps=args.steps)
+    if args.placement:
+        cfg.plan = dataclasses.replace(cfg.plan, placement=args.placement)
+    base = CodebookModel.load(base_dir / "base").detach()
+    cm = attach_codebooks(base, cfg.plan, seed=cfg.seed)
+    init_codebooks(cm, fsm, cfg)
+    at_attach, _ = transition_accuracy_of(cm, fsm, cfg)
+    result = finetune_codebooks(cm, fsm, cfg)
+    acc, _ = transition_accuracy_of(cm, fsm, cfg)
+    cm.save(out / "model", include_model=True)
+    fsm.save(out / "fsm.json")
+    (out / "experiment.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "history.json").write_text(json.dumps(result.history))
+    print(format_table([("transition accuracy at attach", f"{at_attach:.3f}"),
+                        ("transition accuracy", f"{acc:.3f}"),
+                        ("train seconds", f"{result.seconds:.0f}")], ("metric", "value")))  # fmt: skip
+    return 0
+
+
+def _cmd_fsm_analyze(args: argparse.Namespace) -> int:
+    from codebook_lens.fsm.experiment import interventions, state_recovery
+    from codebook_lens.model import CodebookModel
+
+    model_dir = Path(args.model)
+    cfg, fsm, _ = _load_step(model_dir)
+    cm = CodebookModel.load(model_dir / "model")
+    base = CodebookModel.load(Path(args.base) / "base").detach()
+    rec = state_recovery(cm, base, fsm, cfg)
+    itv = interventions(cm, fsm, cfg, rec)
+    out = {"recovery": {k: v for k, v in rec.items() if not k.startswith("_")}, "intervention": itv}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "analysis.json").write_text(json.dumps(out, indent=2))
+    rows = [
+        ("states recovered", f"{rec['states_recovered']} / {rec['states_present']}"),
+        ("mean best-code precision", f"{rec['mean_best_code_precision']:.3f}"),
+        ("mean best-neuron precision", f"{rec['mean_best_neuron_precision']:.3f}"),
+        ("intervention success (all sites)", f"{itv['success_rate']:.3f}"),
+    ]
+    print(format_table(rows, ("metric", "value")))
+    return 0
+
+
+def _cmd_lm_demo(args: argparse.Namespace) -> int:
+    try:
+        from codebook_lens.lm import run_lm_demo
+    except ImportError as e:  # pragma: no cover - depends on optional extras
+        raise SystemExit(f"lm-demo needs the language-model extras: {e}") from e
+    metrics = run_lm_demo(Path(args.out), small=args.small)
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in
+            metrics.get("summary", {}).items()]  # fmt: skip
+    print(format_table(rows, ("metric", "value")))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``codebook-lens``."""
+    p = argparse.ArgumentParser(prog="codebook-lens", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--small", action="store_true", help="tiny sizes (seconds; for tests)")
+        sp.add_argument("--cache-dir", default=None, help="base-model cache directory")
+        sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        sp.add_argument("--seed", type=int, default=None)
+
+    d = sub.add_parser("demo", help="TokFSM end to end, writing DIR/report.html")
+    d.add_argument("--out", required=True)
+    d.add_argument("--steps", type=int, default=None, help="codebook finetuning steps")
+    d.add_argument("--placement", choices=["attn", "mlp", "attn+mlp"], default=None)
+    common(d)
+    d.set_defaults(func=_cmd_demo)
+
+    r = sub.add_parser("report", help="rebuild DIR/report.html from DIR/metrics.json")
+    r.add_argument("dir")
+    r.set_defaults(func=_cmd_report)
+
+    f = sub.add_parser("fsm", help="TokFSM steps")
+    fsub = f.add_subparsers(dest="step", required=True)
+    tb = fsub.add_parser("train-base", help="FSM + base model -> DIR/base")
+    tb.add_argument("--out", required=True)
+    common(tb)
+    tb.set_defaults(func=_cmd_fsm_train_base)
+    tc = fsub.add_parser("train-codebooks", help="attach + finetune codebooks -> DIR/model")
+    tc.add_argument("--base", required=True, help="output directory of train-base")
+    tc.add_argument("--out", required=True)
+    tc.add_argument("--steps", type=int, default=None)
+    tc.add_argument("--placement", choices=["attn", "mlp", "attn+mlp"], default=None)
+    tc.set_defaults(func=_cmd_fsm_train_codebooks)
+    an = fsub.add_parser("analyze", help="state recovery + interventions -> DIR/analysis.json")
+    an.add_argument("--model", required=True, help="output directory of train-codebooks")
+    an.add_argument("--base", required=True, help="output directory of train-base")
+    an.add_argument("--out", required=True)
+    an.set_defaults(func=_cmd_fsm_analyze)
+
+    lm = sub.add_parser("lm-demo", help="language model: topic codes and steering")
+    lm.add_argument("--out", required=True)
+    lm.add_argument("--small", action="store_true")
+    lm.set_defaults(func=_cmd_lm_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``codebook-lens``."""
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""The TokFSM experiment end to end: base model, codebooks, state recovery, interventions.
+
+Each step is a function so that the CLI, the tutorials and the tests share one implementation:
+:func:`get_base_model` (trained once, then cached), :func:`attach_codebooks`,
+:func:`finetune_codebooks`, :func:`state_recovery`, :func:`interventions`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from codebook_lens.analysis import (
+    best_codes_per_label,
+    collect_activations,
+    collect_codes,
+    label_attribution,
+    neuron_baseline,
+    recovered_labels,
+)
+from codebook_lens.config import CodebookConfig
+from codebook_lens.fsm.base_model import BaseTrainConfig, base_model_config, train_base_model
+from codebook_lens.fsm.data import TokFSMStream, eval_set, state_labels
+from codebook_lens.fsm.machine import FSM
+from codebook_lens.fsm.metrics import (
+    evaluate_transition_accuracy,
+    jsd,
+    next_state_distribution,
+    true_next_state_distribution,
+)
+from codebook_lens.model import CodebookModel, codes_hook_name
+from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
+
+__all__ = [
+    "CodebookPlan",
+    "ExperimentConfig",
+    "attach_codebooks",
+    "clone_model",
+    "finetune_codebooks",
+    "get_base_model",
+    "init_codebooks",
+    "interventions",
+    "site_sets",
+    "state_recovery",
+    "transition_accuracy_of",
+]
+
+
+@dataclass
+class CodebookPlan:
+    """Where codebooks go in the TokFSM model and how they are trained."""
+
+    placement: str = "attn+mlp"
+    """``"attn"`` (per-head codebooks at every ``attn.hook_z``), ``"mlp"`` (every
+    ``hook_mlp_out``) or ``"attn+mlp"`` (both; the shipped default)."""
+
+    attn_codes: int = 1000
+    """Codes per head at ``attn.hook_z``."""
+
+    mlp_codes: int = 1000
+    """Codes at ``hook_mlp_out``."""
+
+    k: int = 1
+    """Active codes per position (and head)."""
+
+    attn_input_norm: str = "none"
+    """``input_norm`` of the attention codebooks."""
+
+    mlp_input_norm: str = "layernorm"
+    """``input_norm`` of the MLP codebooks: normalising keeps their training stable (without
+    it code norms grow unchecked under cosine selection and finetuning diverges)."""
+
+    dead_code_threshold: float = 1.0
+    """Re-seed codes used fewer times than this per ``replace_every`` steps (0: never)."""
+
+    replace_every: int = 100
+    """Steps between dead-code replacements."""
+
+
+@dataclass
+class ExperimentConfig:
+    """Every setting of the TokFSM demo (the defaults are the tuned, shipped ones)."""
+
+    n_states: int = 100
+    """FSM states."""
+    n_edges: int = 10
+    """Successors per state."""
+    fsm_seed: int = 0
+    """Seed of the FSM's edges."""
+    base: BaseTrainConfig = field(default_factory=BaseTrainConfig)
+    """Base model architecture and training."""
+    plan: CodebookPlan = field(default_factory=CodebookPlan)
+    """Codebook placement."""
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=1000, lr=1e-3, warmup_steps=50, log_every=50)
+    )
+    """Codebook finetuning (the base model is finetuned along with the codes)."""
+    batch_size: int = 64
+    """Walks per finetuning batch."""
+    walk_states: int = 32
+    """States per finetuning walk."""
+    eval_prompts: int = 256
+    """Prompts for transition accuracy."""
+    eval_prompt_states: int = 8
+    """States per accuracy prompt."""
+    eval_new_states: int = 24
+    """States sampled after each accuracy prompt."""
+    recovery_walks: int = 512
+    """Walks whose codes are matched against the true states."""
+    recovery_states: int = 32
+    """States per recovery walk."""
+    intervention_prompts: int = 10
+    """Prompts per target state in the intervention experiment."""
+    intervention_prompt_states: int = 8
+    """States per intervention prompt."""
+    seed: int = 0
+    """Seed of codebook initialisation and data streams."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def small(cls) -> ExperimentConfig:
+        """A seconds-long configuration for smoke tests and CI-sized tutorials."""
+        return cls(
+            n_states=20,
+            n_edges=4,
+            base=BaseTrainConfig(
+                n_layers=1,
+                d_model=32,
+                n_heads=2,
+                d_mlp=64,
+                n_ctx=33,
+                steps=60,
+                batch_size=16,
+                n_steps_per_walk=16,
+                lr=3e-3,
+                warmup_steps=5,
+                eval_prompts=16,
+                eval_prompt_states=4,
+                eval_new_states=4,
+            ),  # fmt: skip
+            plan=CodebookPlan(attn_codes=32, mlp_codes=32, replace_every=10),
+            train=TrainConfig(steps=30, lr=3e-3, warmup_steps=5, log_every=10, progress=False),
+            batch_size=16,
+            walk_states=16,
+            eval_prompts=16,
+            eval_prompt_states=4,
+            eval_new_states=4,
+            recovery_walks=32,
+            recovery_states=8,
+            intervention_prompts=2,
+            intervention_prompt_states=4,
+        )
+
+
+# ---------------------------------------------------------------------------- base model
+def _base_key(cfg: ExperimentConfig) -> str:
+    spec = {"n_states": cfg.n_states, "n_edges": cfg.n_edges, "fsm_seed": cfg.fsm_seed}
+    spec["base"] = dataclasses.asdict(cfg.base)
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def get_base_model(
+    fsm: FSM, cfg: ExperimentConfig, cache_dir: Path | None = None, progress: bool = True
+) -> tuple[Any, dict[str, Any]]:
+    """The trained base model for ``cfg``, from ``cache_dir`` when a matching one is there.
+
+    Returns ``(model, info)``; ``info`` has ``cached``, ``train_seconds`` and the training
+    history. The cache key hashes the FSM and base-training settings.
+    """
+    path = None if cache_dir is None else Path(cache_dir) / f"tokfsm-base-{_base_key(cfg)}"
+    if path is not None and (path / "cfg.json").exists():
+        model = CodebookModel.load(path).detach()
+        info = json.loads((path / "train_info.json").read_text())
+        return model, {**info, "cached": True}
+    mcfg = base_model_config(
+        fsm, cfg.base.n_layers, cfg.base.d_model, cfg.base.n_heads, cfg.base.d_mlp,
+        cfg.base.n_ctx, seed=cfg.base.seed,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    model, history = train_base_model(fsm, mcfg, progress=progress, train_cfg=cfg.base)
+    info = {"train_seconds": time.perf_counter() - t0, "history": history}
+    if path is not None:
+        CodebookModel(model).save(path, include_model=True)
+        (path / "train_info.json").write_text(json.dumps(info))
+    return model.eval(), {**info, "cached": False}
+
+
+# ---------------------------------------------------------------------------- codebooks
+def attach_codebooks(model: Any, plan: CodebookPlan, seed: int = 0) -> CodebookModel:
+    """A :class:`CodebookModel` on ``model`` with codebooks at the sites of ``plan``."""
+    if plan.placement not in ("attn", "mlp", "attn+mlp"):
+        raise ValueError(f"placement={plan.placement!r}; choose 'attn', 'mlp' or 'attn+mlp'")
+    cm = CodebookModel(model)
+    n_layers, n_heads, d_head = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
+    for layer in range(n_layers):
+        common = dict(
+            k=plan.k, dead_code_threshold=plan.dead_code_threshold,
+            replace_every=plan.replace_every, seed=seed + layer,
+        )  # fmt: skip
+        if "attn" in plan.placement:
+            cm.add_codebook(
+                f"blocks.{layer}.attn.hook_z",
+                CodebookConfig(
+                    d_in=d_head,
+                    n_groups=n_heads,
+                    n_codes=plan.attn_codes,
+                    input_norm=plan.attn_input_norm,
+                    **common,
+                ),  # fmt: skip
+            )
+        if "mlp" in plan.placement:
+            cm.add_codebook(
+                f"blocks.{layer}.hook_mlp_out",
+                CodebookConfig(
+                    d_in=model.cfg.d_model,
+                    n_codes=plan.mlp_codes,
+                    input_norm=plan.mlp_input_norm,
+                    **common,
+                ),  # fmt: skip
+            )
+    return cm
+
+
+def transition_accuracy_of(model: Any, fsm: FSM, cfg: ExperimentConfig) -> tuple[float, Tensor]:
+    """Transition accuracy of sampled continuations (and the sampled tokens)."""
+    return evaluate_transition_accuracy(
+        model, fsm, cfg.eval_prompts, cfg.eval_prompt_states, cfg.eval_new_states,
+        seed=cfg.seed + 777,
+    )  # fmt: skip
+
+
+def init_codebooks(cm: CodebookModel, fsm: FSM, cfg: ExperimentConfig) -> None:
+    """Initialise the codes from base-model activations on 256 held-out walks."""
+    cm.init_codebooks(eval_set(fsm, 256, cfg.walk_states, seed=cfg.seed + 1))
+
+
+def finetune_codebooks(cm: CodebookModel, fsm: FSM, cfg: ExperimentConfig) -> TrainResult:
+    """Finetune with task + reconstruction loss (initialise the codes first), logging
+    transition accuracy on a small prompt set at every log step."""
+    stream = TokFSMStream(fsm, cfg.batch_size, cfg.walk_states, seed=cfg.seed + 2)
+
+    def eval_fn(m: CodebookModel) -> dict[str, float]:
+        acc, _ = evaluate_transition_accuracy(m, fsm, 64, cfg.eval_prompt_states, 8, seed=99)
+        return {"transition_accuracy": acc}
+
+    tcfg = dataclasses.replace(cfg.train, eval_every=cfg.train.eval_every or cfg.train.log_every)
+    return train_codebooks(cm, stream, tcfg, eval_fn=eval_fn)
+
+
+# ---------------------------------------------------------------------------- recovery
+def state_recovery(
+    cm: CodebookModel, base_model: Any, fsm: FSM, cfg: ExperimentConfig, progress: bool = False
+) -> dict[str, Any]:
+    """Codes as detectors of the current FSM state, against the best single neuron.
+
+    Positions are each state's last digit. For every site, head and code: precision and recall
+    for each state. ``states_recovered`` counts states with some code at precision and recall
+    >= 0.9. Each state's best code (by F1) is compared with the best single MLP neuron
+    (``mlp.hook_post`` of every layer of the *base* model) at recall >= the code's recall.
+    """
+    tokens = eval_set(fsm, cfg.recovery_walks, cfg.recovery_states, seed=cfg.seed + 3)
+    labels = state_labels(fsm, tokens)
+    store = collect_codes(cm, tokens, progress=progress)
+    results = {s: label_attribution(store, labels, s, n_labels=fsm.n_states) for s in cm.sites}
+    recovered = recovered_labels(results)
+    best = best_codes_per_label(results, by="f1")
+    acts = torch.cat(
+        [
+            collect_activations(base_model, tokens, f"blocks.{layer}.mlp.hook_post")
+            for layer in range(base_model.cfg.n_layers)
+        ],
+        dim=-1,
+    )
+    neurons = neuron_baseline(acts, labels, best.recall, n_labels=fsm.n_states)
+    present = results[cm.sites[0]].label_counts > 0
+    per_site = {s: int(recovered_labels(r).sum()) for s, r in results.items()}
+    return {
+        "states_recovered": int(recovered.sum()),
+        "states_present": int(present.sum()),
+        "mean_best_code_precision": float(best.precision[present].mean()),
+        "mean_best_code_recall": float(best.recall[present].mean()),
+        "mean_best_neuron_precision": float(neurons.precision[present].mean()),
+        "mean_best_neuron_recall": float(neurons.recall[present].mean()),
+        "states_recovered_per_site": per_site,
+        "best_code": {
+            "site": best.site,
+            "head": best.head.tolist(),
+            "code": best.code.tolist(),
+            "precision": best.precision.tolist(),
+            "recall": best.recall.tolist(),
+        },
+        "best_neuron_precision": neurons.precision.tolist(),
+        "_results": results,
+        "_store": store,
+        "_labels": labels,
+    }
+
+
+# ---------------------------------------------------------------------------- interventions
+def site_sets(cm: CodebookModel) -> dict[str, list[str]]:
+    """Each layer's attention, each layer's MLP, and all sites."""
+    sets: dict[str, list[str]] = {}
+    for s in cm.sites:
+        layer = s.split(".")[1]
+        kind = "attn" if "attn" in s else "mlp"
+        sets[f"L{layer} {kind}"] = [s]
+    sets["all"] = list(cm.sites)
+    return sets
+
+
+def _state_codes(store: Any, labels: Tensor, sites: list[str], n_states: int) -> dict[str, Tensor]:
+    """Per site, the codes at the first position where each state ends: ``[n_states, *, k]``."""
+    flat = labels.reshape(-1)
+    pos = torch.arange(flat.numel())
+    first = torch.full((n_states,), flat.numel(), dtype=torch.long)
+    ok = flat >= 0
+    first.scatter_reduce_(0, flat[ok], pos[ok], reduce="amin")
+    if (first == flat.numel()).any():
+        missing = (first == flat.numel()).nonzero().flatten().tolist()
+        raise ValueError(f"states {missing[:10]} never occur in the recovery walks; add walks")
+    out = {}
+    for s in sites:
+        c = store.codes[s]  # [seq, pos, head, k]
+        c = c.reshape(-1, *c.shape[2:])[first].long()
+        out[s] = c if store.per_head[s] else c[:, 0]
+    return out
+
+
+def _forced_model(cm: CodebookModel, forced: dict[str, Tensor], pos: int):
+    """A callable running ``cm`` with per-row codes forced at position ``pos`` of each site."""
+
+    def hook_for(site: str):
+        rows = forced[site]
+
+        def hook(codes: Tensor, hook: Any) -> Tensor:
+            rep = codes.shape[0] // rows.shape[0]  # next_state_distribution expands row-major
+            codes[:, pos] = (rows.repeat_interleave(rep, 0) if rep > 1 else rows).to(codes)
+            return codes
+
+        return hook
+
+    hooks = [(codes_hook_name(s), hook_for(s)) for s in forced]
+
+    def run(tokens: Tensor) -> Tensor:
+        return cm.run_with_hooks(tokens, fwd_hooks=hooks)
+
+    run.cfg = cm.cfg  # type: ignore[attr-defined]
+    return run
+
+
+def _success(
+    p: Float[Tensor, "b n_states"], targets: Int[Tensor, " b"], fsm: FSM, top: int, need: int
+) -> Tensor:
+    top_states = p.topk(top, dim=-1).indices  # [b, top]
+    succ = fsm.successors.to(p.device)[targets]  # [b, n_edges]
+    hits = (top_states.unsqueeze(-1) == succ.unsqueeze(1)).any(-1).sum(-1)
+    return hits >= need
+
+
+@torch.no_grad()
+def interventions(
+    cm: CodebookModel,
+    fsm: FSM,
+    cfg: ExperimentConfig,
+    recovery: dict[str, Any],
+    top: int | None = None,
+    need: int | None = None,
+) -> dict[str, Any]:
+    """Force the codes a target state produces onto prompts ending in other states.
+
+    For each target state s, the codes at the last digit of s's first occurrence in the
+    recovery walks are written, per site set, into the last position of
+    ``intervention_prompts`` prompts whose last state differs. Success: at least ``need``
+    (default 80% of ``n_edges``, i.e. 8) of the model's ``top`` (default ``n_edges``, i.e. 10)
+    most likely next states are successors of s. Also reported: the JSD
+    (nats) between the model's next-state distribution and s's true one (uniform over its
+    successors), and the same metrics without intervention as a baseline.
+    """
+    top = fsm.n_edges if top is None else top
+    need = math.ceil(0.8 * fsm.n_edges) if need is None else need
+    sets = site_sets(cm)
+    codes = _state_codes(recovery["_store"], recovery["_labels"], cm.sites, fsm.n_states)
+    n_per = cfg.intervention_prompts
+    prompts = eval_set(fsm, fsm.n_states * n_per, cfg.intervention_prompt_states, cfg.seed + 4)
+    targets = torch.arange(fsm.n_states).repeat_interleave(n_per)
+    last = fsm.tokens_to_states(prompts[:, 1:])[:, -1]
+    targets = torch.where(targets == last, (targets + 1) % fsm.n_states, targets)
+    pos = prompts.shape[1] - 1
+    true = true_next_state_distribution(fsm, targets)
+    clean = next_state_distribution(cm, fsm, prompts)
+    out: dict[str, Any] = {
+        "n_interventions": int(targets.numel()),
+        "baseline_success_rate": float(_success(clean, targets, fsm, top, need).float().mean()),
+        "baseline_jsd": float(jsd(clean, true).mean()),
+        "per_site_set": {},
+    }
+    for name, sites in sets.items():
+        forced = {s: codes[s][targets] for s in sites}
+        p = next_state_distribution(_forced_model(cm, forced, pos), fsm, prompts)
+        ok = _success(p, targets, fsm, top, need)
+        out["per_site_set"][name] = {
+            "sites": sites,
+            "success_rate": float(ok.float().mean()),
+            "jsd": float(jsd(p, true).mean()),
+        }
+    out["success_rate"] = out["per_site_set"]["all"]["success_rate"]
+    out["jsd"] = out["per_site_set"]["all"]["jsd"]
+    return out
+
+
+def clone_model(model: Any) -> Any:
+    """A deep copy of a base model (codebook finetuning changes the weights it trains)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return copy.deepcopy(model)
