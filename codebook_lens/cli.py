@@ -50,9 +50,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = _experiment_config(args)
     metrics = run_demo(
-        args.out, cfg, cache_dir=args.cache_dir, progress=not args.no_progress,
+        args.out,
+        cfg,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
         log=lambda m: print(m, file=sys.stderr),
-    )  # fmt: skip
+    )
     print(format_table(summary_rows(metrics), ("metric", "value", "goal")))
     print(f"\nwrote {Path(args.out) / 'report.html'}")
     return 0
@@ -79,8 +82,12 @@ def _cmd_fsm_train_base(args: argparse.Namespace) -> int:
     CodebookModel(model).save(out / "base", include_model=True)
     acc, _ = transition_accuracy_of(model, fsm, cfg)
     (out / "experiment.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    print(format_table([("base transition accuracy", f"{acc:.3f}"),
-                        ("cached", str(info["cached"]))], ("metric", "value")))  # fmt: skip
+    print(
+        format_table(
+            [("base transition accuracy", f"{acc:.3f}"), ("cached", str(info["cached"]))],
+            ("metric", "value"),
+        )
+    )
     return 0
 
 
@@ -128,9 +135,16 @@ def _cmd_fsm_train_codebooks(args: argparse.Namespace) -> int:
     fsm.save(out / "fsm.json")
     (out / "experiment.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     (out / "history.json").write_text(json.dumps(result.history))
-    print(format_table([("transition accuracy at attach", f"{at_attach:.3f}"),
-                        ("transition accuracy", f"{acc:.3f}"),
-                        ("train seconds", f"{result.seconds:.0f}")], ("metric", "value")))  # fmt: skip
+    print(
+        format_table(
+            [
+                ("transition accuracy at attach", f"{at_attach:.3f}"),
+                ("transition accuracy", f"{acc:.3f}"),
+                ("train seconds", f"{result.seconds:.0f}"),
+            ],
+            ("metric", "value"),
+        )
+    )
     return 0
 
 
@@ -163,8 +177,10 @@ def _cmd_lm_demo(args: argparse.Namespace) -> int:
     except ImportError as e:  # pragma: no cover - depends on optional extras
         raise SystemExit(f"lm-demo needs the language-model extras: {e}") from e
     metrics = run_lm_demo(Path(args.out), small=args.small)
-    rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in
-            metrics.get("summary", {}).items()]  # fmt: skip
+    rows = [
+        (k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        for k, v in metrics.get("summary", {}).items()
+    ]
     print(format_table(rows, ("metric", "value")))
     return 0
 
