@@ -1,0 +1,433 @@
+"""`CodeStore`: the code ids of chosen sites over a token dataset, kept compactly.
+
+Memory grows with ``tokens x sites x heads x k`` small integers (the smallest signed dtype that
+holds ``[-1, n_codes)``), never with activations: codes are read at ``f"{site}.hook_codes"`` with
+a plain forward hook and the model's logits are not computed. A store can be saved to and loaded
+from safetensors shards (``store.json`` + ``shard-*.safetensors``), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from codebook_lens.analysis._common import get_codebook, unknown_site_error
+from codebook_lens.io import CheckpointError, atomic_write_dir
+from codebook_lens.model import codes_hook_name
+
+__all__ = ["CodeStore", "collect_codes", "smallest_int_dtype", "STORE_FORMAT"]
+
+STORE_FORMAT = "codebook_lens.code_store"
+_STORE_VERSION = 1
+_DTYPES = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
+
+
+def smallest_int_dtype(max_value: int, min_value: int = -1) -> torch.dtype:
+    """The smallest signed integer dtype holding every value in ``[min_value, max_value]``."""
+    for dt in (torch.int8, torch.int16, torch.int32, torch.int64):
+        info = torch.iinfo(dt)
+        if info.min <= min_value and max_value <= info.max:
+            return dt
+    raise ValueError(f"no integer dtype holds [{min_value}, {max_value}]")
+
+
+@dataclass
+class CodeStore:
+    """Code ids of some sites over ``n_seq`` sequences of ``seq_len`` tokens.
+
+    Codes of every site are kept as ``[n_seq, pos, head, k]`` (``head`` = 1 at sites without a
+    head/group axis); :meth:`get` returns them in the model's own layout. Build one with
+    :func:`collect_codes` (from a model) or :meth:`from_codes` (from tensors).
+    """
+
+    codes: dict[str, Tensor]
+    """Site -> compact code ids ``[n_seq, pos, head, k]``; -1 marks an empty slot."""
+
+    n_codes: dict[str, int]
+    """Site -> number of codes per group of its codebook (ids lie in ``[-1, n_codes)``)."""
+
+    per_head: dict[str, bool]
+    """Site -> whether the model's codes carry a head/group axis (``[b, p, head, k]``)."""
+
+    tokens: Tensor | None = None
+    """The input tokens ``[n_seq, pos]`` (compact dtype), or None if not kept."""
+
+    d_vocab: int | None = None
+    """Vocabulary size of the model (bounds token ids), if known."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Free-form JSON-ready metadata saved with the store."""
+
+    def __post_init__(self) -> None:
+        if not self.codes:
+            raise ValueError("a CodeStore needs codes of at least one site")
+        shapes = {s: tuple(c.shape[:2]) for s, c in self.codes.items()}
+        if len(set(shapes.values())) != 1:
+            raise ValueError(f"all sites must cover the same [n_seq, pos]; got {shapes}")
+        for s, c in self.codes.items():
+            if c.dim() != 4:
+                raise ValueError(
+                    f"codes of {s} must be [n_seq, pos, head, k], got {tuple(c.shape)}"
+                )
+            if s not in self.n_codes or s not in self.per_head:
+                raise ValueError(f"n_codes and per_head must name every site; missing {s!r}")
+        if self.tokens is not None and tuple(self.tokens.shape) != next(iter(shapes.values())):
+            raise ValueError(
+                f"tokens {tuple(self.tokens.shape)} must match the codes' [n_seq, pos] "
+                f"{next(iter(shapes.values()))}"
+            )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_codes(
+        cls,
+        codes: Mapping[str, Int[Tensor, "seq pos *head k"]],
+        n_codes: Mapping[str, int] | int,
+        tokens: Int[Tensor, "seq pos"] | None = None,
+        d_vocab: int | None = None,
+    ) -> CodeStore:
+        """Build a store from code tensors in the model's layout (``[b, p, k]`` or
+        ``[b, p, head, k]``), e.g. ``cache[codes_hook_name(site)]``. ``n_codes`` may be one int
+        for all sites."""
+        nc = {s: (n_codes if isinstance(n_codes, int) else n_codes[s]) for s in codes}
+        store_codes, per_head = {}, {}
+        for s, c in codes.items():
+            if c.dim() not in (3, 4):
+                raise ValueError(
+                    f"codes of {s} must be [batch, pos, k] or [batch, pos, head, k], got "
+                    f"{tuple(c.shape)}"
+                )
+            if c.numel() and (int(c.min()) < -1 or int(c.max()) >= nc[s]):
+                raise ValueError(
+                    f"codes of {s} must lie in [-1, {nc[s]}); got [{int(c.min())}, "
+                    f"{int(c.max())}]; pass the right n_codes"
+                )
+            per_head[s] = c.dim() == 4
+            c4 = c if per_head[s] else c[:, :, None]
+            store_codes[s] = c4.to("cpu", smallest_int_dtype(nc[s] - 1))
+        if tokens is not None:
+            hi = int(tokens.max()) if tokens.numel() else 0
+            d_vocab = d_vocab if d_vocab is not None else hi + 1
+            tokens = tokens.to("cpu", smallest_int_dtype(max(d_vocab - 1, 0)))
+        return cls(store_codes, nc, per_head, tokens, d_vocab)
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def sites(self) -> list[str]:
+        """Stored sites, in order."""
+        return list(self.codes)
+
+    @property
+    def n_seq(self) -> int:
+        """Number of sequences."""
+        return next(iter(self.codes.values())).shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence."""
+        return next(iter(self.codes.values())).shape[1]
+
+    @property
+    def n_tokens(self) -> int:
+        """``n_seq * seq_len``."""
+        return self.n_seq * self.seq_len
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by code ids and tokens."""
+        n = sum(c.numel() * c.element_size() for c in self.codes.values())
+        if self.tokens is not None:
+            n += self.tokens.numel() * self.tokens.element_size()
+        return n
+
+    def check_site(self, site: str) -> None:
+        """Raise a KeyError naming the stored sites if ``site`` is not one of them."""
+        if site not in self.codes:
+            raise unknown_site_error(site, self.codes, "stored codes")
+
+    def n_heads(self, site: str) -> int:
+        """Size of the head/group axis of ``site`` (1 for sites without one)."""
+        self.check_site(site)
+        return self.codes[site].shape[2]
+
+    def k(self, site: str) -> int:
+        """Code slots per position (and head) at ``site``."""
+        self.check_site(site)
+        return self.codes[site].shape[3]
+
+    def get(self, site: str, dtype: torch.dtype = torch.long) -> Int[Tensor, "seq pos *head k"]:
+        """Codes of ``site`` in the model's layout (``[b, p, k]`` or ``[b, p, head, k]``)."""
+        self.check_site(site)
+        c = self.codes[site].to(dtype)
+        return c if self.per_head[site] else c[:, :, 0]
+
+    def require_tokens(self) -> Tensor:
+        """The stored tokens as int64, or a clear error if the store kept none."""
+        if self.tokens is None:
+            raise ValueError(
+                "this CodeStore has no tokens; collect it with keep_tokens=True or pass "
+                "tokens= to CodeStore.from_codes"
+            )
+        return self.tokens.long()
+
+    # ------------------------------------------------------------------ queries
+    def code_counts(self, site: str) -> Int[Tensor, "head n_codes"]:
+        """How many positions each code fires at, per head (a code counts once per position)."""
+        self.check_site(site)
+        c = self.codes[site]
+        h, n = c.shape[2], self.n_codes[site]
+        counts = torch.zeros(h * n, dtype=torch.long)
+        offs = (torch.arange(h) * n).view(1, h, 1)
+        for chunk in c.reshape(-1, h, c.shape[3]).split(1 << 18):
+            chunk = dedupe_slots(chunk.long())
+            ids = (chunk + offs)[chunk >= 0]
+            counts += torch.bincount(ids, minlength=h * n)
+        return counts.view(h, n)
+
+    def fires(self, site: str, code: int, head: int | None = None) -> Bool[Tensor, "seq pos"]:
+        """Where ``code`` fires at ``site`` (in any slot; at ``head``, or at any head if None)."""
+        self.check_site(site)
+        self._check_code(site, code)
+        c = self.codes[site]
+        if head is not None:
+            h = c.shape[2]
+            if not -h <= head < h:
+                raise IndexError(f"head {head} out of range; {site} has {h} head(s)")
+            c = c[:, :, head : head + 1 if head != -1 else None]
+        return (c == code).any(-1).any(-1)
+
+    def positions(self, site: str, code: int, head: int | None = None) -> Int[Tensor, "n 2"]:
+        """``(seq, pos)`` rows of every position where ``code`` fires (see :meth:`fires`)."""
+        return self.fires(site, code, head).nonzero()
+
+    def _check_code(self, site: str, code: int) -> None:
+        n = self.n_codes[site]
+        if not 0 <= int(code) < n:
+            raise IndexError(f"code {code} out of range; {site} has codes 0..{n - 1}")
+
+    # ------------------------------------------------------------------ io
+    def save(self, path: str | os.PathLike[str], shard_mb: float = 256.0) -> None:
+        """Write ``store.json`` and ``shard-NNNNN.safetensors`` files (whole sequences per shard,
+        at most about ``shard_mb`` MiB each) to directory ``path``, atomically."""
+        per_seq = max(1, self.nbytes // max(self.n_seq, 1))
+        seqs_per_shard = max(1, int(shard_mb * 2**20) // per_seq)
+        n_shards = max(1, math.ceil(self.n_seq / seqs_per_shard))
+        header = {
+            "format": STORE_FORMAT,
+            "version": _STORE_VERSION,
+            "sites": self.sites,
+            "n_codes": self.n_codes,
+            "per_head": self.per_head,
+            "shapes": {s: list(c.shape) for s, c in self.codes.items()},
+            "dtypes": {s: str(c.dtype).removeprefix("torch.") for s, c in self.codes.items()},
+            "has_tokens": self.tokens is not None,
+            "d_vocab": self.d_vocab,
+            "n_shards": n_shards,
+            "meta": self.meta,
+        }
+        text = json.dumps(header, indent=1)
+        with atomic_write_dir(path) as tmp:
+            for i in range(n_shards):
+                sl = slice(i * seqs_per_shard, (i + 1) * seqs_per_shard)
+                tensors = {f"codes.{s}": c[sl].contiguous() for s, c in self.codes.items()}
+                if self.tokens is not None:
+                    tensors["tokens"] = self.tokens[sl].contiguous()
+                save_file(tensors, str(tmp / f"shard-{i:05d}.safetensors"))
+            (tmp / "store.json").write_text(text)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CodeStore:
+        """Load a store written by :meth:`save`; raises CheckpointError on a missing or corrupt
+        directory."""
+        path = Path(path)
+        try:
+            header = json.loads((path / "store.json").read_text())
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{path} has no store.json; is it a saved CodeStore?") from e
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}/store.json is corrupt: {e}") from e
+        if header.get("format") != STORE_FORMAT:
+            raise CheckpointError(f"{path} is not a CodeStore (format {header.get('format')!r})")
+        parts: dict[str, list[Tensor]] = {s: [] for s in header["sites"]}
+        toks: list[Tensor] = []
+        for i in range(header["n_shards"]):
+            f = path / f"shard-{i:05d}.safetensors"
+            try:
+                shard = load_file(str(f))
+            except (FileNotFoundError, SafetensorError, OSError) as e:
+                raise CheckpointError(f"cannot read shard {f}: {e}") from e
+            for s in parts:
+                key = f"codes.{s}"
+                if key not in shard:
+                    raise CheckpointError(f"shard {f} lacks {key!r}")
+                parts[s].append(shard[key])
+            if header["has_tokens"]:
+                toks.append(shard["tokens"])
+        codes = {s: torch.cat(p) for s, p in parts.items()}
+        for s, c in codes.items():
+            want = header["shapes"][s]
+            if list(c.shape) != want or str(c.dtype).removeprefix("torch.") != header["dtypes"][s]:
+                raise CheckpointError(
+                    f"codes of {s} in {path} have shape {list(c.shape)}, dtype {c.dtype}; the "
+                    f"header says {want}, {header['dtypes'][s]}"
+                )
+        return cls(
+            codes=codes,
+            n_codes={s: int(n) for s, n in header["n_codes"].items()},
+            per_head={s: bool(v) for s, v in header["per_head"].items()},
+            tokens=torch.cat(toks) if toks else None,
+            d_vocab=header.get("d_vocab"),
+            meta=header.get("meta", {}),
+        )
+
+
+def dedupe_slots(codes: Int[Tensor, "... k"]) -> Int[Tensor, "... k"]:
+    """Codes with repeated ids within a position replaced by -1 (the lowest slot keeps its id),
+    so that each code counts once per position. Slot order is kept."""
+    if codes.shape[-1] < 2:
+        return codes
+    s, i = codes.sort(dim=-1, stable=True)
+    dup_sorted = torch.zeros_like(s, dtype=torch.bool)
+    dup_sorted[..., 1:] = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
+    dup = torch.zeros_like(dup_sorted).scatter_(-1, i, dup_sorted)
+    return codes.masked_fill(dup, -1)
+
+
+def _as_batches(
+    data: Tensor | Iterable[Any], batch_size: int
+) -> tuple[Iterable[Tensor], int | None]:
+    """Batches of tokens and the number of batches (None if unknown)."""
+    if isinstance(data, Tensor):
+        if data.dim() != 2:
+            raise ValueError(f"tokens must be [n_seq, pos], got shape {tuple(data.shape)}")
+        return data.split(batch_size), math.ceil(data.shape[0] / batch_size)
+    total = None
+    try:
+        total = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+
+    def gen() -> Iterable[Tensor]:
+        for b in data:
+            if isinstance(b, Mapping):
+                for key in ("tokens", "input_ids"):
+                    if key in b:
+                        b = b[key]
+                        break
+                else:
+                    raise ValueError(
+                        f"a dict batch needs a 'tokens' or 'input_ids' entry; got keys {list(b)}"
+                    )
+            b = torch.as_tensor(b)
+            if b.dim() == 1:
+                b = b[None]
+            yield b
+
+    return gen(), total
+
+
+@torch.no_grad()
+def collect_codes(
+    cm: Any,
+    data: Int[Tensor, "seq pos"] | Iterable[Any],
+    sites: Sequence[str] | None = None,
+    batch_size: int = 32,
+    keep_tokens: bool = True,
+    progress: bool = True,
+) -> CodeStore:
+    """Run ``cm`` over ``data`` and keep the code ids of ``sites`` (default: all).
+
+    Args:
+        cm: A :class:`~codebook_lens.CodebookModel`.
+        data: Tokens ``[n_seq, pos]`` (split into batches of ``batch_size``), or an iterable of
+            batches (tensors ``[b, pos]`` or dicts with ``"tokens"``/``"input_ids"``); all
+            batches must share one sequence length.
+        sites: Sites whose codes to keep.
+        batch_size: Sequences per forward pass when ``data`` is a tensor.
+        keep_tokens: Also keep the tokens (needed for token features and examples).
+        progress: Show a tqdm progress bar.
+
+    Only code ids are kept (no activations, no logits), as the smallest integer dtype that holds
+    them; with a tensor input the store is preallocated, so memory is exactly
+    :attr:`CodeStore.nbytes` plus one batch's forward pass.
+    """
+    sites = list(cm.sites if sites is None else sites)
+    if not sites:
+        raise ValueError("the model has no codebooks; attach one with cm.add_codebook(...)")
+    cbs = {s: get_codebook(cm, s) for s in sites}
+    n_codes = {s: cb.cfg.n_codes for s, cb in cbs.items()}
+    dtypes = {s: smallest_int_dtype(n - 1) for s, n in n_codes.items()}
+    d_vocab = int(cm.cfg.d_vocab)
+    tok_dtype = smallest_int_dtype(max(d_vocab - 1, 0))
+    batches, n_batches = _as_batches(data, batch_size)
+    prealloc = isinstance(data, Tensor)
+    n_total = data.shape[0] if isinstance(data, Tensor) else 0
+    out: dict[str, Any] = {s: None if prealloc else [] for s in sites}
+    toks: Any = None if prealloc else []
+    per_head: dict[str, bool] = {}
+    got: dict[str, Tensor] = {}
+
+    def grab(site: str):
+        def hook(codes: Tensor, hook: Any) -> None:
+            got[site] = codes.to(dtypes[site]).cpu()
+
+        return hook
+
+    fwd_hooks = [(codes_hook_name(s), grab(s)) for s in sites]
+    start, seq_len = 0, None
+    bar = tqdm(total=n_batches, desc="collecting codes", unit="batch", disable=not progress)
+    device = next(cm.parameters()).device
+    for batch in batches:
+        batch = batch.to(device)
+        if seq_len is None:
+            seq_len = batch.shape[1]
+        elif batch.shape[1] != seq_len:
+            raise ValueError(
+                f"all batches must have the same sequence length; got {batch.shape[1]} after "
+                f"{seq_len} (pad or truncate the dataset to one length)"
+            )
+        got.clear()
+        cm.run_with_hooks(batch, return_type=None, fwd_hooks=fwd_hooks)
+        b = batch.shape[0]
+        for s in sites:
+            if s not in got:
+                raise RuntimeError(
+                    f"{codes_hook_name(s)} did not fire; is the codebook at {s} disabled?"
+                )
+            c = got[s]
+            per_head[s] = c.dim() == 4
+            c = c if per_head[s] else c[:, :, None]
+            if prealloc:
+                if out[s] is None:
+                    out[s] = torch.empty((n_total, *c.shape[1:]), dtype=dtypes[s])
+                out[s][start : start + b] = c
+            else:
+                out[s].append(c)
+        if keep_tokens:
+            t = batch.to("cpu", tok_dtype)
+            if prealloc:
+                if toks is None:
+                    toks = torch.empty((n_total, seq_len), dtype=tok_dtype)
+                toks[start : start + b] = t
+            else:
+                toks.append(t)
+        start += b
+        bar.update(1)
+    bar.close()
+    if start == 0:
+        raise ValueError("the dataset is empty")
+    codes = out if prealloc else {s: torch.cat(v) for s, v in out.items()}
+    tokens = (toks if prealloc else torch.cat(toks)) if keep_tokens else None
+    return CodeStore(codes, n_codes, per_head, tokens, d_vocab)
