@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import warnings
 
+import os
+
 import pytest
 import torch
+
+# Tiny models run fastest on one thread, and CI shares 2 cores with subprocess tests.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 TINY = dict(
     n_layers=2,
