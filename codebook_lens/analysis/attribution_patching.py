@@ -110,5 +110,5 @@ def code_attribution_patching(
         if cb.cfg.combine == "mean":
             eff = eff / cb.cfg.k
         eff = eff.masked_fill(c < 0, 0.0)
-        out[s] = CodeAttribution(s, c, eff.detach(), g.detach(), float(m))
+        out[s] = CodeAttribution(s, c, eff.detach(), g.detach(), float(m.detach()))
     return out

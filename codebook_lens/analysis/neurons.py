@@ -2,9 +2,10 @@
 single neuron reaches with a threshold.
 
 A neuron "detects" label ``l`` at threshold ``t`` when its activation is ``>= t`` (or ``<= t``
-for the negative direction). For each neuron the activations are sorted once; cumulative label
-counts along the sorted order give, for every threshold at once, the true positives, hence
-precision and recall. Thresholds fall only between distinct values (ties are taken together).
+for the negative direction). For each neuron the activations are sorted once; ranks of each label's
+positions along the sorted order (cumulative counts, from a second stable sort by label) give the
+true positives of every candidate threshold at once, hence precision and recall. Thresholds
+fall only between distinct values (ties are taken together).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -54,20 +54,52 @@ class NeuronBaselineResult:
 def _best_for_chunk(
     acts: Tensor, lab: Tensor, n_lab: int, needed: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Best precision [c, L] of each neuron of a chunk, its true positives and threshold."""
-    n = acts.shape[0]
+    """Best precision ``[c, L]`` of each neuron of a chunk, its true positives and threshold.
+
+    Only cuts just after a positive of label ``l`` can be optimal for ``l`` (adding negatives
+    lowers precision), and a cut must end a run of tied values. So each position is a candidate
+    for its own label only: at the last ``l``-position ``i`` of its tie group, true positives are
+    ``rank of i among l-positions + 1`` and predictions ``end of i's tie group + 1``. Two sorts
+    and scatter-max give every (neuron, label) optimum in O(N) memory per neuron.
+    """
+    n, c = acts.shape
+    L1 = n_lab + 1
+    ar = torch.arange(n).unsqueeze(1)
+    cols = torch.arange(c).expand(n, c)
     vals, order = acts.sort(dim=0, descending=True)  # [N, c]
-    onehot = F.one_hot(lab[order], n_lab + 1)[..., :n_lab].to(torch.int32)  # [N, c, L]
-    tp = onehot.cumsum(0)  # true positives when the top t+1 are predicted
-    cut = torch.ones_like(vals, dtype=torch.bool)
-    cut[:-1] = vals[:-1] != vals[1:]  # a threshold can only fall between distinct values
-    ok = cut.unsqueeze(-1) & (tp >= needed)
-    npred = torch.arange(1, n + 1, dtype=torch.float64).view(-1, 1, 1)
-    prec = torch.where(ok, tp / npred, torch.full((), -1.0, dtype=torch.float64))
-    best, t = prec.max(0)  # [c, L]
-    tp_best = tp.gather(0, t.unsqueeze(0)).squeeze(0)
-    thr = vals[t, torch.arange(vals.shape[1]).unsqueeze(1)]  # [c, L]
-    return best, tp_best, thr
+    lab_s = lab[order]  # label of each sorted position
+    is_last = torch.ones_like(vals, dtype=torch.bool)
+    is_last[:-1] = vals[:-1] != vals[1:]  # a threshold can only fall between distinct values
+    gid = torch.zeros_like(order)
+    gid[1:] = is_last[:-1].long().cumsum(0)  # tie-group id of each sorted position
+    end_idx = torch.where(is_last, ar, n).flip(0).cummin(0).values.flip(0)  # group's last index
+    # group sorted positions by label (stable: increasing position within a label)
+    lab2, order2 = lab_s.sort(dim=0, stable=True)  # order2[r] = sorted position of r-th
+    counts = torch.zeros(c * L1, dtype=torch.long)
+    counts.scatter_add_(0, (cols * L1 + lab_s).flatten(), torch.ones(n * c, dtype=torch.long))
+    counts = counts.view(c, L1)
+    start = counts.cumsum(1) - counts
+    tp = ar - start.gather(1, lab2.T).T + 1  # true positives at that position's cut
+    g2 = gid.gather(0, order2)
+    last_in_group = torch.ones_like(is_last)
+    last_in_group[:-1] = (lab2[1:] != lab2[:-1]) | (g2[1:] != g2[:-1])
+    e = end_idx.gather(0, order2)  # cut index (end of the tie group)
+    need = torch.cat([needed.long(), needed.new_full((1,), n + 1).long()])  # background: never
+    ok = last_in_group & (tp >= need[lab2])
+    prec = torch.where(ok, tp / (e + 1).double(), torch.full((), -1.0, dtype=torch.float64))
+    flat = (cols * L1 + lab2).flatten()
+    best = torch.full((c * L1,), -1.0, dtype=torch.float64)
+    best.scatter_reduce_(0, flat, prec.flatten(), reduce="amax")
+    # among the optimal cuts, the first (smallest) one
+    cand = ok & (prec == best[flat].view(n, c))
+    t_best = torch.full((c * L1,), n, dtype=torch.long)
+    t_best.scatter_reduce_(0, flat, torch.where(cand, e, n).flatten(), reduce="amin")
+    win = cand & (e == t_best[flat].view(n, c))
+    tp_best = torch.zeros(c * L1, dtype=torch.long)
+    tp_best.scatter_reduce_(0, flat, torch.where(win, tp, 0).flatten(), reduce="amax")
+    t_best = t_best.view(c, L1)[:, :n_lab].clamp_max(n - 1)
+    thr = vals[t_best, torch.arange(c).unsqueeze(1)]
+    return best.view(c, L1)[:, :n_lab], tp_best.view(c, L1)[:, :n_lab].to(torch.int32), thr
 
 
 def neuron_baseline(
@@ -87,8 +119,8 @@ def neuron_baseline(
             label's best code, ``best_codes_per_label(...).recall``).
         n_labels: Number of labels (default ``max(labels) + 1``).
         both_signs: Also try each neuron's negative direction (low activation = detection).
-        chunk_mb: Memory budget for one chunk of neurons (the cumulative-count tensor
-            ``positions x chunk x n_labels``).
+        chunk_mb: Memory budget for one chunk of neurons (work arrays of
+            ``positions x chunk``; independent of the number of labels).
 
     A target of 0 still asks for one true positive. Thresholds are the activations themselves,
     so precision is exact, ties included.
@@ -120,7 +152,7 @@ def neuron_baseline(
     cnt = label_tot.double()
     slack = (cnt * 1e-6).clamp(max=0.49) + 1e-9
     needed = torch.ceil(tr * cnt - slack).clamp_min(1).to(torch.int32)
-    per_neuron = max(1, n * (n_lab + 1) * 24)
+    per_neuron = max(1, n * 160)  # about twenty [N] int64 / float64 work arrays
     chunk = max(1, min(n_neur, int(chunk_mb * 2**20) // per_neuron))
     signs = (1, -1) if both_signs else (1,)
     best_p = torch.full((n_neur, n_lab), -1.0, dtype=torch.float64)
