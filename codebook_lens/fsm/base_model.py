@@ -1,0 +1,312 @@
+"""Train the TokFSM base model: a small ``HookedTransformer`` on random-walk token sequences."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from codebook_lens.fsm.data import TokFSMStream, eval_set
+from codebook_lens.fsm.machine import FSM
+from codebook_lens.fsm.metrics import evaluate_transition_accuracy
+
+__all__ = [
+    "BaseTrainConfig",
+    "History",
+    "base_model_config",
+    "loss_floor",
+    "sinusoidal_positions",
+    "train_base_model",
+]
+
+History = dict[str, list[int | float]]
+"""Training history: metric name -> values (see :func:`train_base_model`)."""
+
+
+@dataclass
+class BaseTrainConfig:
+    """Architecture and training defaults for the TokFSM base model (tuned on a 2-core CPU).
+
+    Measured: see the module docstring of :mod:`codebook_lens.fsm.base_model` and the README.
+    """
+
+    n_layers: int = 2
+    """Transformer blocks."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_heads: int = 4
+    """Attention heads per block (``d_head = d_model // n_heads``)."""
+    d_mlp: int = 512
+    """MLP hidden width."""
+    n_ctx: int = 129
+    """Context length in tokens; 129 holds BOS plus a 64-state walk."""
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Walks per batch."""
+    n_steps_per_walk: int = 64
+    """States per training walk; ``1 + n_steps_per_walk * n_digits`` must be ``<= n_ctx``."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 50
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` at the end of the cosine decay."""
+    grad_clip: float = 1.0
+    """Max global gradient norm (``0`` disables clipping)."""
+    pos_init: str = "sinusoidal"
+    """Initial positional embeddings: ``"sinusoidal"`` (periods from 2 to ``2 * n_ctx``,
+    rescaled to the random init's norm; the period-2 component marks the digit's place in its
+    state, which shortens the early loss plateau) or ``"random"`` (TransformerLens's init)."""
+    seed: int = 0
+    """Seed of the model initialisation and of the training stream."""
+    eval_every: int = 0
+    """Evaluate transition accuracy every this many steps (``0``: only at the end)."""
+    eval_prompts: int = 128
+    """Prompts per transition-accuracy evaluation."""
+    eval_prompt_states: int = 8
+    """States per evaluation prompt."""
+    eval_new_states: int = 24
+    """States sampled after each evaluation prompt."""
+    eval_seed: int = 12345
+    """Seed of the held-out evaluation prompts and sampling (differs from ``seed``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BaseTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.n_steps_per_walk < 1 or self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError("need n_steps_per_walk >= 1, lr > 0 and warmup_steps >= 0")
+        if self.pos_init not in ("sinusoidal", "random"):
+            raise ValueError(f"pos_init must be 'sinusoidal' or 'random', got {self.pos_init!r}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+
+
+def base_model_config(
+    fsm: FSM,
+    n_layers: int = BaseTrainConfig.n_layers,
+    d_model: int = BaseTrainConfig.d_model,
+    n_heads: int = BaseTrainConfig.n_heads,
+    d_mlp: int = BaseTrainConfig.d_mlp,
+    n_ctx: int = BaseTrainConfig.n_ctx,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> HookedTransformerConfig:
+    """``HookedTransformerConfig`` for a TokFSM base model (GELU MLPs, LayerNorm, learned
+    positional embeddings, ``d_vocab = fsm.d_vocab``)."""
+    if d_model % n_heads:
+        raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+    kwargs: dict[str, Any] = {}
+    if device is not None:
+        kwargs["device"] = str(device)
+    return HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_model // n_heads,
+        d_mlp=d_mlp,
+        n_ctx=n_ctx,
+        d_vocab=fsm.d_vocab,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
+        **kwargs,
+    )
+
+
+def loss_floor(fsm: FSM, n_steps: int) -> float:
+    """Lowest achievable mean next-token loss (nats) on walks of ``n_steps`` states.
+
+    The sequence's entropy, ``ln(n_states) + (n_steps - 1) ln(n_edges)``, spread over its
+    ``n_steps * n_digits`` predicted tokens.
+    """
+    total = math.log(fsm.n_states) + (n_steps - 1) * math.log(fsm.n_edges)
+    return total / (n_steps * fsm.n_digits)
+
+
+def sinusoidal_positions(n_ctx: int, d_model: int) -> Float[Tensor, "n_ctx d_model"]:
+    """Sinusoidal position table with periods ``2 .. 2 * n_ctx`` (geometric), cos then sin.
+
+    The first frequency has period 2, so ``(-1)**pos`` is one of its columns; rows have RMS 1.
+    """
+    half = d_model // 2
+    exponent = torch.arange(half, dtype=torch.float64) / max(1, half - 1)
+    periods = 2.0 * float(n_ctx) ** exponent
+    angles = 2 * math.pi * torch.arange(n_ctx, dtype=torch.float64).unsqueeze(1) / periods
+    table = torch.cat([angles.cos(), angles.sin()], dim=1)
+    if table.shape[1] < d_model:  # odd d_model
+        table = torch.cat([table, torch.zeros(n_ctx, 1, dtype=torch.float64)], dim=1)
+    table = table / table.pow(2).mean(1, keepdim=True).sqrt()
+    return table.float()
+
+
+def _lr_lambda(cfg: BaseTrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        cos = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos
+
+    return f
+
+
+def train_base_model(
+    fsm: FSM,
+    cfg: HookedTransformerConfig | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    n_steps_per_walk: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    progress: bool = True,
+    eval_every: int | None = None,
+    callback: Callable[[int, HookedTransformer, dict[str, float]], bool | None] | None = None,
+    *,
+    train_cfg: BaseTrainConfig | None = None,
+) -> tuple[HookedTransformer, History]:
+    """Train a ``HookedTransformer`` on TokFSM walks with the next-token loss.
+
+    Every position predicts the next token (BOS predicts the first digit, and so on). AdamW,
+    linear warmup then cosine decay to ``min_lr_ratio * lr``, global-norm gradient clipping.
+    Arguments left as ``None`` come from ``train_cfg`` (default :class:`BaseTrainConfig`).
+
+    Args:
+        fsm: The machine generating the data.
+        cfg: Model config; default :func:`base_model_config` from ``train_cfg``'s architecture.
+            Its ``device`` is where training runs.
+        steps, batch_size, n_steps_per_walk, lr, seed, eval_every: Override ``train_cfg``.
+        progress: Show a tqdm bar with the loss.
+        callback: ``callback(step, model, info)`` after every optimizer step (``step`` counts
+            from 1); ``info`` holds ``loss`` and ``lr``, plus ``transition_accuracy`` on
+            evaluation steps. Returning ``True`` stops training.
+        train_cfg: Training hyper-parameters.
+
+    Returns:
+        ``(model, history)``; ``model`` is in eval mode. ``history`` has lists ``step``,
+        ``loss``, ``lr`` (every step) and ``eval_step``, ``transition_accuracy`` (sampled
+        continuations of held-out prompts, see :func:`evaluate_transition_accuracy`),
+        ``eval_loss`` (held-out walks), ``time_s`` (wall seconds since the start, evaluations
+        included), recorded at evaluations and always at the last step; plus ``loss_floor``
+        (one value: the best achievable loss, :func:`loss_floor`).
+    """
+    overrides = {
+        k: v
+        for k, v in dict(
+            steps=steps,
+            batch_size=batch_size,
+            n_steps_per_walk=n_steps_per_walk,
+            lr=lr,
+            seed=seed,
+            eval_every=eval_every,
+        ).items()
+        if v is not None
+    }
+    tc = dataclasses.replace(train_cfg or BaseTrainConfig(), **overrides)
+    if cfg is None:
+        cfg = base_model_config(
+            fsm, tc.n_layers, tc.d_model, tc.n_heads, tc.d_mlp, tc.n_ctx, seed=tc.seed
+        )
+    if cfg.d_vocab != fsm.d_vocab:
+        raise ValueError(f"cfg.d_vocab={cfg.d_vocab} but the FSM has d_vocab={fsm.d_vocab}")
+    seq_len = 1 + tc.n_steps_per_walk * fsm.n_digits
+    if seq_len > cfg.n_ctx:
+        raise ValueError(
+            f"walks of {tc.n_steps_per_walk} states are {seq_len} tokens, more than "
+            f"n_ctx={cfg.n_ctx}; lower n_steps_per_walk or raise n_ctx"
+        )
+    eval_len = 1 + (tc.eval_prompt_states + tc.eval_new_states) * fsm.n_digits
+    if eval_len > cfg.n_ctx:
+        raise ValueError(
+            f"evaluation needs {eval_len} tokens, more than n_ctx={cfg.n_ctx}; lower "
+            "eval_prompt_states / eval_new_states"
+        )
+
+    model = HookedTransformer(cfg)
+    device = next(model.parameters()).device
+    if tc.pos_init == "sinusoidal":
+        with torch.no_grad():
+            w_pos = model.pos_embed.W_pos
+            rms = w_pos.pow(2).mean().sqrt()
+            w_pos.copy_(sinusoidal_positions(cfg.n_ctx, cfg.d_model).to(w_pos) * rms)
+    stream = TokFSMStream(fsm, tc.batch_size, tc.n_steps_per_walk, seed=tc.seed, device=device)
+    held_out = eval_set(fsm, tc.eval_prompts, tc.n_steps_per_walk, seed=tc.eval_seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc))
+
+    history: History = {
+        k: []
+        for k in ("step", "loss", "lr", "eval_step", "transition_accuracy", "eval_loss", "time_s")
+    }
+    history["loss_floor"] = [loss_floor(fsm, tc.n_steps_per_walk)]
+    t0 = time.perf_counter()
+
+    def record_eval(step: int, info: dict[str, float]) -> None:
+        info.update(_evaluate(model, fsm, tc, held_out))
+        history["eval_step"].append(step)
+        history["transition_accuracy"].append(info["transition_accuracy"])
+        history["eval_loss"].append(info["eval_loss"])
+        history["time_s"].append(time.perf_counter() - t0)
+
+    bar = tqdm(range(1, tc.steps + 1), disable=not progress, desc="TokFSM base model")
+    for step in bar:
+        model.train()
+        tokens = next(stream)
+        loss = model(tokens, return_type="loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        cur_lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+
+        info = {"loss": float(loss.detach()), "lr": cur_lr}
+        history["step"].append(step)
+        history["loss"].append(info["loss"])
+        history["lr"].append(cur_lr)
+        if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
+            record_eval(step, info)
+            bar.set_postfix(loss=f"{info['loss']:.3f}", acc=f"{info['transition_accuracy']:.3f}")
+        elif step % 10 == 0:
+            bar.set_postfix(loss=f"{info['loss']:.3f}")
+        if callback is not None and callback(step, model, info):
+            if "transition_accuracy" not in info:
+                record_eval(step, info)
+            break
+    bar.close()
+    model.eval()
+    return model, history
+
+
+@torch.no_grad()
+def _evaluate(
+    model: HookedTransformer, fsm: FSM, tc: BaseTrainConfig, held_out: torch.Tensor
+) -> dict[str, float]:
+    model.eval()
+    eval_loss = float(model(held_out, return_type="loss"))
+    acc, _ = evaluate_transition_accuracy(
+        model,
+        fsm,
+        n_prompts=tc.eval_prompts,
+        prompt_states=tc.eval_prompt_states,
+        n_new_states=tc.eval_new_states,
+        seed=tc.eval_seed,
+    )
+    model.train()
+    return {"transition_accuracy": acc, "eval_loss": eval_loss}
