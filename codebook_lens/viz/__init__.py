@@ -1,0 +1,67 @@
+"""Visual reports: offline circuitsvis views of codes, matplotlib figures, one-file HTML reports.
+
+- :mod:`~codebook_lens.viz.offline`: :class:`View`, circuitsvis with its JavaScript bundle
+  inlined (never the CDN), once per page;
+- :mod:`~codebook_lens.viz.codes`: tokens coloured by a code / by which code fires, top
+  contexts of codes, attention patterns next to per-head codes;
+- :mod:`~codebook_lens.viz.figures`: matplotlib ``Figure`` builders (no pyplot state);
+- :mod:`~codebook_lens.viz.report`: the self-contained ``report.html``;
+- :mod:`~codebook_lens.viz.browser`: load a page in headless Chromium and list what failed.
+"""
+
+from codebook_lens.viz.browser import BrowserCheck, check_page, find_chromium
+from codebook_lens.viz.codes import (
+    attention_with_codes_view,
+    code_color,
+    code_fires,
+    code_tokens_view,
+    codes_grid_view,
+    contexts_from_windows,
+    top_contexts_view,
+    which_code_view,
+)
+from codebook_lens.viz.figures import (
+    code_usage_histogram,
+    codes_vs_neurons_bars,
+    figure_to_data_uri,
+    intervention_success_bars,
+    state_code_precision_heatmap,
+    training_curves,
+)
+from codebook_lens.viz.offline import View, circuitsvis_view, from_circuitsvis, html_view
+from codebook_lens.viz.report import (
+    build_report,
+    external_refs,
+    rebuild_report,
+    report_html,
+    save_report,
+)
+
+__all__ = [
+    "View",
+    "circuitsvis_view",
+    "html_view",
+    "from_circuitsvis",
+    "code_fires",
+    "code_color",
+    "code_tokens_view",
+    "which_code_view",
+    "codes_grid_view",
+    "top_contexts_view",
+    "contexts_from_windows",
+    "attention_with_codes_view",
+    "state_code_precision_heatmap",
+    "codes_vs_neurons_bars",
+    "intervention_success_bars",
+    "code_usage_histogram",
+    "training_curves",
+    "figure_to_data_uri",
+    "build_report",
+    "report_html",
+    "save_report",
+    "rebuild_report",
+    "external_refs",
+    "check_page",
+    "find_chromium",
+    "BrowserCheck",
+]
