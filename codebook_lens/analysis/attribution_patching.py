@@ -6,13 +6,19 @@ Removing code ``c`` from slot ``s`` at (position, head) changes the site's outpu
 One forward and one backward pass give the estimate for every active code at every site at
 once (compare: one forward pass per code for real ablation with
 :func:`~codebook_lens.analysis.patching.ablate_codes`).
+
+Codebooks downstream of a change are piecewise constant: a small change keeps their codes, a
+large one may switch them, which no gradient sees. By default (``through="frozen"``) the
+gradient does not pass through them, so the estimate linearizes "ablate this code, holding every
+other site's codes"; ``"straight_through"`` passes it as training does. Sites with the error
+term pass changes exactly, and there both agree with real ablation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -50,6 +56,7 @@ def code_attribution_patching(
     tokens: Int[Tensor, "batch pos"],
     metric: Callable[[Tensor], Tensor],
     sites: Sequence[str] | None = None,
+    through: Literal["frozen", "straight_through"] = "frozen",
 ) -> dict[str, CodeAttribution]:
     """Estimate, for every active code at ``sites``, the metric change of ablating it.
 
@@ -58,13 +65,20 @@ def code_attribution_patching(
         tokens: Input ``[batch, pos]``.
         metric: ``logits -> scalar tensor``, differentiable (sum or mean per-example values so
             each example's gradient is its own).
-        sites: Sites (default: all).
+        sites: Sites (default: all); ``through`` applies to these sites.
+        through: How the gradient passes a quantized site downstream of a change.
+            ``"frozen"`` (default): as the discrete model does locally, not at all (its output
+            depends on its input only through the chosen codes, which a small change keeps).
+            ``"straight_through"``: as in training, as if the quantizer were the identity.
+            Sites with ``use_error_term=True`` are the identity either way.
 
     Returns:
         Site -> :class:`CodeAttribution`.
     """
     sites = list(cm.sites if sites is None else sites)
     cbs = {s: get_codebook(cm, s) for s in sites}
+    if through not in ("frozen", "straight_through"):
+        raise ValueError(f"through={through!r}; choose 'frozen' or 'straight_through'")
     deltas: dict[str, Tensor] = {}
     codes: dict[str, Tensor] = {}
 
@@ -75,10 +89,12 @@ def code_attribution_patching(
         return hook
 
     def add_delta(site: str):
+        frozen = through == "frozen" and not cbs[site].cfg.use_error_term
+
         def hook(act: Tensor, hook: Any) -> Tensor:
             d = torch.zeros_like(act, requires_grad=True)
             deltas[site] = d
-            return act + d
+            return (act.detach() if frozen else act) + d
 
         return hook
 

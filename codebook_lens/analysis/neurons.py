@@ -64,41 +64,41 @@ def _best_for_chunk(
     """
     n, c = acts.shape
     L1 = n_lab + 1
-    ar = torch.arange(n).unsqueeze(1)
-    cols = torch.arange(c).expand(n, c)
-    vals, order = acts.sort(dim=0, descending=True)  # [N, c]
+    ar = torch.arange(n)  # work in [c, N] layout: sorts along the contiguous axis
+    rows = torch.arange(c).unsqueeze(1)
+    vals, order = acts.T.contiguous().sort(dim=-1, descending=True)  # [c, N]
     lab_s = lab[order]  # label of each sorted position
     is_last = torch.ones_like(vals, dtype=torch.bool)
-    is_last[:-1] = vals[:-1] != vals[1:]  # a threshold can only fall between distinct values
+    is_last[:, :-1] = vals[:, :-1] != vals[:, 1:]  # thresholds fall between distinct values
     gid = torch.zeros_like(order)
-    gid[1:] = is_last[:-1].long().cumsum(0)  # tie-group id of each sorted position
-    end_idx = torch.where(is_last, ar, n).flip(0).cummin(0).values.flip(0)  # group's last index
+    gid[:, 1:] = is_last[:, :-1].long().cumsum(-1)  # tie-group id of each sorted position
+    end_idx = torch.where(is_last, ar, n).flip(-1).cummin(-1).values.flip(-1)  # group's end
     # group sorted positions by label (stable: increasing position within a label)
-    lab2, order2 = lab_s.sort(dim=0, stable=True)  # order2[r] = sorted position of r-th
+    lab2, order2 = lab_s.sort(dim=-1, stable=True)  # order2[:, r] = sorted position of r-th
     counts = torch.zeros(c * L1, dtype=torch.long)
-    counts.scatter_add_(0, (cols * L1 + lab_s).flatten(), torch.ones(n * c, dtype=torch.long))
+    counts.scatter_add_(0, (rows * L1 + lab_s).flatten(), torch.ones(n * c, dtype=torch.long))
     counts = counts.view(c, L1)
     start = counts.cumsum(1) - counts
-    tp = ar - start.gather(1, lab2.T).T + 1  # true positives at that position's cut
-    g2 = gid.gather(0, order2)
+    tp = ar - start.gather(1, lab2) + 1  # true positives at that position's cut
+    g2 = gid.gather(1, order2)
     last_in_group = torch.ones_like(is_last)
-    last_in_group[:-1] = (lab2[1:] != lab2[:-1]) | (g2[1:] != g2[:-1])
-    e = end_idx.gather(0, order2)  # cut index (end of the tie group)
+    last_in_group[:, :-1] = (lab2[:, 1:] != lab2[:, :-1]) | (g2[:, 1:] != g2[:, :-1])
+    e = end_idx.gather(1, order2)  # cut index (end of the tie group)
     need = torch.cat([needed.long(), needed.new_full((1,), n + 1).long()])  # background: never
     ok = last_in_group & (tp >= need[lab2])
     prec = torch.where(ok, tp / (e + 1).double(), torch.full((), -1.0, dtype=torch.float64))
-    flat = (cols * L1 + lab2).flatten()
+    flat = (rows * L1 + lab2).flatten()
     best = torch.full((c * L1,), -1.0, dtype=torch.float64)
     best.scatter_reduce_(0, flat, prec.flatten(), reduce="amax")
     # among the optimal cuts, the first (smallest) one
-    cand = ok & (prec == best[flat].view(n, c))
+    cand = ok & (prec == best[flat].view(c, n))
     t_best = torch.full((c * L1,), n, dtype=torch.long)
     t_best.scatter_reduce_(0, flat, torch.where(cand, e, n).flatten(), reduce="amin")
-    win = cand & (e == t_best[flat].view(n, c))
+    win = cand & (e == t_best[flat].view(c, n))
     tp_best = torch.zeros(c * L1, dtype=torch.long)
     tp_best.scatter_reduce_(0, flat, torch.where(win, tp, 0).flatten(), reduce="amax")
     t_best = t_best.view(c, L1)[:, :n_lab].clamp_max(n - 1)
-    thr = vals[t_best, torch.arange(c).unsqueeze(1)]
+    thr = vals.gather(1, t_best)
     return best.view(c, L1)[:, :n_lab], tp_best.view(c, L1)[:, :n_lab].to(torch.int32), thr
 
 
