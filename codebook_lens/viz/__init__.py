@@ -9,7 +9,8 @@
 - :mod:`~codebook_lens.viz.browser`: load a page in headless Chromium and list what failed.
 """
 
-from codebook_lens.viz.browser import BrowserCheck, check_page, find_chromium
+from typing import Any
+
 from codebook_lens.viz.codes import (
     attention_with_codes_view,
     code_color,
@@ -65,3 +66,13 @@ __all__ = [
     "find_chromium",
     "BrowserCheck",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``check_page``, ``find_chromium`` and ``BrowserCheck`` load on first use, so that
+    ``python -m codebook_lens.viz.browser`` runs the module cleanly."""
+    if name in ("check_page", "find_chromium", "BrowserCheck"):
+        from codebook_lens.viz import browser
+
+        return getattr(browser, name)
+    raise AttributeError(f"module 'codebook_lens.viz' has no attribute {name!r}")

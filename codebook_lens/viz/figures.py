@@ -18,6 +18,7 @@ import numpy as np
 from jaxtyping import Real
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 __all__ = [
@@ -160,6 +161,8 @@ def codes_vs_neurons_bars(
     ax.set_xlabel("feature" + (" (sorted by code precision)" if sort else ""))
     if labels is not None and len(c) <= 40:
         ax.set_xticks(x, [labels[i] for i in order], rotation=90, fontsize=7)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.set_title(title)
     return fig
@@ -195,7 +198,10 @@ def intervention_success_bars(
     if baseline is not None:
         ax.axhline(baseline, color="k", ls="--", lw=1, label=f"baseline {baseline:.2f}")
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0, ha="right")
+    tilt = len(names) > 4 or max(len(n) for n in names) > 6
+    ax.set_xticks(
+        range(len(names)), names, rotation=30 if tilt else 0, ha="right" if tilt else "center"
+    )
     top = max(1.0, float(vals.max()) if err is None else float((vals + err).max()))
     ax.set_ylim(min(0.0, float(vals.min())), top * 1.1)
     ax.set_ylabel(ylabel)

@@ -74,6 +74,28 @@ def _is_local(url: str) -> bool:
     return u == "" or u.startswith("#") or u.lower().startswith("data:")
 
 
+def _srcset_urls(value: str) -> list[str]:
+    """The URLs of a ``srcset`` (HTML spec: a URL is a run of non-space characters, possibly
+    with commas inside, as in ``data:`` URIs; descriptors follow it up to the next comma)."""
+    urls, i, n = [], 0, len(value)
+    while i < n:
+        while i < n and (value[i].isspace() or value[i] == ","):
+            i += 1
+        j = i
+        while j < n and not value[j].isspace():
+            j += 1
+        url = value[i:j]
+        if url.endswith(","):
+            url = url.rstrip(",")
+        else:
+            while j < n and value[j] != ",":
+                j += 1
+        if url:
+            urls.append(url)
+        i = j + 1
+    return urls
+
+
 class _RefFinder(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
@@ -87,7 +109,7 @@ class _RefFinder(HTMLParser):
             if name in _URL_ATTRS:
                 urls = [value]
                 if name == "srcset":
-                    urls = [part.split()[0] for part in value.split(",") if part.strip()]
+                    urls = _srcset_urls(value)
                 self.refs += [f"<{tag} {name}={u!r}>" for u in urls if not _is_local(u)]
             elif name == "style":
                 self._css(value, f"<{tag} style>")
