@@ -35,7 +35,13 @@ from codebook_lens.analysis.neurons import (
     collect_activations,
     neuron_baseline,
 )
-from codebook_lens.analysis.patching import ablate_codes, force_codes, patch_codes, select_mask
+from codebook_lens.analysis.patching import (
+    ablate_codes,
+    force_codes,
+    patch_codes,
+    select_mask,
+    set_codes,
+)
 from codebook_lens.analysis.steering import SteeringResult, steer, steering_hooks
 from codebook_lens.analysis.store import CodeStore, collect_codes, dedupe_slots, smallest_int_dtype
 from codebook_lens.analysis.sweeps import SweepResult, ablation_sweep, patch_sweep
@@ -80,6 +86,7 @@ __all__ = [
     # patching hooks
     "ablate_codes",
     "force_codes",
+    "set_codes",
     "patch_codes",
     "select_mask",
     # sweeps

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from codebook_lens.analysis._common import HeadSpec, PositionSpec, head_mask, position_mask
 
-__all__ = ["ablate_codes", "force_codes", "patch_codes", "CodesHook", "select_mask"]
+__all__ = ["ablate_codes", "force_codes", "set_codes", "patch_codes", "CodesHook", "select_mask"]
 
 CodesHook = Callable[[Tensor, Any], Tensor]
 
@@ -151,6 +151,44 @@ def force_codes(
             raise IndexError(f"slot {slot} out of range for k={k}; use slot='append' to add one")
         out[..., slot] = torch.where(mask, new, out[..., slot])
         return out
+
+    return hook
+
+
+def set_codes(
+    values: Int[Tensor, "batch *head slots"],
+    positions: PositionSpec = -1,
+    heads: HeadSpec = None,
+) -> CodesHook:
+    """A hook that replaces the whole code list at chosen positions with per-row ``values``.
+
+    Args:
+        values: Codes per batch row ``[batch, slots]`` (sites without heads) or
+            ``[batch, head, slots]``; batch 1 broadcasts, and a run batch that is a multiple of
+            ``batch`` repeats each row (``repeat_interleave``). -1 marks an empty slot.
+        positions: Positions to set (default: the last one).
+        heads: Heads (groups) to set at per-head sites (None: all).
+    """
+    vals = torch.as_tensor(values)
+
+    def hook(x: Tensor, hook: Any = None) -> Tensor:
+        name = _name(hook)
+        if vals.dim() != x.dim() - 1 or vals.shape[1:-1] != x.shape[2:-1]:
+            raise ValueError(
+                f"{name}: values {tuple(vals.shape)} must be [batch, *head, slots] for codes "
+                f"{tuple(x.shape)}"
+            )
+        b = x.shape[0]
+        if b % vals.shape[0]:
+            raise ValueError(f"{name}: run batch {b} is not a multiple of values' {vals.shape[0]}")
+        v = vals.to(x.device, x.dtype).repeat_interleave(b // vals.shape[0], 0)
+        k, vk = x.shape[-1], v.shape[-1]
+        if vk > k:
+            x = torch.cat([x, x.new_full((*x.shape[:-1], vk - k), -1)], -1)
+        elif vk < k:
+            v = torch.cat([v, v.new_full((*v.shape[:-1], k - vk), -1)], -1)
+        mask = select_mask(x, positions, heads, name).unsqueeze(-1)
+        return torch.where(mask, v.unsqueeze(1), x)
 
     return hook
 

@@ -168,8 +168,9 @@ def _real_ablation(m, x, metric, ap):
             cc[torch.arange(rows.shape[0]), rows[:, 0], rows[:, 1], rows[:, 2]] = -1
             return cc if per_head else cc.squeeze(2)
 
-        out = m.run_with_hooks(x.repeat(u, 1), fwd_hooks=[(codes_hook_name(site), hook)])
-        real += [float(metric(o)) - base for o in out.split(1)]
+        with torch.no_grad():
+            out = m.run_with_hooks(x.repeat(u, 1), fwd_hooks=[(codes_hook_name(site), hook)])
+            real += [float(metric(o)) - base for o in out.split(1)]
         est += (
             a.effect[0][tuple(rows.T)].tolist()
             if a.codes.dim() == 4
@@ -189,7 +190,7 @@ def test_batched_real_ablation_equals_ablate_codes():
     for i, (p, h, sl) in enumerate((ap[Z0].codes[0] >= 0).nonzero().tolist()[:3]):
         hook = ablate_codes(positions=[p], heads=[h], slots=[sl])
         out = m.run_with_hooks(x, fwd_hooks=[(codes_hook_name(Z0), hook)])
-        assert abs(float(logprob3(out)) - base - float(real[i])) < 1e-5
+        assert abs(float(logprob3(out).detach()) - base - float(real[i])) < 1e-5
 
 
 def logprob3(logits):

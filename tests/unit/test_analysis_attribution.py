@@ -173,6 +173,17 @@ def test_token_and_regex_features_vs_brute_force():
     with pytest.raises(ValueError, match="no tokenizer"):
         regex_feature(store, "a", object())
 
+    class Tok:  # a tokenizer-like object, and a model holding it
+        def decode(self, ids):
+            return "".join(vocab[i] for i in ids)
+
+    class Model:
+        tokenizer = Tok()
+
+    want = regex_feature(store, r"b+c", vocab)
+    assert torch.equal(regex_feature(store, r"b+c", Tok()), want)
+    assert torch.equal(regex_feature(store, r"b+c", Model()), want)
+
 
 def test_top_examples_vs_brute_force():
     store, _ = random_store(4, k=2)

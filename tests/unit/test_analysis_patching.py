@@ -7,7 +7,7 @@ import inspect
 import pytest
 import torch
 
-from codebook_lens.analysis import ablate_codes, force_codes, patch_codes
+from codebook_lens.analysis import ablate_codes, force_codes, patch_codes, set_codes
 
 
 def codes(seed=0, shape=(2, 5, 3, 2), n=6):
@@ -87,3 +87,19 @@ def test_heads_on_flat_site_is_an_error():
     raw = inspect.unwrap(ablate_codes)
     with pytest.raises(ValueError, match="no head axis"):
         raw(heads=[0])(codes(shape=(2, 5, 2)), None)
+
+
+def test_set_codes_per_row():
+    x = codes(4, shape=(4, 5, 3, 2))
+    vals = torch.tensor([[[1], [2], [3]], [[4], [5], [0]]])  # [batch 2, head 3, slots 1]
+    out = set_codes(vals, positions=-1, heads=[0, 2])(x, None)
+    want = x.clone()
+    for b in range(4):  # run batch 4 = each values row repeated twice
+        for h in (0, 2):
+            want[b, -1, h] = torch.tensor([int(vals[b // 2, h, 0]), -1])
+    assert torch.equal(out, want)
+    wide = set_codes(torch.tensor([[1, 2, 3]]), positions=[0])(codes(shape=(2, 5, 2)), None)
+    assert wide.shape == (2, 5, 3) and (wide[:, 0] == torch.tensor([1, 2, 3])).all()
+    assert (wide[:, 1:, 2] == -1).all()
+    with pytest.raises(ValueError, match="multiple"):
+        set_codes(torch.zeros(3, 3, 1, dtype=torch.long))(x, None)
