@@ -62,9 +62,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from codebook_lens.fsm.report import write_report
+    from codebook_lens.fsm.report import rebuild
 
-    path = write_report(args.dir)
+    path = rebuild(args.dir)
     print(f"wrote {path}")
     return 0
 

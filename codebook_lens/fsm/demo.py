@@ -153,5 +153,5 @@ def run_demo(
     _write_json(out / "metrics.json", metrics)
     from codebook_lens.fsm.report import write_report
 
-    write_report(out, metrics=metrics, cm=cm, recovery=recovery, fsm=fsm)
+    write_report(out, metrics, cm, recovery, fsm, history=result.history)
     return metrics
