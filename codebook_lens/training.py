@@ -3,10 +3,18 @@
 Works with any model and any stream of token batches. The reconstruction (and commitment) loss
 is a visible, logged term added to the task loss; dead codes are re-seeded on each codebook's
 schedule; metrics are read back to the host only at logging steps.
+
+The same loop runs on one CPU, one GPU, or several processes through Hugging Face Accelerate
+(pass ``accelerator=``; launch with ``accelerate launch``): gradient accumulation, mixed
+precision (the accelerator's ``mixed_precision``), atomic checkpoints with exact resume, a JSONL
+metrics file and optional wandb logging. Under several processes every process holds the whole
+model; gradients are averaged across processes once per optimizer step (a bucketed all-reduce,
+numerically what DDP does), so ``loss_fn`` keeps receiving the :class:`CodebookModel` itself.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -17,10 +25,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from codebook_lens.checkpoint import (
+    TrainState,
+    load_train_state,
+    restore_rng,
+    save_train_state,
+)
+from codebook_lens.data import shard_batch
 from codebook_lens.init import replace_dead_codes
+from codebook_lens.io import atomic_write_text
 from codebook_lens.model import CodebookModel
 
-__all__ = ["TrainConfig", "TrainResult", "train_codebooks", "lm_loss"]
+__all__ = ["TrainConfig", "TrainResult", "train_codebooks", "lm_loss", "make_accelerator"]
 
 
 @dataclass
@@ -61,7 +77,37 @@ class TrainConfig:
     """Steps between calls of ``eval_fn`` (0: only at the end, if given)."""
 
     progress: bool = True
-    """Show a tqdm progress bar."""
+    """Show a tqdm progress bar (on the main process only)."""
+
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; their gradients are averaged, so ``grad_accum``
+    micro-batches of ``b`` rows match one batch of ``grad_accum * b`` rows."""
+
+    split_batches: bool = True
+    """Under several processes, treat every batch from ``data`` as the global batch and give
+    each process its ``1/num_processes`` of the rows (:func:`~codebook_lens.data.shard_batch`):
+    the same script then sees the same data on 1 or N processes. Set False when ``data``
+    already yields each process's own batches (e.g. a sharded ``BlockStream``)."""
+
+    checkpoint_dir: str | None = None
+    """Directory for checkpoints (``<dir>/checkpoint``, replaced atomically); None disables."""
+
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: only at the end, when ``checkpoint_dir`` is set). An
+    interrupted run loses at most this many steps."""
+
+    resume: bool = True
+    """Continue from the checkpoint in ``checkpoint_dir`` if there is one (exactly: model,
+    codebooks, optimizer, RNG, data position and history are restored)."""
+
+    metrics_path: str | None = None
+    """Append each logged row as one JSON line to this file (main process only)."""
+
+    wandb_project: str | None = None
+    """Log rows to this Weights & Biases project (needs ``wandb`` installed; off when None)."""
+
+    allow_no_codebooks: bool = False
+    """Allow a model without codebooks (plain language-model training through the same loop)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -72,6 +118,10 @@ class TrainConfig:
             )
         if self.lr <= 0 or (self.codebook_lr is not None and self.codebook_lr <= 0):
             raise ValueError("TrainConfig: learning rates must be > 0")
+        if self.grad_accum < 1:
+            raise ValueError(f"TrainConfig: grad_accum must be >= 1, got {self.grad_accum}")
+        if self.checkpoint_every < 0 or self.log_every < 1:
+            raise ValueError("TrainConfig: need checkpoint_every >= 0 and log_every >= 1")
 
 
 @dataclass
@@ -86,7 +136,10 @@ class TrainResult:
     """``eval_fn`` results, each with its step."""
 
     seconds: float = 0.0
-    """Wall time of the loop."""
+    """Wall time of the loop (summed over resumed runs)."""
+
+    resumed_from: int = 0
+    """Step the run resumed from (0 for a fresh run)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -96,6 +149,45 @@ class TrainResult:
 def lm_loss(cm: CodebookModel, tokens: Tensor) -> Tensor:
     """Mean next-token cross-entropy of ``tokens`` [batch, pos] under the codebook model."""
     return cm(tokens, return_type="loss")
+
+
+def _has_accelerator_device() -> bool:
+    if torch.cuda.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool(
+        (mps is not None and mps.is_available()) or (xpu is not None and xpu.is_available())
+    )
+
+
+def make_accelerator(cpu: bool | None = None, mixed_precision: str = "auto", **kwargs: Any) -> Any:
+    """An ``accelerate.Accelerator`` with mixed precision where the device supports it.
+
+    ``cpu=None`` uses the CPU exactly when the machine has no GPU (so that several processes on
+    a CPU-only machine form a gloo group instead of silently running apart).
+    ``mixed_precision="auto"`` picks ``"bf16"`` on a CUDA device that supports it, ``"fp16"``
+    on an older CUDA device and ``"no"`` elsewhere (CPU autocast is slower than fp32 on most
+    CPUs); ``"no"``, ``"fp16"`` and ``"bf16"`` are passed through. Other keyword arguments go
+    to ``Accelerator``.
+
+    Launch several processes with ``accelerate launch --multi_gpu --num_processes N script.py``
+    (also on a CPU-only machine: accelerate's ``--cpu`` flag starts one process unless MPI is
+    set up).
+    """
+    from accelerate import Accelerator
+
+    if cpu is None:
+        cpu = not _has_accelerator_device()
+    if mixed_precision == "auto":
+        mixed_precision = "no"
+        if not cpu and torch.cuda.is_available():
+            mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if mixed_precision not in ("no", "fp16", "bf16", "fp8"):
+        raise ValueError(
+            f"mixed_precision={mixed_precision!r}; choose 'auto', 'no', 'fp16' or 'bf16'"
+        )
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, **kwargs)
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -108,20 +200,77 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def _optimizer(cm: CodebookModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = [
-        {
-            "params": list(cm.codebook_parameters()),
-            "lr": cfg.codebook_lr or cfg.lr,
-            "weight_decay": 0.0,
-        }
-    ]
+    groups = []
+    cb_params = list(cm.codebook_parameters())
+    if cb_params:
+        groups.append({"params": cb_params, "lr": cfg.codebook_lr or cfg.lr, "weight_decay": 0.0})
     if not cfg.freeze_model:
         groups.append(
             {"params": list(cm.model.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}
         )
+    if not groups:
+        raise ValueError("train_codebooks: nothing to train (no codebooks and freeze_model=True)")
     for p in cm.model.parameters():
         p.requires_grad_(not cfg.freeze_model)
     return torch.optim.AdamW(groups)
+
+
+class _Dist:
+    """The few collective operations the loop needs; no-ops on one process."""
+
+    def __init__(self, accelerator: Any):
+        self.acc = accelerator
+        self.n = accelerator.num_processes if accelerator is not None else 1
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.main = accelerator.is_main_process if accelerator is not None else True
+
+    def mean(self, t: Tensor) -> Tensor:
+        return self.acc.reduce(t, reduction="mean") if self.n > 1 else t
+
+    def sum(self, t: Tensor) -> Tensor:
+        return self.acc.reduce(t, reduction="sum") if self.n > 1 else t
+
+    def broadcast_(self, t: Tensor) -> None:
+        if self.n > 1:
+            from accelerate.utils import broadcast
+
+            t.copy_(broadcast(t.contiguous(), from_process=0))
+
+    def average_grads(self, params: list[torch.nn.Parameter], bucket_bytes: int = 2**25) -> None:
+        """All-reduce (mean) every gradient in buckets of about ``bucket_bytes``."""
+        if self.n == 1:
+            return
+        for p in params:  # every process must hold a gradient for every parameter
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for p in params:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)  # type: ignore[union-attr]
+        for grads in by_dtype.values():
+            bucket: list[Tensor] = []
+            size = 0
+            for g in [*grads, None]:
+                if g is not None:
+                    bucket.append(g)
+                    size += g.numel() * g.element_size()
+                if bucket and (g is None or size >= bucket_bytes):
+                    flat = self.mean(torch.cat([b.reshape(-1) for b in bucket]))
+                    for b, part in zip(bucket, flat.split([b.numel() for b in bucket])):
+                        b.copy_(part.view_as(b))
+                    bucket, size = [], 0
+
+
+def _open_wandb(cfg: TrainConfig, dist: _Dist) -> Any:
+    if not cfg.wandb_project or not dist.main:
+        return None
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(
+            "TrainConfig.wandb_project is set but wandb is not installed; pip install wandb, "
+            "or log to a file with metrics_path="
+        ) from e
+    return wandb.init(project=cfg.wandb_project, config=asdict(cfg))
 
 
 def train_codebooks(
@@ -130,49 +279,129 @@ def train_codebooks(
     cfg: TrainConfig | None = None,
     loss_fn: Callable[[CodebookModel, Tensor], Tensor] = lm_loss,
     eval_fn: Callable[[CodebookModel], dict[str, float]] | None = None,
+    accelerator: Any = None,
 ) -> TrainResult:
     """Finetune ``cm`` on batches from ``data`` with ``loss_fn`` + the codebooks' aux loss.
 
-    ``data`` yields token batches (it is cycled if it runs out). ``eval_fn(cm)`` returns a dict
-    of metrics; it runs every ``cfg.eval_every`` steps and at the end, in eval mode.
+    ``data`` yields token batches (it is cycled if it runs out); one optimizer step takes
+    ``cfg.grad_accum`` of them. ``eval_fn(cm)`` returns a dict of metrics; it runs every
+    ``cfg.eval_every`` steps and at the end, in eval mode, on every process.
+
+    ``accelerator`` (an ``accelerate.Accelerator``, e.g. from :func:`make_accelerator`) moves the
+    model to its device, runs the forward under its mixed-precision autocast, scales fp16
+    losses, and averages gradients over its processes. Without it the loop runs on the model's
+    device in plain PyTorch. With ``cfg.checkpoint_dir`` the run checkpoints every
+    ``cfg.checkpoint_every`` steps and at the end, and a later call with the same setup resumes
+    from the last checkpoint, ending in the same state as an uninterrupted run.
     """
     cfg = cfg or TrainConfig()
-    if not cm.codebooks:
-        raise ValueError("train_codebooks: the model has no codebooks; add_codebook(...) first")
+    if not cm.codebooks and not cfg.allow_no_codebooks:
+        raise ValueError(
+            "train_codebooks: the model has no codebooks; add_codebook(...) first (or set "
+            "TrainConfig(allow_no_codebooks=True) to train the plain model)"
+        )
+    acc = accelerator
+    dist = _Dist(acc)
+    if acc is not None:
+        cm.to(acc.device)
+    device = next(cm.parameters()).device
     opt = _optimizer(cm, cfg)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    result = TrainResult()
-    batches = _cycle(data)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    step_opt: Any = acc.prepare_optimizer(opt, device_placement=False) if acc is not None else opt
+    n_micro = cfg.grad_accum
+    acc_div = acc.gradient_accumulation_steps if acc is not None else 1
+    if acc_div > 1 and n_micro not in (1, acc_div):
+        raise ValueError(
+            f"grad_accum={n_micro} conflicts with the accelerator's "
+            f"gradient_accumulation_steps={acc_div}; set one of them"
+        )
+    n_micro = max(n_micro, acc_div)
     cbs = cm.codebooks
-    for cb in cbs.values():
-        cb.window_counts.zero_()
-    log_counts = {s: cb.code_counts.clone() for s, cb in cbs.items()}
-    acc = {k: torch.zeros(()) for k in ("loss", "task_loss", "recon")}
-    n_acc = 0
-    start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc="train codebooks", leave=False)
+    result = TrainResult()
+    ckpt_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("progress",)}
+
+    state = None
+    if cfg.checkpoint_dir and cfg.resume:
+        state = load_train_state(cfg.checkpoint_dir, cm, opt, set_rng=False)
+    if state is None:
+        state = TrainState()
+        for cb in cbs.values():
+            cb.window_counts.zero_()
+        log_counts = {s: cb.code_counts.clone() for s, cb in cbs.items()}
+        sums = torch.zeros(3, device=device)
+        n_acc = 0
+    else:
+        result.resumed_from = state.step
+        log_counts = {s: state.tensors[f"log_counts.{s}"].to(device) for s in cbs}
+        sums = state.tensors["sums"].to(device)
+        n_acc = int(state.scalars["n_acc"])
+    result.history, result.evals = list(state.history), list(state.evals)
+    if cfg.metrics_path and dist.main:
+        rows = "".join(json.dumps(r) + "\n" for r in result.history)
+        atomic_write_text(cfg.metrics_path, rows)  # drops rows logged after the checkpoint
+    wb = _open_wandb(cfg, dist)
+
+    batches = _cycle(data)
+    for _ in range(state.consumed):  # resume: the data position after the checkpoint
+        next(batches)
+    restore_rng(state)  # after the skip, so data drawing from the global RNG resumes exactly
+    consumed = state.consumed
+    start = time.perf_counter() - state.seconds
+    bar = tqdm(
+        range(state.step, cfg.steps),
+        initial=state.step,
+        total=cfg.steps,
+        disable=not (cfg.progress and dist.main),
+        desc="train codebooks" if cbs else "train model",
+        leave=False,
+    )
     cm.train()
     for step in bar:
         f = _lr_factor(step, cfg)
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * f
-        tokens = next(batches)
-        task = loss_fn(cm, tokens)
-        aux = cm.aux_loss()
-        loss = task + aux
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for _micro in range(n_micro):
+            tokens = next(batches)
+            consumed += 1
+            if cfg.split_batches:
+                tokens = shard_batch(tokens, dist.rank, dist.n)
+            tokens = tokens.to(device)
+            if acc is not None:
+                with acc.autocast():
+                    task = loss_fn(cm, tokens)
+                    aux = cm.aux_loss()
+            else:
+                task = loss_fn(cm, tokens)
+                aux = cm.aux_loss()
+            loss = task + aux
+            scaled = loss / n_micro if n_micro > 1 else loss
+            if acc is not None:
+                acc.backward(scaled * acc_div if acc_div > 1 else scaled)
+            else:
+                scaled.backward()
+            recon = (
+                sum(cb.last_losses["recon"] for cb in cbs.values()) / len(cbs)
+                if cbs
+                else loss.new_zeros(())
+            )
+            sums = sums + torch.stack([loss, task, recon]).detach().float().to(device)
+            n_acc += 1
+        dist.average_grads(params)
         if cfg.grad_clip > 0:
-            params = [p for g in opt.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        recon = sum(cb.last_losses["recon"] for cb in cbs.values()) / len(cbs)
-        for k, v in (("loss", loss), ("task_loss", task), ("recon", recon)):
-            acc[k] = acc[k] + v.detach().to(acc[k].device)
-        n_acc += 1
+            if acc is not None:
+                acc.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        step_opt.step()
         for cb in cbs.values():
             if cb.cfg.dead_code_threshold > 0 and (step + 1) % cb.cfg.replace_every == 0:
+                if dist.n > 1:
+                    cb.window_counts.copy_(dist.sum(cb.window_counts))
                 replace_dead_codes(cb)
+                with torch.no_grad():
+                    dist.broadcast_(cb.codebook.data)
         last = step + 1 == cfg.steps
         ev: dict[str, float] = {}
         if eval_fn is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
@@ -182,30 +411,78 @@ def train_codebooks(
             cm.train()
             result.evals.append({"step": step + 1, **ev})
         if (step + 1) % cfg.log_every == 0 or last:
-            row: dict[str, float] = {"step": step + 1, "lr": opt.param_groups[0]["lr"]}
-            row.update({k: float(v) / n_acc for k, v in acc.items()})
-            dead = [(cb.code_counts - log_counts[s] == 0).float().mean() for s, cb in cbs.items()]
-            row["dead_frac"] = float(torch.stack(dead).mean())
+            row = _log_row(step, opt, sums, n_acc, cbs, log_counts, dist)
             row.update(ev)
             log_counts = {s: cb.code_counts.clone() for s, cb in cbs.items()}
-            acc = {k: torch.zeros(()) for k in acc}
-            n_acc = 0
+            sums, n_acc = torch.zeros_like(sums), 0
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(
                     f"training diverged at step {step + 1} (loss {row['loss']}); lower the "
                     "learning rate or use input_norm='layernorm' for large-norm sites"
                 )
             result.history.append(row)
+            if dist.main:
+                if cfg.metrics_path:
+                    with open(cfg.metrics_path, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                if wb is not None:
+                    wb.log(row, step=step + 1)
             bar.set_postfix(
-                {k: f"{row[k]:.3g}" for k in ("loss", "recon", "dead_frac")}
+                {k: f"{row[k]:.3g}" for k in ("loss", "recon", "dead_frac") if k in row}
                 | {k: f"{v:.3f}" for k, v in ev.items()}
             )
+        if cfg.checkpoint_dir and (
+            last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+        ):
+            snap = TrainState(
+                step=step + 1,
+                consumed=consumed,
+                history=result.history,
+                evals=result.evals,
+                seconds=time.perf_counter() - start,
+                tensors={"sums": sums, **{f"log_counts.{s}": c for s, c in log_counts.items()}},
+                scalars={"n_acc": n_acc},
+            )
+            if dist.main:
+                save_train_state(
+                    cfg.checkpoint_dir, cm, opt, snap, ckpt_cfg, include_model=not cfg.freeze_model
+                )
+            if acc is not None:
+                acc.wait_for_everyone()
+    bar.close()
     cm.eval()
     if cfg.freeze_model:
         for p in cm.model.parameters():
             p.requires_grad_(True)
+    if wb is not None:
+        wb.finish()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _log_row(
+    step: int,
+    opt: torch.optim.Optimizer,
+    sums: Tensor,
+    n_acc: int,
+    cbs: dict[str, Any],
+    log_counts: dict[str, Tensor],
+    dist: _Dist,
+) -> dict[str, float]:
+    """One history row; under several processes, losses are averaged and usage is summed over
+    processes (the code counters then hold the global counts on every process)."""
+    means = dist.mean(sums / max(n_acc, 1))
+    row: dict[str, float] = {"step": step + 1, "lr": opt.param_groups[0]["lr"]}
+    row.update(zip(("loss", "task_loss", "recon"), means.tolist()))
+    if cbs:
+        dead = []
+        for s, cb in cbs.items():
+            delta = dist.sum(cb.code_counts - log_counts[s])
+            if dist.n > 1:
+                cb.code_counts.copy_(log_counts[s] + delta)
+            dead.append((delta == 0).float().mean())
+        row["dead_frac"] = float(torch.stack(dead).mean())
+    return row
 
 
 def _cycle(data: Iterable[Tensor]) -> Iterator[Tensor]:

@@ -1,0 +1,190 @@
+"""The trainer's scale features: accumulation, Accelerate, mixed precision, checkpoint/resume."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from codebook_lens import CheckpointError, CodebookModel
+from codebook_lens.checkpoint import checkpoint_path
+from codebook_lens.training import TrainConfig, make_accelerator, train_codebooks
+from tests.conftest import make_model
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide state; give every test a clean one."""
+    pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _batches(n, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        start = torch.randint(0, 10, (batch, 1), generator=g)
+        out.append((start + torch.arange(12)) % 10)
+    return out
+
+
+def _global_rng_stream(batch=8):
+    """Batches drawn from the global RNG (resume must restore it after skipping)."""
+    while True:
+        start = torch.randint(0, 10, (batch, 1))
+        yield (start + torch.arange(12)) % 10
+
+
+def _cm(dead=False):
+    torch.manual_seed(0)
+    cm = CodebookModel(make_model("hooked"))
+    kw = dict(dead_code_threshold=1.0, replace_every=3) if dead else {}
+    cm.add_codebook("blocks.0.attn.hook_z", n_codes=16, k=2, **kw)
+    cm.add_codebook("blocks.1.hook_mlp_out", n_codes=16, k=1, input_norm="layernorm", **kw)
+    cm.init_codebooks(_batches(1, seed=9)[0])
+    return cm
+
+
+def _cfg(**kw):
+    base = dict(steps=6, lr=3e-3, warmup_steps=2, log_every=2, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def _params(cm):
+    return {k: v.detach().clone() for k, v in cm.state_dict().items()}
+
+
+def test_grad_accumulation_matches_the_big_batch():
+    big = _batches(6, batch=8)
+    halves = [h for b in big for h in b.split(4)]
+    # float64: in float32 a rounding difference can flip a near-tie code choice
+    a, b = _cm().double(), _cm().double()
+    ra = train_codebooks(a, big, _cfg())
+    rb = train_codebooks(b, halves, _cfg(grad_accum=2))
+    pa, pb = _params(a), _params(b)
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-7, atol=1e-9, msg=k)
+    assert [r["loss"] for r in ra.history] == pytest.approx([r["loss"] for r in rb.history])
+
+
+def test_one_process_accelerator_equals_plain_pytorch():
+    a, b = _cm(), _cm()
+    train_codebooks(a, _batches(6), _cfg())
+    acc = make_accelerator(cpu=True, mixed_precision="no")
+    train_codebooks(b, _batches(6), _cfg(), accelerator=acc)
+    pa, pb = _params(a), _params(b)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_bf16_mixed_precision_trains_on_cpu():
+    cm = _cm()
+    acc = make_accelerator(cpu=True, mixed_precision="bf16")
+    res = train_codebooks(cm, _batches(4), _cfg(steps=4), accelerator=acc)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history)
+    assert cm.codebooks["blocks.0.attn.hook_z"].codebook.dtype == torch.float32
+    with pytest.raises(ValueError, match="mixed_precision"):
+        make_accelerator(cpu=True, mixed_precision="half")
+
+
+def test_resume_gives_the_state_of_an_uninterrupted_run(tmp_path):
+    steps = 12
+    cfg = _cfg(steps=steps, log_every=3)
+    torch.manual_seed(123)
+    ref = _cm(dead=True)
+    torch.manual_seed(123)
+    ref_res = train_codebooks(ref, _global_rng_stream(), cfg)
+
+    ck = _cfg(
+        steps=steps,
+        log_every=3,
+        checkpoint_dir=str(tmp_path / "ck"),
+        checkpoint_every=4,
+        metrics_path=str(tmp_path / "metrics.jsonl"),
+    )
+    calls = {"n": 0}
+
+    def crashing_loss(m, t):
+        calls["n"] += 1
+        if calls["n"] == 7:  # during step 7: the checkpoint of step 4 is the latest
+            raise KeyboardInterrupt
+        return m(t, return_type="loss")
+
+    torch.manual_seed(123)
+    cm = _cm(dead=True)
+    torch.manual_seed(123)
+    with pytest.raises(KeyboardInterrupt):
+        train_codebooks(cm, _global_rng_stream(), ck, loss_fn=crashing_loss)
+    assert json.loads((checkpoint_path(ck.checkpoint_dir) / "state.json").read_text())["step"] == 4
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [3, 6]
+
+    torch.manual_seed(999)  # a fresh process: different model init and RNG, same setup
+    fresh = _cm(dead=True)
+    torch.manual_seed(999)
+    res = train_codebooks(fresh, _global_rng_stream(), ck)
+    assert res.resumed_from == 4
+    want, got = _params(ref), _params(fresh)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    for s, cb in ref.codebooks.items():
+        assert torch.equal(cb.code_counts, fresh.codebooks[s].code_counts)
+    assert res.history == ref_res.history
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == ref_res.history  # no duplicated or lost rows
+
+
+def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import codebook_lens.checkpoint as ckpt
+
+    cm = _cm()
+    cfg = _cfg(steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    real = ckpt.save_file
+    n = {"calls": 0}
+
+    def failing_save(*a, **k):
+        n["calls"] += 1
+        if n["calls"] == 2:  # the step-4 checkpoint dies half-way
+            raise OSError("disk full")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train_codebooks(cm, _batches(8), cfg)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]  # no temp dirs left
+    assert train_codebooks(_cm(), _batches(8), cfg).resumed_from == 2
+    cfg = _cfg(steps=6, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    (checkpoint_path(tmp_path) / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        train_codebooks(_cm(), _batches(8), cfg)
+
+
+def test_checkpoint_of_another_setup_is_refused(tmp_path):
+    cm = _cm()
+    train_codebooks(cm, _batches(2), _cfg(steps=2, checkpoint_dir=str(tmp_path)))
+    other = CodebookModel(make_model("hooked"))
+    other.add_codebook("blocks.0.hook_resid_post", n_codes=8, k=1)
+    with pytest.raises(CheckpointError, match="fresh checkpoint_dir"):
+        train_codebooks(other, _batches(2), _cfg(steps=3, checkpoint_dir=str(tmp_path)))
+
+
+def test_plain_model_training_and_config_errors(monkeypatch):
+    model = make_model("hooked")
+    cm = CodebookModel(model)
+    with pytest.raises(ValueError, match="allow_no_codebooks"):
+        train_codebooks(cm, _batches(2), _cfg())
+    res = train_codebooks(cm, _batches(4), _cfg(steps=20, log_every=10, allow_no_codebooks=True))
+    assert res.history[-1]["task_loss"] < res.history[0]["task_loss"]
+    assert "dead_frac" not in res.history[-1]
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(grad_accum=0)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    cm.add_codebook("blocks.0.hook_mlp_out", n_codes=8, k=1)
+    with pytest.raises(ImportError, match="pip install wandb"):
+        train_codebooks(cm, _batches(2), _cfg(wandb_project="x"))
