@@ -1,0 +1,336 @@
+"""``codebook-lens lm-demo``: codebooks on a language model, topic codes, and topic steering.
+
+The whole path of the paper's language-model half, offline and on a CPU:
+
+1. generate the topic-stories corpus (:mod:`codebook_lens.lm.corpus`) and train a byte-level
+   BPE tokenizer on it;
+2. train a small ``HookedTransformer`` on packed 128-token blocks (:class:`BlockStream`) with
+   the generic trainer;
+3. attach one codebook per attention head at every layer's ``attn.hook_z`` (k codes active per
+   head), initialise it from activations and finetune; compare held-out loss before and after;
+4. collect codes on held-out stories and rank them by precision against the per-token topic
+   labels (:mod:`codebook_lens.analysis`);
+5. steer: force each topic's codes during sampling and measure how often the samples are about
+   that topic (:class:`TopicClassifier`) against unsteered samples.
+
+:func:`run_lm_demo` writes ``metrics.json``, ``report.md``, the tokenizer and the codebook model
+to ``out_dir`` and returns the metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from codebook_lens.analysis import attribution_by_site, collect_codes
+from codebook_lens.data import BlockStream, pack_labelled_blocks
+from codebook_lens.io import atomic_write_text
+from codebook_lens.lm.corpus import (
+    TOPICS,
+    StoryConfig,
+    TopicClassifier,
+    generate_stories,
+    story_token_labels,
+)
+from codebook_lens.lm.report import render_report
+from codebook_lens.lm.steering import sample_texts, topic_codes, topic_steering_hooks
+from codebook_lens.lm.tokenizer import save_tokenizer, train_bpe_tokenizer
+from codebook_lens.model import CodebookModel
+from codebook_lens.training import TrainConfig, train_codebooks
+
+__all__ = ["LMDemoConfig", "run_lm_demo", "eval_loss", "build_lm"]
+
+PROMPT = "Once upon a time, there was a little girl named Lily."
+"""The steering prompt: the generic opener of a story."""
+
+
+@dataclass
+class LMDemoConfig:
+    """Sizes and hyperparameters of the LM demo (defaults: the full run, ~10 min on 2 cores)."""
+
+    n_train_stories: int = 40000
+    """Training stories (about 45 tokens each)."""
+    n_eval_stories: int = 1500
+    """Held-out stories for losses and code attribution."""
+    vocab_size: int = 1024
+    """BPE vocabulary size (including the 256 bytes and the special token)."""
+    block_len: int = 128
+    """Tokens per training block (and the model's ``n_ctx``)."""
+    n_layers: int = 2
+    """Transformer blocks."""
+    d_model: int = 128
+    """Residual width."""
+    n_heads: int = 4
+    """Attention heads per block (``d_head = d_model / n_heads``)."""
+    d_mlp: int = 512
+    """MLP width."""
+    batch_size: int = 32
+    """Blocks per optimizer step."""
+    base_steps: int = 800
+    """Optimizer steps of base-model training."""
+    base_lr: float = 3e-3
+    """Peak learning rate of base-model training."""
+    n_codes: int = 512
+    """Codes per head."""
+    k: int = 8
+    """Codes active per head and position (the paper's k=8 for attention heads)."""
+    cb_steps: int = 400
+    """Optimizer steps of codebook finetuning (model and codebooks together)."""
+    cb_lr: float = 1e-3
+    """Peak learning rate of the codebooks (the model gets ``cb_lr / 3``)."""
+    min_count: int = 20
+    """Codes firing fewer times than this on the held-out set are not ranked."""
+    min_precision: float = 0.5
+    """A head's best code for a topic is used for steering when at least this precise."""
+    max_steer_codes: int = 8
+    """At most this many codes (the most precise) are forced per topic."""
+    n_samples: int = 100
+    """Steered samples per topic."""
+    n_baseline: int = 400
+    """Unsteered samples (shared by all topics)."""
+    max_new_tokens: int = 48
+    """Tokens generated per sample."""
+    seed: int = 0
+    """Seed of corpus, model initialisation, batches and sampling."""
+    progress: bool = True
+    """Show progress bars."""
+
+    @classmethod
+    def small(cls, **overrides: Any) -> LMDemoConfig:
+        """A tiny configuration for smoke tests and ``--small`` (under a minute)."""
+        base = dict(
+            n_train_stories=3000,
+            n_eval_stories=200,
+            vocab_size=512,
+            block_len=96,
+            n_layers=1,
+            d_model=64,
+            n_heads=4,
+            d_mlp=128,
+            batch_size=16,
+            base_steps=60,
+            n_codes=64,
+            k=4,
+            cb_steps=30,
+            min_count=5,
+            n_samples=8,
+            n_baseline=16,
+            max_new_tokens=24,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+
+def build_lm(tokenizer: Any, cfg: LMDemoConfig) -> Any:
+    """A randomly initialised ``HookedTransformer`` for ``tokenizer`` (seeded by ``cfg.seed``)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    hcfg = HookedTransformerConfig(
+        n_layers=cfg.n_layers,
+        d_model=cfg.d_model,
+        n_heads=cfg.n_heads,
+        d_head=cfg.d_model // cfg.n_heads,
+        d_mlp=cfg.d_mlp,
+        n_ctx=cfg.block_len,
+        d_vocab=len(tokenizer),
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=cfg.seed,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return HookedTransformer(hcfg, tokenizer=tokenizer).eval()
+
+
+@torch.no_grad()
+def eval_loss(cm: CodebookModel, tokens: Tensor, batch_size: int = 64) -> float:
+    """Mean next-token loss of ``cm`` over ``tokens`` [n, pos] (eval mode)."""
+    was = cm.training
+    cm.eval()
+    total, n = 0.0, 0
+    for chunk in tokens.split(batch_size):
+        loss = cm(chunk, return_type="loss")
+        total += float(loss) * chunk.shape[0]
+        n += chunk.shape[0]
+    cm.train(was)
+    return total / max(n, 1)
+
+
+def _stage(timings: dict[str, float], name: str, t0: float) -> float:
+    now = time.perf_counter()
+    timings[name] = round(now - t0, 2)
+    return now
+
+
+def run_lm_demo(
+    out_dir: Path | str,
+    small: bool = False,
+    config: LMDemoConfig | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Run the LM demo end to end and write its results to ``out_dir``; returns the metrics.
+
+    ``small=True`` uses :meth:`LMDemoConfig.small`; ``config`` replaces the defaults entirely;
+    keyword ``overrides`` change single fields (e.g. ``base_steps=400``). Writes
+    ``metrics.json``, ``report.md``, ``tokenizer/`` and ``codebook_model/``.
+    """
+    cfg = config or (LMDemoConfig.small() if small else LMDemoConfig())
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_start = t = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+
+    # 1. corpus and tokenizer
+    train = generate_stories(cfg.n_train_stories, StoryConfig(), seed=cfg.seed)
+    held = generate_stories(cfg.n_eval_stories, StoryConfig(), seed=cfg.seed + 10_000)
+    texts = [s.text for s in train]
+    tok = train_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
+    save_tokenizer(tok, out / "tokenizer")
+    ids, labels = story_token_labels(tok, held)
+    eval_tokens, eval_labels = pack_labelled_blocks(
+        ids, labels, cfg.block_len, tok.bos_token_id, tok.eos_token_id
+    )
+    stream = BlockStream(
+        texts,
+        tok,
+        cfg.block_len,
+        cfg.batch_size,
+        shuffle_buffer=64 * cfg.batch_size,
+        seed=cfg.seed,
+        repeat=True,
+    )
+    t = _stage(timings, "corpus_and_tokenizer", t)
+
+    # 2. base model
+    model = build_lm(tok, cfg)
+    cm = CodebookModel(model)
+    base_hist = train_codebooks(
+        cm,
+        stream,
+        TrainConfig(
+            steps=cfg.base_steps,
+            lr=cfg.base_lr,
+            warmup_steps=max(1, cfg.base_steps // 20),
+            weight_decay=0.01,
+            log_every=max(1, cfg.base_steps // 10),
+            progress=cfg.progress,
+            allow_no_codebooks=True,
+        ),
+    )
+    loss_base = eval_loss(cm, eval_tokens)
+    t = _stage(timings, "base_training", t)
+
+    # 3. codebooks on every attention head
+    sites = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
+    for site in sites:
+        cm.add_codebook(site, n_codes=cfg.n_codes, k=cfg.k, seed=cfg.seed)
+    init_tokens = next(iter(BlockStream(texts[:4000], tok, cfg.block_len, 64)))
+    cm.init_codebooks(init_tokens)
+    loss_attach = eval_loss(cm, eval_tokens)
+    cb_hist = train_codebooks(
+        cm,
+        stream,
+        TrainConfig(
+            steps=cfg.cb_steps,
+            lr=cfg.cb_lr / 3,
+            codebook_lr=cfg.cb_lr,
+            warmup_steps=max(1, cfg.cb_steps // 20),
+            log_every=max(1, cfg.cb_steps // 10),
+            progress=cfg.progress,
+        ),
+    )
+    loss_after = eval_loss(cm, eval_tokens)
+    cm.save(out / "codebook_model", include_model=True)
+    t = _stage(timings, "codebook_finetuning", t)
+
+    # 4. topic codes
+    store = collect_codes(cm, eval_tokens, sites, progress=False)
+    n_labels = len(TOPICS) + 1
+    results = attribution_by_site(store, eval_labels, sites, n_labels=n_labels)
+    chosen = {
+        i: topic_codes(results, i, cfg.min_precision, cfg.min_count, max_codes=cfg.max_steer_codes)
+        for i in range(len(TOPICS))
+    }
+    best_any = {i: topic_codes(results, i, 0.0, cfg.min_count, max_codes=1) for i in chosen}
+    t = _stage(timings, "topic_codes", t)
+
+    # 5. steering
+    clf = TopicClassifier()
+    base_texts = sample_texts(cm, PROMPT, cfg.n_baseline, cfg.max_new_tokens, seed=cfg.seed + 1)
+    base_rates = clf.rates(base_texts)
+    steering: dict[str, Any] = {}
+    for i, topic in enumerate(TOPICS):
+        codes = chosen[i]
+        if len(codes.codes) == 0:
+            steering[topic] = {"n_codes": 0, "steered_rate": None}
+            continue
+        texts_i = sample_texts(
+            cm,
+            PROMPT,
+            cfg.n_samples,
+            cfg.max_new_tokens,
+            topic_steering_hooks(cm, codes),
+            seed=cfg.seed + 2 + i,
+        )
+        rate = float(clf.rates(texts_i)[i])
+        floor = max(float(base_rates[i]), 1.0 / cfg.n_baseline)
+        steering[topic] = {
+            "n_codes": len(codes.codes),
+            "steered_rate": rate,
+            "unsteered_rate": float(base_rates[i]),
+            "ratio": rate / floor,
+            "example": texts_i[0],
+        }
+    t = _stage(timings, "steering", t)
+
+    ratios = [v["ratio"] for v in steering.values() if v.get("ratio") is not None]
+    rel = (loss_after - loss_base) / loss_base
+    metrics: dict[str, Any] = {
+        "config": dataclasses.asdict(cfg),
+        "loss": {
+            "base": loss_base,
+            "codebooks_at_attach": loss_attach,
+            "codebooks_after_finetuning": loss_after,
+            "relative_increase": rel,
+            "goal_max_relative_increase": 0.10,
+            "goal_met": rel <= 0.10,
+        },
+        "topic_codes": {
+            topic: {
+                "best_precision": float(best_any[i].precision[0])
+                if len(best_any[i].codes)
+                else 0.0,
+                "best_recall": float(best_any[i].recall[0]) if len(best_any[i].codes) else 0.0,
+                "best_code": best_any[i].to_dict()["codes"][:1],
+                "steering_codes": chosen[i].to_dict()["codes"],
+            }
+            for i, topic in enumerate(TOPICS)
+        },
+        "steering": steering,
+        "steering_summary": {
+            "topics_with_10x": sum(r >= 10 for r in ratios),
+            "n_topics": len(TOPICS),
+            "goal_met": sum(r >= 10 for r in ratios) > len(TOPICS) / 2,
+            "baseline_examples": base_texts[:3],
+        },
+        "training": {
+            "base_final": base_hist.history[-1],
+            "codebook_final": cb_hist.history[-1],
+        },
+        "timings_s": timings,
+        "wall_time_s": round(time.perf_counter() - t_start, 1),
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(out / "report.md", render_report(metrics))
+    return metrics
