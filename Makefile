@@ -42,7 +42,9 @@ test-tl4: .venv-tl4/.installed
 	.venv-tl4/bin/pytest -m "bridge and not slow"
 
 bench: setup
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench_quantizer.py
+	$(BIN)/python benchmarks/bench_model.py
 
 clean:
 	rm -rf $(VENV) .venv-tl4 $(DEMO_OUT) .pytest_cache .ruff_cache
