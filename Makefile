@@ -11,7 +11,6 @@ DEMO_OUT ?= demo_out
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev]" "$(TL3)"
 	touch $@
@@ -33,7 +32,6 @@ test: lint pytest
 # Second leg: TransformerBridge tests on transformer-lens 4.x (no HookedTransformer there).
 .venv-tl4/.installed: pyproject.toml
 	$(PY) -m venv .venv-tl4
-	.venv-tl4/bin/pip install -q --upgrade pip
 	.venv-tl4/bin/pip install -q $(TORCH)
 	.venv-tl4/bin/pip install -q -e ".[dev]" "$(TL4)"
 	touch $@
