@@ -237,6 +237,9 @@ def run_lm_demo(
         cm.add_codebook(site, n_codes=cfg.n_codes, k=cfg.k, seed=cfg.seed)
     init_tokens = next(iter(BlockStream(texts[:4000], tok, cfg.block_len, 64)))
     cm.init_codebooks(init_tokens)
+    with torch.no_grad():  # codes start as activations and the output sums k of them
+        for cb in cm.codebooks.values():
+            cb.codebook.div_(cb.cfg.k)
     loss_attach = eval_loss(cm, eval_tokens)
     cb_hist = train_codebooks(
         cm,

@@ -1,0 +1,259 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 5. Codebooks on language models: topic codes and topic steering
+#
+# **Run time:** about FULL_TIME on a 2-core CPU at full size; about one minute with
+# `CODEBOOK_LENS_SMALL=1` (the size CI runs).
+#
+# The paper's second half puts codebooks into language models, finds codes for concepts and
+# steers generation by forcing a topic's codes ("dragon" stories went from 2.5% to 65%). Here we
+# do the same end to end, offline, on a model and a corpus we make ourselves:
+#
+# 1. a *topic-stories* corpus from a small grammar, with a ground-truth topic for every token;
+# 2. a byte-level BPE tokenizer trained locally, which TransformerLens accepts;
+# 3. a small `HookedTransformer` trained on packed blocks of text;
+# 4. per-head codebooks at every `attn.hook_z`, finetuned with the generic trainer (the same
+#    call runs under `accelerate launch` on several GPUs);
+# 5. topic codes found by precision against the labels, and topic steering.
+#
+# The last section shows the same path on a model from the Hub.
+
+# %%
+import os
+import time
+
+import torch
+
+from codebook_lens import CodebookModel, codes_hook_name
+from codebook_lens.analysis import attribution_by_site, collect_codes
+from codebook_lens.data import BlockStream, pack_labelled_blocks, pydoc_texts
+from codebook_lens.lm import (
+    TOPICS,
+    LMDemoConfig,
+    TopicClassifier,
+    build_lm,
+    eval_loss,
+    generate_stories,
+    sample_texts,
+    story_token_labels,
+    topic_codes,
+    topic_steering_hooks,
+    train_bpe_tokenizer,
+)
+from codebook_lens.training import TrainConfig, make_accelerator, train_codebooks
+
+SMALL = os.environ.get("CODEBOOK_LENS_SMALL") == "1"
+cfg = LMDemoConfig.small() if SMALL else LMDemoConfig()
+torch.manual_seed(cfg.seed)
+t0 = time.perf_counter()
+
+# %% [markdown]
+# ## 1. The topic-stories corpus
+#
+# Every story opens generically; 20% of stories then switch to one of eight topics and stay on
+# it. Each sentence carries its topic (-1 = generic), so every token gets a label.
+
+# %%
+train_stories = generate_stories(cfg.n_train_stories, seed=cfg.seed)
+held_out = generate_stories(cfg.n_eval_stories, seed=cfg.seed + 10_000)
+print(TOPICS)
+for s in [s for s in held_out if s.topic >= 0][:2] + [s for s in held_out if s.topic < 0][:1]:
+    print(f"[{TOPICS[s.topic] if s.topic >= 0 else 'generic'}] {s.text}\n")
+
+# %% [markdown]
+# ## 2. A local tokenizer that TransformerLens accepts
+#
+# `train_bpe_tokenizer` trains a byte-level BPE (every string round-trips) and wraps it as a
+# `PreTrainedTokenizerFast` with one special token for BOS/EOS/padding.
+
+# %%
+tok = train_bpe_tokenizer([s.text for s in train_stories], vocab_size=cfg.vocab_size)
+text = held_out[0].text
+ids = tok(text, add_special_tokens=False)["input_ids"]
+print(len(text), "characters ->", len(ids), "tokens; round trip:", tok.decode(ids) == text)
+print([tok.decode([i]) for i in ids[:16]])
+
+# %% [markdown]
+# Labels per token come from the tokenizer's character offsets; documents are packed into
+# blocks that start with BOS and are separated by EOS (label -1 there).
+
+# %%
+ids, labels = story_token_labels(tok, held_out)
+eval_tokens, eval_labels = pack_labelled_blocks(
+    ids, labels, cfg.block_len, tok.bos_token_id, tok.eos_token_id
+)
+print("held-out blocks:", tuple(eval_tokens.shape))
+stream = BlockStream(
+    [s.text for s in train_stories],
+    tok,
+    cfg.block_len,
+    cfg.batch_size,
+    shuffle_buffer=64 * cfg.batch_size,
+    seed=cfg.seed,
+    repeat=True,
+)
+print("a training batch:", tuple(next(iter(stream)).shape))
+
+# %% [markdown]
+# The same pipeline takes real English: the Python reference documentation ships with every
+# Python (`pydoc_data.topics`, ~465 KB).
+
+# %%
+docs = pydoc_texts()
+doc_tok = train_bpe_tokenizer(docs, vocab_size=1000)
+doc_blocks = next(iter(BlockStream(docs, doc_tok, block_len=64, batch_size=4)))
+print(len(docs), "documents,", sum(map(len, docs)) // 1000, "KB")
+print(repr(doc_tok.decode(doc_blocks[0, 1:40])))
+
+# %% [markdown]
+# ## 3. Train a small language model
+#
+# `train_codebooks` is the one training loop of the library; with `allow_no_codebooks=True` it
+# trains the plain model. `make_accelerator()` picks the device and mixed precision (here: the
+# CPU in fp32); under `accelerate launch` the same call trains on several processes.
+
+# %%
+model = build_lm(tok, cfg)
+cm = CodebookModel(model)
+acc = make_accelerator()
+base = train_codebooks(
+    cm,
+    stream,
+    TrainConfig(
+        steps=cfg.base_steps,
+        lr=cfg.base_lr,
+        warmup_steps=max(1, cfg.base_steps // 20),
+        weight_decay=0.01,
+        log_every=max(1, cfg.base_steps // 5),
+        allow_no_codebooks=True,
+    ),
+    accelerator=acc,
+)
+loss_base = eval_loss(cm, eval_tokens)
+print([round(r["loss"], 3) for r in base.history], "held-out loss:", round(loss_base, 4))
+print(
+    model.generate("Once upon a time,", max_new_tokens=30, use_past_kv_cache=False, verbose=False)
+)
+
+# %% [markdown]
+# ## 4. Codebooks on every attention head
+#
+# `add_codebook` at `attn.hook_z` reads the head layout off the site: one codebook per head,
+# `k` codes active per head and position.
+
+# %%
+sites = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
+for site in sites:
+    cm.add_codebook(site, n_codes=cfg.n_codes, k=cfg.k, seed=cfg.seed)
+cm.init_codebooks(eval_tokens[:64])
+with torch.no_grad():  # codes start as activations; the output sums k of them
+    for cb in cm.codebooks.values():
+        cb.codebook.div_(cb.cfg.k)
+print("loss right after attaching:", round(eval_loss(cm, eval_tokens), 4))
+
+finetune = train_codebooks(
+    cm,
+    stream,
+    TrainConfig(
+        steps=cfg.cb_steps,
+        lr=cfg.cb_lr / 3,
+        codebook_lr=cfg.cb_lr,
+        warmup_steps=max(1, cfg.cb_steps // 20),
+        log_every=max(1, cfg.cb_steps // 5),
+    ),
+    accelerator=acc,
+)
+loss_cb = eval_loss(cm, eval_tokens)
+print(
+    f"held-out loss: base {loss_base:.4f}, with codebooks {loss_cb:.4f} "
+    f"({100 * (loss_cb - loss_base) / loss_base:+.1f}%)"
+)
+
+# %% [markdown]
+# Codes are cached like any activation: `[batch, pos, head, k]` under `f"{site}.hook_codes"`.
+
+# %%
+_, cache = cm.run_with_cache(eval_tokens[:1, :12])
+codes = cache[codes_hook_name(sites[-1])]
+print(codes.shape)
+print(codes[0, :4, 0])  # the k codes of head 0 at the first four positions
+
+# %% [markdown]
+# ## 5. Topic codes
+#
+# Collect the codes of the held-out blocks and rank every code of every head by precision
+# against the per-token topic labels (label 8 = generic sentence).
+
+# %%
+store = collect_codes(cm, eval_tokens, sites)
+results = attribution_by_site(store, eval_labels, sites, n_labels=len(TOPICS) + 1)
+chosen = {}
+for i, topic in enumerate(TOPICS):
+    chosen[i] = topic_codes(results, i, cfg.min_precision, cfg.min_count, cfg.max_steer_codes)
+    best = topic_codes(results, i, 0.0, cfg.min_count, max_codes=1)
+    print(
+        f"{topic:8s} best code: {best.sites[0]} head {int(best.heads[0])} code "
+        f"{int(best.codes[0]):4d}  precision {float(best.precision[0]):.3f} "
+        f"recall {float(best.recall[0]):.3f};  {len(chosen[i].codes)} codes for steering"
+    )
+
+# %% [markdown]
+# ## 6. Steering
+#
+# Force each topic's codes (appended as an extra active code at every position) while sampling
+# from a generic opening sentence, and classify the samples with the grammar's topic words.
+
+# %%
+prompt = "Once upon a time, there was a little girl named Lily."
+clf = TopicClassifier()
+baseline = sample_texts(cm, prompt, cfg.n_baseline, cfg.max_new_tokens, seed=1)
+base_rates = clf.rates(baseline)
+print("unsteered:", baseline[0])
+for i, topic in enumerate(TOPICS):
+    if len(chosen[i].codes) == 0:
+        print(f"{topic:8s} no precise code")
+        continue
+    hooks = topic_steering_hooks(cm, chosen[i])
+    texts = sample_texts(cm, prompt, cfg.n_samples, cfg.max_new_tokens, hooks, seed=2 + i)
+    rate = float(clf.rates(texts)[i])
+    print(f"{topic:8s} {100 * float(base_rates[i]):5.1f}% -> {100 * rate:5.1f}%   {texts[0][:90]}")
+print(f"total time: {time.perf_counter() - t0:.0f} s")
+
+# %% [markdown]
+# ## 7. Your own model
+#
+# The same calls on a model from the Hub (needs network access, so not run here):
+#
+# ```python
+# import datasets
+# from transformer_lens import HookedTransformer
+# from codebook_lens.data import hf_texts
+#
+# model = HookedTransformer.from_pretrained("pythia-70m-deduped")
+# cm = CodebookModel(model)
+# for layer in range(model.cfg.n_layers):
+#     cm.add_codebook(f"blocks.{layer}.attn.hook_z", n_codes=10_000, k=8)   # the paper's setup
+# ds = datasets.load_dataset("roneneldan/TinyStories", split="train", streaming=True)
+# stream = BlockStream(lambda: hf_texts(ds), model.tokenizer, block_len=256, batch_size=64,
+#                      shuffle_buffer=20_000, repeat=True)
+# cm.init_codebooks(next(iter(stream)))
+# train_codebooks(cm, stream, TrainConfig(steps=20_000, lr=1e-4, codebook_lr=1e-3,
+#                                         checkpoint_dir="ckpt", checkpoint_every=500),
+#                 accelerator=make_accelerator())
+# ```
+#
+# Launch it on eight GPUs with `accelerate launch --multi_gpu --num_processes 8 train.py`; a
+# rerun resumes from the last checkpoint. See "Using your own model" in the README for sites,
+# hyperparameters and memory estimates.
