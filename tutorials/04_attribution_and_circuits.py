@@ -205,23 +205,17 @@ print(f"DLA of code {code} on digits 0-9: {[round(float(x), 2) for x in dla_c]}"
 print(f"true first-digit distribution:  {first_digit.tolist()}")
 print(f"correlation {r_dla:.2f}")
 
-fig = new_figure(7, 3)
-ax = fig.subplots()
-ax.bar(np.arange(fsm.base) - 0.2, dla_c.numpy(), width=0.4, label="DLA (centred)")
-ax2 = ax.twinx()
-ax2.bar(
-    np.arange(fsm.base) + 0.2,
-    first_digit.numpy(),
-    width=0.4,
-    color="#ff7f0e",
-    label="P(first digit of next state)",
-)
-ax.set_xticks(range(fsm.base))
-ax.set_xlabel("digit token")
-ax.set_ylabel("direct logit effect")
-ax2.set_ylabel("true probability")
-ax.set_title(f"code {code} at {site} H{head}: direct effect vs successors of state {state}")
-fig.legend(loc="upper right", fontsize=8)
+where = f"{site} H{head}" if store.get(site).dim() == 4 else site
+fig = new_figure(6, 4)
+ax, ax2 = fig.subplots(2, 1, sharex=True)
+ax.bar(range(fsm.base), dla_c.numpy(), color="#1f77b4")
+ax.axhline(0, color="grey", lw=0.5)
+ax.set_ylabel("direct logit effect\n(centred)")
+ax.set_title(f"code {code} at {where}", fontsize=9)
+ax2.bar(range(fsm.base), first_digit.numpy(), color="#ff7f0e")
+ax2.set_ylabel(f"P(next first digit)\nafter state {state}")
+ax2.set_xticks(range(fsm.base))
+ax2.set_xlabel("digit token")
 show(fig, "dla")
 
 # %% [markdown]
