@@ -246,18 +246,16 @@ def first_state(gen: torch.Tensor) -> torch.Tensor:
     return torch.where((d < fsm.base).all(-1), (d * place).sum(-1), -1)
 
 
-row_targets = targets.repeat_interleave(n_samples)
-
-
-def lands_on_target_successor(gen: torch.Tensor) -> torch.Tensor:
-    return fsm.is_edge(row_targets, first_state(gen))
+def lands_on_successor_of(row_targets: torch.Tensor):
+    """The feature for `steer`: is each row's first generated state a successor of its target?"""
+    return lambda gen: fsm.is_edge(row_targets, first_state(gen))
 
 
 res = steer(
     cm,
     prompts,
     steer_hooks,
-    feature=lands_on_target_successor,
+    feature=lands_on_successor_of(targets.repeat_interleave(n_samples)),
     max_new_tokens=new_states * fsm.n_digits,
     n_samples=n_samples,
     seed=0,
@@ -292,23 +290,30 @@ assert res.steered_tokens.shape == (n_prompts * n_samples, p_len + new_states * 
 best = rec["best_code"]
 s1 = int(targets[0])
 site1, head1, code1 = best["site"][s1], best["head"][s1], best["code"][s1]
-one = steering_hooks(cm, site1, code1, positions=p_len - 1, heads=[head1], slot=0)
-same_target = prompts[targets == s1][:1].expand(n_prompts, -1)  # one prompt, many samples
-row_targets = torch.full((n_prompts * n_samples,), s1)
-res1 = steer(
-    cm,
-    same_target,
-    one,
-    feature=lands_on_target_successor,
-    max_new_tokens=fsm.n_digits,
-    n_samples=n_samples,
-    seed=1,
-)
+heads1 = [head1] if store.get(site1).dim() == 4 else None  # per-head site or not
+one_code = steering_hooks(cm, site1, code1, positions=p_len - 1, heads=heads1, slot=0)
+all_codes = [
+    (codes_hook_name(s), set_codes(c[None], positions=p_len - 1)) for s, c in per_state[s1].items()
+]
+n1 = 16 if SMALL else 100
+single = {}
+for name, hooks_ in {"one code": one_code, "all sites": all_codes}.items():
+    r1 = steer(
+        cm,
+        prompts[:1],
+        hooks_,
+        feature=lands_on_successor_of(torch.full((n1,), s1)),
+        max_new_tokens=fsm.n_digits,
+        n_samples=n1,
+        seed=1,
+    )
+    single[name] = r1.steered_rate
 print(
-    f"state {s1}, code {code1} at {site1} head {head1} "
-    f"(precision {best['precision'][s1]:.2f}): successor rate baseline "
-    f"{res1.baseline_rate:.2f}, steered {res1.steered_rate:.2f}"
+    f"prompt 0, target state {s1}; its best code: {code1} at {site1} head {head1} "
+    f"(precision {best['precision'][s1]:.2f}, recall {best['recall'][s1]:.2f})"
 )
+print(f"  successor-of-target rate: no intervention {r1.baseline_rate:.2f}", end="")
+print("".join(f", {k} {v:.2f}" for k, v in single.items()))
 
 # %% [markdown]
 # ## What the numbers should be
