@@ -7,8 +7,10 @@ continuations and exact next-state distributions. Nothing runs at import time.
 
 from codebook_lens.fsm.base_model import (
     BaseTrainConfig,
+    History,
     base_model_config,
     loss_floor,
+    sinusoidal_positions,
     train_base_model,
 )
 from codebook_lens.fsm.data import (
@@ -33,6 +35,7 @@ from codebook_lens.fsm.metrics import (
 __all__ = [
     "FSM",
     "BaseTrainConfig",
+    "History",
     "TokFSMStream",
     "base_model_config",
     "eval_set",
@@ -45,6 +48,7 @@ __all__ = [
     "next_state_distribution",
     "sample_continuations",
     "sample_walks",
+    "sinusoidal_positions",
     "state_labels",
     "train_base_model",
     "transition_accuracy",

@@ -36,7 +36,20 @@ History = dict[str, list[int | float]]
 class BaseTrainConfig:
     """Architecture and training defaults for the TokFSM base model (tuned on a 2-core CPU).
 
-    Measured: see the module docstring of :mod:`codebook_lens.fsm.base_model` and the README.
+    The defaults train on full 64-state walks (129 tokens), so the model is valid over its
+    whole context. A model works only at positions it was trained on: one trained on 32-state
+    walks scores ~0.14 transition accuracy on 64-state sequences, even with ``n_ctx=129``.
+    Training needs to get past an early plateau (loss ~2.25, accuracy ~0.12, about 400 steps
+    here) while the attention learns to read the previous state's digits; sinusoidal
+    positional initialisation shortens it (accuracy 0.87 vs 0.31 at step 500 with random
+    initialisation, same settings otherwise).
+
+    Measured with these defaults (torch 2.13 CPU, transformer-lens 3.9, FSM(seed=0)):
+    transition accuracy 0.986 (512 prompts of 8 states + 24 sampled states; 0.983-0.988 with
+    prompts of 16-48 states and continuations to 64 states), held-out loss 1.193 against a
+    floor of 1.169, after ~225 s of single-thread CPU time on a loaded machine; seed 1: see
+    the report. ``n_steps_per_walk=32, batch_size=32, steps=600`` is ~40% cheaper and reaches
+    0.976 but only up to 32-state sequences.
     """
 
     n_layers: int = 2
@@ -51,11 +64,11 @@ class BaseTrainConfig:
     """Context length in tokens; 129 holds BOS plus a 64-state walk."""
     steps: int = 1000
     """Optimizer steps."""
-    batch_size: int = 64
-    """Walks per batch."""
+    batch_size: int = 16
+    """Walks per batch (16 x 129 tokens)."""
     n_steps_per_walk: int = 64
     """States per training walk; ``1 + n_steps_per_walk * n_digits`` must be ``<= n_ctx``."""
-    lr: float = 1e-3
+    lr: float = 5e-3
     """Peak AdamW learning rate."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
@@ -239,14 +252,15 @@ def train_base_model(
 
     model = HookedTransformer(cfg)
     device = next(model.parameters()).device
-    if tc.pos_init == "sinusoidal":
+    if tc.pos_init == "sinusoidal" and cfg.positional_embedding_type == "standard":
         with torch.no_grad():
             w_pos = model.pos_embed.W_pos
             rms = w_pos.pow(2).mean().sqrt()
             w_pos.copy_(sinusoidal_positions(cfg.n_ctx, cfg.d_model).to(w_pos) * rms)
     stream = TokFSMStream(fsm, tc.batch_size, tc.n_steps_per_walk, seed=tc.seed, device=device)
     held_out = eval_set(fsm, tc.eval_prompts, tc.n_steps_per_walk, seed=tc.eval_seed).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc))
 
     history: History = {
@@ -271,7 +285,7 @@ def train_base_model(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         cur_lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()

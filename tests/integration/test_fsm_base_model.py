@@ -15,6 +15,7 @@ from codebook_lens.fsm import (
     loss_floor,
     next_state_distribution,
     sample_continuations,
+    sinusoidal_positions,
     train_base_model,
 )
 
@@ -152,6 +153,29 @@ def test_train_base_model_errors(fsm):
         BaseTrainConfig(steps=0)
 
 
+def test_sinusoidal_positions():
+    t = sinusoidal_positions(129, 128)
+    assert t.shape == (129, 128)
+    torch.testing.assert_close(t.pow(2).mean(1), torch.ones(129))
+    parity = t[:, 0] / t[0, 0]  # period-2 column: (-1)**pos
+    torch.testing.assert_close(parity, (-1.0) ** torch.arange(129.0))
+    assert len(torch.unique(t.round(decimals=4), dim=0)) == 129  # positions are distinct
+    assert sinusoidal_positions(5, 7).shape == (5, 7)
+
+
+def test_pos_init_option(fsm):
+    kw = dict(steps=1, seed=0, progress=False)
+    m_sin, _ = train_base_model(fsm, train_cfg=BaseTrainConfig(**TINY), **kw)
+    m_rnd, _ = train_base_model(fsm, train_cfg=BaseTrainConfig(**TINY, pos_init="random"), **kw)
+    w = m_sin.pos_embed.W_pos.detach()
+    # one AdamW step of lr/warmup moves each entry by <= lr: still the sinusoidal table
+    expected = sinusoidal_positions(33, 32) * w.pow(2).mean().sqrt()
+    torch.testing.assert_close(w, expected, atol=2e-3, rtol=0)
+    assert not torch.allclose(w, m_rnd.pos_embed.W_pos.detach(), atol=1e-2)
+    with pytest.raises(ValueError, match="pos_init"):
+        BaseTrainConfig(pos_init="learned")
+
+
 def test_loss_floor_values(fsm):
     assert loss_floor(fsm, 1) == pytest.approx(math.log(100) / 2)
     assert loss_floor(fsm, 64) == pytest.approx((math.log(100) + 63 * math.log(10)) / 128)
@@ -163,3 +187,15 @@ def test_evaluate_on_untrained_model_is_near_chance(fsm, tiny_model):
     )
     assert toks.shape == (64, 21)
     assert acc < 0.3  # chance is 0.1
+
+
+@pytest.mark.slow
+def test_default_base_model_reaches_goal(fsm):
+    """The shipped defaults: >= 0.97 transition accuracy, over the whole 64-state context."""
+    model, hist = train_base_model(fsm, progress=False)
+    assert hist["transition_accuracy"][-1] >= 0.97
+    assert hist["eval_loss"][-1] < hist["loss_floor"][0] + 0.05
+    acc_long, _ = evaluate_transition_accuracy(
+        model, fsm, n_prompts=256, prompt_states=16, n_new_states=48, seed=7
+    )
+    assert acc_long >= 0.97
