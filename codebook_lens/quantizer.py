@@ -21,15 +21,21 @@ from codebook_lens.config import CodebookConfig
 __all__ = ["Codebook", "topk_codes"]
 
 
-# Tile geometry, tuned on a 2-core AVX-512 Xeon (docs/performance.md): a score tile small enough
-# to stay cache-resident between the GEMM that writes it and the reduction that reads it, yet with
-# enough rows to keep the GEMM efficient; chunk_mb only ever lowers it.
-_TILE_BYTES = 4 * 2**20
-_MIN_ROWS = 64
-# Codes per block of the two-stage top-k: one vectorized block-max pass over the tile, then an
-# exact top-k among the few blocks that can hold a winner (torch's max/topk over a full row are
-# scalar loops, ~10x slower than amax).
+# Tile geometry, tuned on a 2-core AVX-512 Xeon (docs/performance.md). A score tile is computed by
+# one batched GEMM and reduced while it is still in cache; GEMM efficiency wants many tokens per
+# call (MKL re-packs operands on every call). chunk_mb caps every tile.
+_TILE_BYTES = 4 * 2**20  # k=1 tiles: codes x tokens
+_ROWS = 1024  # tokens per k=1 tile
+_TILE_BYTES_K = 8 * 2**20  # k>1 tiles: tokens x codes, the whole codebook if it fits
+_MIN_ROWS_K = 64  # fewer tokens than this per k>1 tile: split the codebook instead
+# k=1 uses channels-last max pooling, a vectorized max-with-index (torch's max/argmax/topk over
+# a dim are scalar loops, ~10x slower than amax); pooling blocks of _POOL codes first keeps both
+# cores busy. k>1 narrows candidates in two vectorized block-max stages (blocks of _BLOCK codes,
+# then sub-blocks of _SUB) before an exact top-k over k * _SUB scores.
+_POOL = 128
 _BLOCK = 128
+_SUB = 8
+_INF = float("inf")
 
 
 def _prepare_codebook(codebook: Tensor, similarity: str) -> tuple[Tensor, Tensor | None]:
@@ -46,27 +52,18 @@ def _prepare_codebook(codebook: Tensor, similarity: str) -> tuple[Tensor, Tensor
     return codebook, None
 
 
-def _plan(n_tok: int, n_groups: int, n_codes: int, elem: int, chunk_mb: float) -> tuple[int, int]:
-    """(tokens, codes) per score tile; the tile holds at most ``chunk_mb`` MiB."""
-    cap = max(1, int(chunk_mb * 2**20) // elem)
-    per_group = max(1, min(cap, _TILE_BYTES // elem) // n_groups)
-    rows = min(n_tok, _MIN_ROWS)
-    if per_group >= n_codes * rows:  # whole codebook per tile: no merge across code chunks
-        return min(n_tok, per_group // n_codes), n_codes
-    codes = max(1, per_group // rows)
-    if codes > _BLOCK:
-        codes -= codes % _BLOCK
-    rows = max(1, min(n_tok, per_group // codes))
-    return rows, codes
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
 
 
-def _plain_topk(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    return s.max(-1, keepdim=True) if k == 1 else s.topk(k, dim=-1)
+def _budget(chunk_mb: float, tile_bytes: int, n_groups: int, elem: int) -> int:
+    """Score elements per group in one tile."""
+    return max(1, min(int(chunk_mb * 2**20), tile_bytes) // elem // n_groups)
 
 
 def _merge(bv: Tensor, bi: Tensor, v: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Running top-k: candidates (v, i) are later codes, so earlier ones win ties."""
-    if k == 1 and bv.shape[-1] == 1 and v.shape[-1] == 1:
+    """Running top-k along the last axis; (v, i) are later codes, so earlier ones win ties."""
+    if k == 1:
         take = v > bv
         return torch.where(take, v, bv), torch.where(take, i, bi)
     v, i = torch.cat([bv, v], dim=-1), torch.cat([bi, i], dim=-1)
@@ -74,26 +71,110 @@ def _merge(bv: Tensor, bi: Tensor, v: Tensor, i: Tensor, k: int) -> tuple[Tensor
     return v, i.gather(-1, sel)
 
 
-def _tile_topk(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k (values, column ids) along the last axis of a score tile ``[G, rows, codes]``."""
-    n = s.shape[-1]
-    k = min(k, n)
-    nb = n // _BLOCK
-    if nb < max(2, k):
-        return _plain_topk(s, k)
-    main = s[..., : nb * _BLOCK].unflatten(-1, (nb, _BLOCK))  # [G, R, nb, B]
-    bmax = main.amax(-1)
-    # the k blocks with the largest maxima hold the k largest scores
-    blk = bmax.argmax(-1, keepdim=True) if k == 1 else bmax.topk(k, dim=-1).indices
-    g_ix = torch.arange(s.shape[0], device=s.device).view(-1, 1, 1)
-    r_ix = torch.arange(s.shape[1], device=s.device).view(1, -1, 1)
-    cand = main[g_ix, r_ix, blk].flatten(-2)  # [G, R, k*B]
-    v, j = _plain_topk(cand, k)
-    i = blk.gather(-1, j // _BLOCK) * _BLOCK + j % _BLOCK
-    if nb * _BLOCK < n:
-        tv, ti = _plain_topk(s[..., nb * _BLOCK :], min(k, n - nb * _BLOCK))
-        v, i = _merge(v, i, tv, ti + nb * _BLOCK, k)
-    return v, i
+def _pool_max(s: Tensor) -> tuple[Tensor, Tensor]:
+    """Max and first arg-max over codes of a contiguous tile ``[G, codes, tokens]`` -> [G, t]."""
+    g, c, r = s.shape
+    img = s.view(g, c, 1, r).permute(0, 3, 1, 2)  # channels-last: tokens are the channels
+    if c < 2 * _POOL or g >= torch.get_num_threads():  # pooling runs in parallel over G * blocks
+        m, i = F.max_pool2d(img, (c, 1), return_indices=True)
+        return m.view(g, r), i.view(g, r)
+    m1, i1 = F.max_pool2d(img, (_POOL, 1), ceil_mode=True, return_indices=True)
+    m, j = F.max_pool2d(m1, (m1.shape[2], 1), return_indices=True)  # best block
+    return m.view(g, r), i1.flatten(2).gather(2, j.flatten(2)).view(g, r)
+
+
+def _geometry_top1(n_tok: int, n_codes: int, per_group: int) -> tuple[int, int]:
+    """(tokens, codes) of a k=1 tile holding at most ``per_group`` scores per group."""
+    width = max(1, min(n_codes, per_group // max(1, min(n_tok, _ROWS))))
+    return max(1, min(n_tok, per_group // width)), width
+
+
+def _geometry_topk(n_tok: int, n_codes: int, k: int, per_group: int) -> tuple[int, int, int, bool]:
+    """(tokens, codes, padded row length, blocked) of a k>1 tile of <= ``per_group`` scores per
+    group: the whole codebook if that leaves enough tokens, else chunks of whole blocks."""
+    blocked = n_codes >= 4 * k * _BLOCK
+    width = padded = _round_up(n_codes, _BLOCK) if blocked else n_codes
+    if per_group // padded < min(n_tok, _MIN_ROWS_K):
+        width = max(1, per_group // max(1, min(n_tok, _MIN_ROWS_K)))
+        blocked = width >= 4 * k * _BLOCK
+        width = padded = width - width % _BLOCK if blocked else width
+    return max(1, min(n_tok, per_group // padded)), min(width, n_codes), padded, blocked
+
+
+def _top1(xs: Tensor, codes: Tensor, bias: Tensor | None, per_group: int) -> Tensor:
+    """Best code per token for ``xs`` [G, d, T] -> [G, T], in tiles of codes x tokens."""
+    n_groups, _, n_tok = xs.shape
+    n_codes = codes.shape[1]
+    rows, width = _geometry_top1(n_tok, n_codes, per_group)
+    buf = xs.new_empty(n_groups * width * rows)
+    out = torch.empty(n_groups, n_tok, dtype=torch.long, device=xs.device)
+    for t0 in range(0, n_tok, rows):
+        xt = xs[:, :, t0 : t0 + rows]
+        r = xt.shape[2]
+        best: tuple[Tensor, Tensor] | None = None
+        for c0 in range(0, n_codes, width):
+            c = min(width, n_codes - c0)
+            s = buf[: n_groups * c * r].view(n_groups, c, r)
+            if bias is None:
+                torch.bmm(codes[:, c0 : c0 + c], xt, out=s)
+            else:
+                torch.baddbmm(bias[:, c0 : c0 + c, None], codes[:, c0 : c0 + c], xt, out=s)
+            v, i = _pool_max(s)
+            best = (v, i) if best is None else _merge(*best, v, i + c0, 1)
+        assert best is not None
+        out[:, t0 : t0 + r] = best[1]
+    return out
+
+
+def _two_stage(tile: Tensor, rows: Tensor, first: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k of a tile ``[G, r, blocks * _BLOCK]`` (pad scores -inf). The k blocks with
+    the largest maxima hold the k largest scores, and so on down to sub-blocks. ``rows`` views the
+    tile buffer as rows of one block; ``first`` [G, r, 1] is each token's first row there."""
+    g, r = tile.shape[:2]
+    nsub = _BLOCK // _SUB
+    blk = tile.unflatten(-1, (-1, _BLOCK)).amax(-1).topk(k, dim=-1).indices  # [G, r, k]
+    cand = rows.index_select(0, (blk + first).view(-1)).view(g * r * k * nsub, _SUB)
+    sub = cand.view(g, r, k * nsub, _SUB).amax(-1).topk(k, dim=-1).indices  # [G, r, k]
+    first2 = torch.arange(0, g * r * k * nsub, k * nsub, device=tile.device).view(g, r, 1)
+    v, j = cand.index_select(0, (sub + first2).view(-1)).view(g, r, k * _SUB).topk(k, dim=-1)
+    sub = sub.gather(-1, j // _SUB)
+    code = blk.gather(-1, sub // nsub) * _BLOCK + (sub % nsub) * _SUB + j % _SUB
+    return v, code
+
+
+def _topk_rows(xg: Tensor, codes_t: Tensor, bias: Tensor | None, k: int, per_group: int) -> Tensor:
+    """Top-k codes per token for ``xg`` [G, T, d] -> [G, T, k], in tiles of tokens x codes."""
+    n_groups, n_tok, _ = xg.shape
+    n_codes = codes_t.shape[2]
+    rows, width, padded, blocked = _geometry_topk(n_tok, n_codes, k, per_group)
+    # one tile buffer; pad columns hold -inf so that whole blocks can be reduced
+    buf = torch.full((n_groups, rows, padded), -_INF, dtype=xg.dtype, device=xg.device)
+    buf_rows = buf.view(-1, _BLOCK) if blocked else buf
+    first = torch.arange(n_groups * rows, device=xg.device).view(n_groups, rows, 1)
+    first = first * (padded // _BLOCK)
+    out = torch.empty(n_groups, n_tok, k, dtype=torch.long, device=xg.device)
+    for t0 in range(0, n_tok, rows):
+        xt = xg[:, t0 : t0 + rows]
+        r = xt.shape[1]
+        best: tuple[Tensor, Tensor] | None = None
+        for c0 in range(0, n_codes, width):
+            c = min(width, n_codes - c0)
+            s, ct = buf[:, :r, :c], codes_t[:, :, c0 : c0 + c]
+            if bias is None:
+                torch.bmm(xt, ct, out=s)
+            else:
+                torch.baddbmm(bias[:, None, c0 : c0 + c], xt, ct, out=s)
+            if blocked:
+                cb = _round_up(c, _BLOCK)
+                if cb != c and n_codes > width:  # an earlier chunk overwrote the pad
+                    buf[:, :r, c:cb] = -_INF
+                v, i = _two_stage(buf[:, :r, :cb], buf_rows, first[:, :r], k)
+            else:
+                v, i = s.topk(min(k, c), dim=-1)
+            best = (v, i) if best is None else _merge(*best, v, i + c0, k)
+        assert best is not None
+        out[:, t0 : t0 + r] = best[1]
+    return out
 
 
 def topk_codes(
@@ -105,40 +186,22 @@ def topk_codes(
 ) -> Int[Tensor, "n_tok n_groups k"]:
     """Ids of the k most similar codes for each token and group, most similar first.
 
-    Scores are computed one tile of tokens x codes at a time, for all groups in one batched GEMM;
-    a tile never exceeds ``chunk_mb`` MiB (it is smaller when a cache-sized tile is faster). When
-    the codebook is chunked too, a running top-k is merged across code chunks. The result equals
-    the unchunked ``scores.topk(k)`` up to the order of exact ties.
+    Scores are computed one cache-sized tile of tokens x codes at a time, for all groups in one
+    batched GEMM, and reduced at once; a running top-k is merged across code chunks. A tile never
+    exceeds ``chunk_mb`` MiB, and nothing is kept for backward. The result equals the unchunked
+    ``scores.topk(k)`` up to the order of exact ties (k=1 picks the first of tied codes, as
+    ``argmax`` does).
     """
-    n_tok, n_groups, _ = x.shape
-    n_codes = codebook.shape[1]
-    codes_cmp, bias = _prepare_codebook(codebook.to(x.dtype), similarity)
-    codes_t = codes_cmp.transpose(1, 2)  # [G, d, N]
-    xg = x.transpose(0, 1)  # [G, T, d]
-    rows, width = _plan(n_tok, n_groups, n_codes, x.element_size(), chunk_mb)
-    buf = x.new_empty(n_groups * rows * width)  # one tile buffer reused by every GEMM
-    out = torch.empty(n_tok, n_groups, k, dtype=torch.long, device=x.device)
-    for t0 in range(0, n_tok, rows):
-        xs = xg[:, t0 : t0 + rows]
-        r = xs.shape[1]
-        best_v: Tensor | None = None
-        best_i: Tensor | None = None
-        for c0 in range(0, n_codes, width):
-            c = min(width, n_codes - c0)
-            s = buf[: n_groups * r * c].view(n_groups, r, c)
-            if bias is None:
-                torch.bmm(xs, codes_t[:, :, c0 : c0 + c], out=s)
-            else:
-                torch.baddbmm(bias[:, None, c0 : c0 + c], xs, codes_t[:, :, c0 : c0 + c], out=s)
-            v, i = _tile_topk(s, k)
-            if c0:
-                i = i + c0
-            if best_v is None or best_i is None:
-                best_v, best_i = v, i
-            else:
-                best_v, best_i = _merge(best_v, best_i, v, i, k)
-        out[t0 : t0 + r] = best_i.transpose(0, 1)
-    return out
+    n_groups = x.shape[1]
+    codes, bias = _prepare_codebook(codebook.to(x.dtype), similarity)
+    elem = x.element_size()
+    if k == 1:
+        per_group = _budget(chunk_mb, _TILE_BYTES, n_groups, elem)
+        ids = _top1(x.permute(1, 2, 0), codes, bias, per_group)  # [G, T]
+        return ids.t().unsqueeze(-1)
+    per_group = _budget(chunk_mb, _TILE_BYTES_K, n_groups, elem)
+    ids = _topk_rows(x.transpose(0, 1), codes.transpose(1, 2), bias, k, per_group)
+    return ids.transpose(0, 1)
 
 
 class Codebook(nn.Module):
@@ -278,12 +341,14 @@ class Codebook(nn.Module):
         x_hat = self.decode(patched) if is_patched else x_hat_clean
         if torch.is_grad_enabled():
             target = x_n.detach()
-            self.last_losses = {
-                "recon": (x_hat_clean - target).pow(2).mean(),
-                "commit": (x_n - x_hat_clean.detach()).pow(2).mean(),
+            self.last_losses = {  # mse_loss: one fused pass forward and backward
+                "recon": F.mse_loss(x_hat_clean, target),
+                "commit": F.mse_loss(x_n, x_hat_clean.detach()),
             }
         if self.cfg.use_error_term:
             return x if not is_patched else x + (x_hat - x_hat_clean)
+        if not torch.is_grad_enabled():
+            return x_hat  # the straight-through term below is exactly zero; skip two passes
         # straight-through: forward value x_hat, identity gradient to the (normalised) input
         return x_hat + (x_n - x_n.detach())
 

@@ -1,0 +1,134 @@
+"""CodebookModel forward throughput against its base model, and analysis throughput.
+
+    python benchmarks/bench_model.py                   # medians of 5 alternated rounds
+    python benchmarks/bench_model.py --tokens 1048576 --repeats 5
+
+Part 1 runs a base HookedTransformer and the same model with codebooks (a separate copy, so the
+base carries no hooks) on the same batches, alternated, eval mode, no grad. Part 2 collects the
+codes of ``--tokens`` tokens into a ``CodeStore`` and runs code-label attribution (precision,
+recall, F1 of every code for 100 labels, as TokFSM states) and a token-feature attribution over
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+from codebook_lens import CodebookModel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import alternate, load_line, median, paired_ratio, print_table  # noqa: E402
+
+__all__ = ["MODELS", "main"]
+
+# name -> (HookedTransformer config, codebooks: site suffix -> (n_codes, k))
+MODELS = {
+    "tokfsm": (
+        dict(n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, n_ctx=129, d_vocab=11),
+        {"attn.hook_z": (1000, 1), "hook_mlp_out": (1000, 1)},
+    ),
+    "medium": (
+        dict(n_layers=4, d_model=512, n_heads=8, d_head=64, d_mlp=2048, n_ctx=256, d_vocab=5000),
+        {"attn.hook_z": (10_000, 1), "hook_mlp_out": (10_000, 8)},
+    ),
+}
+
+
+def build(name: str) -> tuple[torch.nn.Module, CodebookModel]:
+    """The base model and a CodebookModel on an identical copy (codebooks at every layer)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg, sites = MODELS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = HookedTransformer(
+            HookedTransformerConfig(**cfg, act_fn="gelu", normalization_type="LN", seed=0)
+        ).eval()
+    cm = CodebookModel(copy.deepcopy(base))
+    for layer in range(cfg["n_layers"]):
+        for suffix, (n_codes, k) in sites.items():
+            cm.add_codebook(f"blocks.{layer}.{suffix}", n_codes=n_codes, k=k)
+    return base, cm.eval()
+
+
+def forward_table(names: list[str], batch: int, seq: int, repeats: int) -> None:
+    rows = []
+    for name in names:
+        base, cm = build(name)
+        seq_n = min(seq, base.cfg.n_ctx)
+        toks = torch.randint(0, base.cfg.d_vocab, (batch, seq_n), generator=torch.Generator())
+        n_tok = batch * seq_n
+
+        def run(m, toks=toks):
+            return torch.no_grad()(lambda: m(toks, return_type="logits"))
+
+        times = alternate({"base": run(base), "codebooks": run(cm)}, repeats)
+        b, c = times["base"], times["codebooks"]
+        sites = ", ".join(f"{s} N={n} k={k}" for s, (n, k) in MODELS[name][1].items())
+        rows.append(
+            [name, sites, f"{n_tok / median(b):,.0f}", f"{n_tok / median(c):,.0f}",
+             f"{paired_ratio(c, b):.2f}x"]
+        )  # fmt: skip
+    print_table(["model", "codebooks (every layer)", "base tok/s", "codebook tok/s", "time"], rows)
+
+
+def analysis_table(n_tokens: int, batch: int, repeats: int) -> None:
+    from codebook_lens import analysis
+
+    _, cm = build("tokfsm")
+    seq = cm.model.cfg.n_ctx - 1
+    n_seq = -(-n_tokens // seq)
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, cm.model.cfg.d_vocab, (n_seq, seq), generator=g)
+    labels = torch.randint(-1, 100, (n_seq, seq), generator=g)  # 100 states, -1 = ignore
+    t0 = time.perf_counter()
+    store = analysis.collect_codes(cm, toks, batch_size=batch, progress=False)
+    t_collect = time.perf_counter() - t0
+    sites = store.sites
+    feature = analysis.token_feature(store, [3, 7])
+
+    def attribute():
+        return analysis.attribution_by_site(store, labels, sites, n_labels=100)
+
+    def feat():
+        return [analysis.feature_attribution(store, feature, s) for s in sites]
+
+    times = alternate({"labels": attribute, "feature": feat}, repeats)
+    n = store.n_tokens
+    rows = [
+        ["collect_codes (model forward + store)", len(sites), f"{t_collect:.2f}",
+         f"{n / t_collect:,.0f}"],
+        ["label_attribution, 100 labels", len(sites), f"{median(times['labels']):.2f}",
+         f"{n * len(sites) / median(times['labels']):,.0f}"],
+        ["feature_attribution, token feature", len(sites), f"{median(times['feature']):.2f}",
+         f"{n * len(sites) / median(times['feature']):,.0f}"],
+    ]  # fmt: skip
+    print(f"\n{n:,} tokens, store {store.nbytes / 2**20:.1f} MiB")
+    print_table(["step", "sites", "seconds", "tokens x sites / s"], rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=2**20, help="tokens for the analysis part")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {load_line()}\n")
+    forward_table(args.models, args.batch, args.seq, args.repeats)
+    if args.tokens > 0:
+        analysis_table(args.tokens, 256, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
