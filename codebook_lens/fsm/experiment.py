@@ -99,11 +99,8 @@ class ExperimentConfig:
     """Successors per state."""
     fsm_seed: int = 0
     """Seed of the FSM's edges."""
-    base: BaseTrainConfig = field(
-        default_factory=lambda: BaseTrainConfig(n_steps_per_walk=32, steps=1000, lr=1e-3)
-    )
-    """Base model architecture and training (2 layers, d_model 128, 4 heads, batches of 64
-    walks of 32 states: transition accuracy ~0.98 in ~2.5 min on 2 CPU cores)."""
+    base: BaseTrainConfig = field(default_factory=BaseTrainConfig)
+    """Base model architecture and training (the tuned :class:`BaseTrainConfig` defaults)."""
     plan: CodebookPlan = field(default_factory=CodebookPlan)
     """Codebook placement."""
     train: TrainConfig = field(
