@@ -36,7 +36,7 @@ def test_n_digits_for(n_states, base, expected):
     assert n_digits_for(n_states, base) == expected
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(fsm_args())
 def test_successors_distinct_in_range_and_deterministic(args):
     n_states, n_edges, base, seed = args
@@ -88,7 +88,7 @@ def test_states_to_tokens_values():
     assert fsm3.states_to_tokens(torch.tensor([36, 5])).tolist() == [2, 1, 0, 0, 1, 1]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(fsm_args(), st.integers(0, 3), st.integers(1, 6), st.integers(0, 1000))
 def test_tokens_states_round_trip(args, n_batch_dims, length, seed):
     n_states, n_edges, base, _ = args
