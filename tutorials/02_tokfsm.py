@@ -14,11 +14,12 @@
 # ---
 
 # %% [markdown]
-# # 2. TokFSM: codes recover hidden states that neurons do not
+# # 2. TokFSM: do codes find the hidden states?
 #
-# **Time on a CPU:** about 10 minutes at full size the first time (estimated from the TokFSM
-# demo on this 2-core machine: base model 3–5 min, codebooks 4–6 min, analysis under a minute);
-# the base model is cached, so later runs skip its 3–5 minutes. Under 30 seconds with
+# **Time on a CPU:** at full size, roughly 10–20 minutes the first time on an idle 2-core CPU
+# (estimated: the TokFSM demo measures base model 3–5 min and codebooks 4–6 min there; this
+# notebook's run used 19 min of CPU time, and took 47 min of wall time on a heavily shared
+# machine). The base model is cached, so later runs skip its share. Under a minute with
 # `CODEBOOK_LENS_SMALL=1`, the size CI runs, where the model is far too small to learn the
 # language: the numbers then only show that the code runs.
 #
@@ -33,7 +34,8 @@
 # 1. train (or load) the base model and check it has learnt the language;
 # 2. insert codebooks at every attention head's output and every MLP output, and finetune them;
 # 3. measure, for every code and every state, how well the code detects the state (precision
-#    and recall), and compare the best code with the best single neuron.
+#    and recall), and compare the best code with the best single neuron (a strong baseline on
+#    this small model, it turns out).
 
 # %%
 import hashlib
@@ -126,9 +128,10 @@ assert bool(fsm.is_edge(*fsm.tokens_to_states(walk[1:])[:2]))
 # %%
 base, info = get_base_model(fsm, cfg, CACHE, progress=not SMALL)
 base_acc, _ = transition_accuracy_of(base, fsm, cfg)
+trained = "loaded from the cache" if info["cached"] else "trained"
 print(
-    f"{cfg.base.n_layers} layers, d_model={cfg.base.d_model}; cached: {info['cached']}; "
-    f"transition accuracy {base_acc:.3f}"
+    f"{cfg.base.n_layers} layers, d_model={cfg.base.d_model}, {trained} "
+    f"(training took {info.get('train_seconds') or 0:.0f} s); transition accuracy {base_acc:.3f}"
 )
 
 # %% [markdown]
@@ -213,9 +216,13 @@ show(viz.state_code_precision_heatmap(precision, code_ids=list(range(len(names))
 print("first columns:", names[:5])
 
 # %% [markdown]
-# Codes against neurons, state by state. The neuron baseline gives each neuron its best
-# threshold, so it is a generous baseline; the paper reports about 97% precision for codes and
-# about 70% for neurons.
+# Codes against neurons, state by state. The baseline is generous to neurons: for each state
+# it searches every MLP neuron of both layers and every threshold, and keeps the most precise one
+# that reaches the best code's recall. The paper reports about 97% precision for codes and about
+# 70% for neurons. On this 2-layer model single neurons turn out to be strong state detectors
+# too (full-size run: mean precision 0.98 for codes, 0.97 for neurons). The code's advantage here
+# is not precision but form: it is one discrete symbol that the model itself computes with, found
+# without a threshold search, and tutorial 3 shows that writing it changes what the model does.
 
 # %%
 present = results[cm.sites[0]].label_counts > 0
@@ -243,8 +250,12 @@ toks = [vocab[t] for t in store.tokens[0, :n_show].long()]
 codes0 = store.get(site)[0, :n_show]  # [pos, head, k]
 show(viz.code_tokens_view(toks, codes0, code=code, head=head), "best_code_tokens")
 ex = top_examples(store, site, code, head=head, n=5, before=6, after=1)
-for line in ex.format(vocab):
-    print(line)
+for seq, pos, row in zip(ex.seq.tolist(), ex.pos.tolist(), ex.context.tolist()):
+    text = " ".join(
+        f"[{vocab[t]}]" if j == ex.before else vocab[t] for j, t in enumerate(row) if t >= 0
+    )
+    print(f"walk {seq:3d} pos {pos:3d} (state {int(labels[seq, pos]):3d}): {text}")
+print(f"... {ex.n_total} firings in all")
 assert ex.n_total >= 1
 
 # %% [markdown]
@@ -258,16 +269,18 @@ show(viz.which_code_view(toks, store.get(attn_site)[0, :n_show]), "which_code")
 # %% [markdown]
 # ## What the numbers should be
 #
-# At full size (measured by the demo on this CPU): base transition accuracy about 0.98,
-# codebook model about 0.95–0.99 after finetuning, most of the 100 states recovered by a single
-# code, and best codes far more precise than best neurons. The checks below hold the full run to
-# that; at `SMALL` size the model has not learnt the language, so only the plumbing is checked.
+# Measured at full size with this notebook: base transition accuracy 0.98; the codebook model
+# 0.64 at attach and 0.92 after 1,000 finetuning steps; 61 of the 100 states recovered by a single
+# code at precision and recall ≥ 0.9 (most of them at the layer-0 MLP and the layer-1 heads);
+# mean best-code precision 0.98 at recall 0.89. The checks below hold a full run to a loose
+# version of that; at `SMALL` size the model has not learnt the language, so only the plumbing is
+# checked.
 
 # %%
 for acc in (base_acc, attach_acc, cb_acc):
     assert 0.0 <= acc <= 1.0
 if not SMALL:
-    assert base_acc >= 0.9 and cb_acc >= 0.9, (base_acc, cb_acc)
-    assert rec["states_recovered"] >= 50, rec["states_recovered"]
-    assert rec["mean_best_code_precision"] > rec["mean_best_neuron_precision"]
+    assert base_acc >= 0.9 and cb_acc >= 0.85, (base_acc, cb_acc)
+    assert rec["states_recovered"] >= 40, rec["states_recovered"]
+    assert rec["mean_best_code_precision"] >= 0.9, rec["mean_best_code_precision"]
 print(f"done in {time.perf_counter() - T0:.0f} s")
