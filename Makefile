@@ -29,7 +29,8 @@ pytest: setup
 
 test: lint pytest
 
-# Second leg: TransformerBridge tests on transformer-lens 4.x (no HookedTransformer there).
+# Second leg: TransformerBridge tests on transformer-lens 4.x (no HookedTransformer there, so
+# only the files whose tests are parametrized over both backends are collected).
 .venv-tl4/.installed: pyproject.toml
 	$(PY) -m venv .venv-tl4
 	.venv-tl4/bin/pip install -q $(TORCH)
@@ -37,7 +38,8 @@ test: lint pytest
 	touch $@
 
 test-tl4: .venv-tl4/.installed
-	.venv-tl4/bin/pytest -m "bridge and not slow"
+	.venv-tl4/bin/pytest -m "bridge and not slow" tests/integration/test_model.py \
+		tests/integration/test_io.py tests/integration/test_analysis_model.py
 
 bench: setup
 	$(BIN)/pip install -q -e ".[bench]"
