@@ -22,11 +22,12 @@ __all__ = ["Codebook", "topk_codes"]
 
 
 # Tile geometry, tuned on a 2-core AVX-512 Xeon (docs/performance.md). A score tile is computed by
-# one batched GEMM and reduced while it is still in cache; GEMM efficiency wants many tokens per
-# call (MKL re-packs operands on every call). chunk_mb caps every tile.
-_TILE_BYTES = 4 * 2**20  # k=1 tiles: codes x tokens
+# one batched GEMM and reduced right after. GEMM efficiency wants many tokens per call (MKL packs
+# operands on every call); few large tiles also mean few parallel regions, which matters when
+# the cores are shared. chunk_mb caps every tile.
+_TILE_BYTES = 16 * 2**20  # k=1 tiles, per group: codes x tokens
 _ROWS = 1024  # tokens per k=1 tile
-_TILE_BYTES_K = 8 * 2**20  # k>1 tiles: tokens x codes, the whole codebook if it fits
+_TILE_BYTES_K = 64 * 2**20  # k>1 tiles, all groups: tokens x codes, whole codebook if it fits
 _MIN_ROWS_K = 64  # fewer tokens than this per k>1 tile: split the codebook instead
 # k=1 uses channels-last max pooling, a vectorized max-with-index (torch's max/argmax/topk over
 # a dim are scalar loops, ~10x slower than amax); pooling blocks of _POOL codes first keeps both
@@ -164,8 +165,8 @@ def _topk_rows(xg: Tensor, codes_t: Tensor, bias: Tensor | None, k: int, per_gro
                 torch.bmm(xt, ct, out=s)
             else:
                 torch.baddbmm(bias[:, None, c0 : c0 + c], xt, ct, out=s)
-            if blocked:
-                cb = _round_up(c, _BLOCK)
+            cb = _round_up(c, _BLOCK)
+            if blocked and cb >= k * _BLOCK:
                 if cb != c and n_codes > width:  # an earlier chunk overwrote the pad
                     buf[:, :r, c:cb] = -_INF
                 v, i = _two_stage(buf[:, :r, :cb], buf_rows, first[:, :r], k)
@@ -196,7 +197,7 @@ def topk_codes(
     codes, bias = _prepare_codebook(codebook.to(x.dtype), similarity)
     elem = x.element_size()
     if k == 1:
-        per_group = _budget(chunk_mb, _TILE_BYTES, n_groups, elem)
+        per_group = _budget(chunk_mb, _TILE_BYTES * n_groups, n_groups, elem)
         ids = _top1(x.permute(1, 2, 0), codes, bias, per_group)  # [G, T]
         return ids.t().unsqueeze(-1)
     per_group = _budget(chunk_mb, _TILE_BYTES_K, n_groups, elem)

@@ -77,6 +77,16 @@ def test_default_geometry_matches_full_scores(k):
         _assert_same_topk(topk_codes(x, codebook, k, "cosine", chunk_mb), full, k)
 
 
+@pytest.mark.parametrize("n_codes", [149, 150])
+def test_short_last_chunk(small_tiles, n_codes):
+    # blocked chunks of 144 codes, then a last chunk of fewer codes than k blocks hold
+    g = torch.Generator().manual_seed(n_codes)
+    x, codebook = torch.randn(9, 1, 4, generator=g), torch.randn(1, n_codes, 4, generator=g)
+    for k in (1, 3):
+        ids = topk_codes(x, codebook, k, "dot", 4 * 600 / 2**20)
+        _assert_same_topk(ids, _full_scores(x, codebook, "dot"), k)
+
+
 def test_float32_full_matrix_agrees_exactly():
     # the literal unchunked computation in the same dtype: bmm of everything, then topk
     g = torch.Generator().manual_seed(0)
