@@ -1,6 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -157,7 +158,8 @@ print(
 sites = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
 for site in sites:
     cm.add_codebook(site, n_codes=cfg.n_codes, k=cfg.k, seed=cfg.seed)
-cm.init_codebooks(eval_tokens[:64])
+init_stream = BlockStream([s.text for s in train_stories[:4000]], tok, cfg.block_len, 64)
+cm.init_codebooks(next(iter(init_stream)))  # codes start as sampled training activations
 with torch.no_grad():  # codes start as activations; the output sums k of them
     for cb in cm.codebooks.values():
         cb.codebook.div_(cb.cfg.k)
@@ -188,6 +190,7 @@ print(
 _, cache = cm.run_with_cache(eval_tokens[:1, :12])
 codes = cache[codes_hook_name(sites[-1])]
 print(codes.shape)
+assert codes.shape == (1, 12, cfg.n_heads, cfg.k)
 print(codes[0, :4, 0])  # the k codes of head 0 at the first four positions
 
 # %% [markdown]
@@ -201,19 +204,22 @@ store = collect_codes(cm, eval_tokens, sites)
 results = attribution_by_site(store, eval_labels, sites, n_labels=len(TOPICS) + 1)
 chosen = {}
 for i, topic in enumerate(TOPICS):
-    chosen[i] = topic_codes(results, i, cfg.min_precision, cfg.min_count, cfg.max_steer_codes)
-    best = topic_codes(results, i, 0.0, cfg.min_count, max_codes=1)
+    chosen[i] = topic_codes(results, i, cfg.steer_slots, cfg.min_precision, cfg.min_count)
+    best = topic_codes(results, i, 1, 0.0, cfg.min_count, max_heads=1)
     print(
         f"{topic:8s} best code: {best.sites[0]} head {int(best.heads[0])} code "
-        f"{int(best.codes[0]):4d}  precision {float(best.precision[0]):.3f} "
-        f"recall {float(best.recall[0]):.3f};  {len(chosen[i].codes)} codes for steering"
+        f"{int(best.codes[0, 0]):4d}  precision {float(best.precision[0, 0]):.3f} "
+        f"recall {float(best.recall[0, 0]):.3f};  {len(chosen[i].heads)} heads for steering"
     )
 
 # %% [markdown]
 # ## 6. Steering
 #
-# Force each topic's codes (appended as an extra active code at every position) while sampling
-# from a generic opening sentence, and classify the samples with the grammar's topic words.
+# For every head whose best code is precise enough, write its `cfg.steer_slots` (`k // 2`) most
+# topic-precise codes into its lowest-ranked slots at every position (the other slots keep the
+# model's own codes), sample from a generic opening sentence, and classify the samples with the
+# grammar's topic words. (Appending a single code moves a k-code head by about 1/k; that barely
+# steers.)
 
 # %%
 prompt = "Once upon a time, there was a little girl named Lily."
@@ -221,14 +227,19 @@ clf = TopicClassifier()
 baseline = sample_texts(cm, prompt, cfg.n_baseline, cfg.max_new_tokens, seed=1)
 base_rates = clf.rates(baseline)
 print("unsteered:", baseline[0])
+ratios = []
 for i, topic in enumerate(TOPICS):
-    if len(chosen[i].codes) == 0:
+    if chosen[i].n_codes == 0:
         print(f"{topic:8s} no precise code")
         continue
     hooks = topic_steering_hooks(cm, chosen[i])
     texts = sample_texts(cm, prompt, cfg.n_samples, cfg.max_new_tokens, hooks, seed=2 + i)
     rate = float(clf.rates(texts)[i])
+    ratios.append(rate / max(float(base_rates[i]), 1 / cfg.n_baseline))
     print(f"{topic:8s} {100 * float(base_rates[i]):5.1f}% -> {100 * rate:5.1f}%   {texts[0][:90]}")
+print(f"{sum(r >= 10 for r in ratios)} of {len(TOPICS)} topics steered to >= 10x")
+if not SMALL:
+    assert sum(r >= 10 for r in ratios) > len(TOPICS) / 2, ratios
 print(f"total time: {time.perf_counter() - t0:.0f} s")
 
 # %% [markdown]

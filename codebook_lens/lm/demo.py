@@ -66,15 +66,15 @@ class LMDemoConfig:
     """Tokens per training block (and the model's ``n_ctx``)."""
     n_layers: int = 2
     """Transformer blocks."""
-    d_model: int = 128
+    d_model: int = 96
     """Residual width."""
     n_heads: int = 4
     """Attention heads per block (``d_head = d_model / n_heads``)."""
-    d_mlp: int = 512
+    d_mlp: int = 384
     """MLP width."""
     batch_size: int = 32
     """Blocks per optimizer step."""
-    base_steps: int = 800
+    base_steps: int = 500
     """Optimizer steps of base-model training."""
     base_lr: float = 3e-3
     """Peak learning rate of base-model training."""
@@ -82,19 +82,21 @@ class LMDemoConfig:
     """Codes per head."""
     k: int = 8
     """Codes active per head and position (the paper's k=8 for attention heads)."""
-    cb_steps: int = 400
+    cb_steps: int = 200
     """Optimizer steps of codebook finetuning (model and codebooks together)."""
     cb_lr: float = 1e-3
     """Peak learning rate of the codebooks (the model gets ``cb_lr / 3``)."""
     min_count: int = 20
     """Codes firing fewer times than this on the held-out set are not ranked."""
-    min_precision: float = 0.5
-    """A head's best code for a topic is used for steering when at least this precise."""
-    max_steer_codes: int = 8
-    """At most this many codes (the most precise) are forced per topic."""
+    min_precision: float = 0.0
+    """A head takes part in steering a topic when its best code for the topic is at least this
+    precise (0: every head)."""
+    steer_per_head: int | None = None
+    """Code slots per steering head overwritten with the head's most topic-precise codes
+    (default ``k // 2``; see :func:`~codebook_lens.lm.topic_steering_hooks`)."""
     n_samples: int = 100
     """Steered samples per topic."""
-    n_baseline: int = 400
+    n_baseline: int = 800
     """Unsteered samples (shared by all topics)."""
     max_new_tokens: int = 48
     """Tokens generated per sample."""
@@ -102,6 +104,18 @@ class LMDemoConfig:
     """Seed of corpus, model initialisation, batches and sampling."""
     progress: bool = True
     """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if self.steer_per_head is not None and not 1 <= self.steer_per_head <= self.k:
+            raise ValueError(
+                f"LMDemoConfig: steer_per_head={self.steer_per_head} must lie in [1, k={self.k}] "
+                "(or be None for k // 2)"
+            )
+
+    @property
+    def steer_slots(self) -> int:
+        """Code slots overwritten per steering head: ``steer_per_head``, or ``k // 2``."""
+        return self.steer_per_head if self.steer_per_head is not None else max(1, self.k // 2)
 
     @classmethod
     def small(cls, **overrides: Any) -> LMDemoConfig:
@@ -162,6 +176,32 @@ def eval_loss(cm: CodebookModel, tokens: Tensor, batch_size: int = 64) -> float:
         n += chunk.shape[0]
     cm.train(was)
     return total / max(n, 1)
+
+
+def _summary(m: dict[str, Any]) -> dict[str, Any]:
+    """Flat headline figures (what the CLI prints as a table)."""
+    out: dict[str, Any] = {
+        "loss_base": m["loss"]["base"],
+        "loss_with_codebooks": m["loss"]["codebooks_after_finetuning"],
+        "relative_loss_increase": m["loss"]["relative_increase"],
+    }
+    for topic, st in m["steering"].items():
+        prec = m["topic_codes"][topic]["best_precision"]
+        rate = st.get("steered_rate")
+        out[f"{topic}: best code precision"] = prec
+        out[f"{topic}: topic rate unsteered -> steered"] = (
+            "n/a"
+            if rate is None
+            else f"{100 * st['unsteered_rate']:.1f}% -> {100 * rate:.1f}% ({st['ratio']:.1f}x)"
+        )
+    s = m["steering_summary"]
+    out["topics steered >= 10x"] = f"{s['topics_with_10x']} of {s['n_topics']}"
+    out["wall_time_s"] = m["wall_time_s"]
+    return out
+
+
+def _first(t: Tensor) -> float:
+    return float(t[0, 0]) if t.numel() else 0.0
 
 
 def _stage(timings: dict[str, float], name: str, t0: float) -> float:
@@ -262,10 +302,10 @@ def run_lm_demo(
     n_labels = len(TOPICS) + 1
     results = attribution_by_site(store, eval_labels, sites, n_labels=n_labels)
     chosen = {
-        i: topic_codes(results, i, cfg.min_precision, cfg.min_count, max_codes=cfg.max_steer_codes)
+        i: topic_codes(results, i, cfg.steer_slots, cfg.min_precision, cfg.min_count)
         for i in range(len(TOPICS))
     }
-    best_any = {i: topic_codes(results, i, 0.0, cfg.min_count, max_codes=1) for i in chosen}
+    best = {i: topic_codes(results, i, 1, 0.0, cfg.min_count, max_heads=1) for i in chosen}
     t = _stage(timings, "topic_codes", t)
 
     # 5. steering
@@ -275,8 +315,8 @@ def run_lm_demo(
     steering: dict[str, Any] = {}
     for i, topic in enumerate(TOPICS):
         codes = chosen[i]
-        if len(codes.codes) == 0:
-            steering[topic] = {"n_codes": 0, "steered_rate": None}
+        if codes.n_codes == 0:
+            steering[topic] = {"n_heads": 0, "n_codes": 0, "steered_rate": None}
             continue
         texts_i = sample_texts(
             cm,
@@ -289,7 +329,8 @@ def run_lm_demo(
         rate = float(clf.rates(texts_i)[i])
         floor = max(float(base_rates[i]), 1.0 / cfg.n_baseline)
         steering[topic] = {
-            "n_codes": len(codes.codes),
+            "n_heads": len(codes.heads),
+            "n_codes": codes.n_codes,
             "steered_rate": rate,
             "unsteered_rate": float(base_rates[i]),
             "ratio": rate / floor,
@@ -311,12 +352,10 @@ def run_lm_demo(
         },
         "topic_codes": {
             topic: {
-                "best_precision": float(best_any[i].precision[0])
-                if len(best_any[i].codes)
-                else 0.0,
-                "best_recall": float(best_any[i].recall[0]) if len(best_any[i].codes) else 0.0,
-                "best_code": best_any[i].to_dict()["codes"][:1],
-                "steering_codes": chosen[i].to_dict()["codes"],
+                "best_precision": _first(best[i].precision),
+                "best_recall": _first(best[i].recall),
+                "best_code": best[i].to_dict()["heads"][:1],
+                "steering_codes": chosen[i].to_dict()["heads"],
             }
             for i, topic in enumerate(TOPICS)
         },
@@ -332,8 +371,9 @@ def run_lm_demo(
             "codebook_final": cb_hist.history[-1],
         },
         "timings_s": timings,
-        "wall_time_s": round(time.perf_counter() - t_start, 1),
     }
+    metrics["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+    metrics["summary"] = _summary(metrics)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     atomic_write_text(out / "report.md", render_report(metrics))
     return metrics

@@ -34,15 +34,16 @@ def render_report(metrics: dict[str, Any]) -> str:
         "",
         "## Topic codes and steering",
         "",
-        "| topic | best code precision | recall | codes forced | unsteered | steered | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| topic | best code precision | recall | heads steered | codes forced | unsteered "
+        "| steered | ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for topic, tc in metrics["topic_codes"].items():
         st = metrics["steering"][topic]
         ratio = st.get("ratio")
         lines.append(
             f"| {topic} | {tc['best_precision']:.3f} | {tc['best_recall']:.3f} | "
-            f"{st['n_codes']} | {_pct(st.get('unsteered_rate'))} | "
+            f"{st['n_heads']} | {st['n_codes']} | {_pct(st.get('unsteered_rate'))} | "
             f"{_pct(st.get('steered_rate'))} | {'n/a' if ratio is None else f'{ratio:.1f}x'} |"
         )
     s = metrics["steering_summary"]

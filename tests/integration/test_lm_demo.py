@@ -1,26 +1,33 @@
-"""A tiny end-to-end lm-demo run: every stage runs and writes its outputs."""
+"""A tiny end-to-end lm-demo run writes its outputs; topic-code choice and steering hooks."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
-from codebook_lens import CodebookModel
-from codebook_lens.lm import TOPICS, LMDemoConfig, load_tokenizer, run_lm_demo
+from codebook_lens import CodebookModel, codes_hook_name
+from codebook_lens.lm import (
+    TOPICS,
+    LMDemoConfig,
+    load_tokenizer,
+    run_lm_demo,
+    topic_codes,
+    topic_steering_hooks,
+)
 
 
 def test_lm_demo_smoke(tmp_path):
     cfg = LMDemoConfig.small(
         n_train_stories=800,
-        n_eval_stories=60,
+        n_eval_stories=150,  # every topic gets labelled tokens (60 can miss one)
         base_steps=20,
         cb_steps=10,
         n_samples=4,
         n_baseline=8,
         max_new_tokens=12,
         min_precision=0.0,
-        max_steer_codes=2,
         progress=False,
     )
     m = run_lm_demo(tmp_path, config=cfg)
@@ -34,8 +41,11 @@ def test_lm_demo_smoke(tmp_path):
     loss = m["loss"]
     assert 0 < loss["base"] < 10 and 0 < loss["codebooks_after_finetuning"] < 10
     assert set(m["steering"]) == set(TOPICS) == set(m["topic_codes"])
-    for st in m["steering"].values():
-        assert 0.0 <= st["steered_rate"] <= 1.0 and st["n_codes"] >= 1
+    for topic, st in m["steering"].items():
+        assert 0.0 <= st["steered_rate"] <= 1.0 and st["n_heads"] >= 1
+        assert 1 <= st["n_codes"] <= st["n_heads"] * cfg.steer_slots
+        assert 0.0 < m["topic_codes"][topic]["best_precision"] <= 1.0
+        assert st["ratio"] == pytest.approx(st["steered_rate"] / max(st["unsteered_rate"], 1 / 8))
     report = (tmp_path / "report.md").read_text()
     assert "Relative increase" in report and "| dragon |" in report
     # the saved artefacts load back: tokenizer and codebook model (with its base model)
@@ -45,3 +55,91 @@ def test_lm_demo_smoke(tmp_path):
     assert len(cm.sites) == cfg.n_layers
     with pytest.raises(TypeError):
         run_lm_demo(tmp_path, small=True, no_such_field=1)
+
+
+def _result(site, precision, counts, joint):
+    from codebook_lens.analysis import AttributionResult
+
+    p = torch.tensor(precision)  # [head, code, label]
+    return AttributionResult(
+        site=site,
+        precision=p,
+        recall=p / 2,
+        f1=p,
+        joint=torch.tensor(joint),
+        code_counts=torch.tensor(counts),
+        label_counts=torch.ones(p.shape[-1], dtype=torch.long),
+        n_positions=100,
+    )
+
+
+def test_topic_codes_ranks_per_head_and_skips_rare_or_unrelated_codes():
+    # site a: 2 heads x 4 codes x 2 labels; site b: 1 head
+    pa = [
+        [[0.9, 0.1], [0.2, 0.8], [0.95, 0.0], [0.5, 0.5]],  # code 2 is rare (count 3)
+        [[0.3, 0.7], [0.0, 1.0], [0.6, 0.4], [0.1, 0.9]],
+    ]
+    ca = [[50, 50, 3, 50], [50, 50, 50, 50]]
+    ja = [[[5, 1], [2, 8], [3, 0], [5, 5]], [[3, 7], [0, 10], [6, 4], [1, 9]]]
+    pb = [[[0.0, 1.0], [0.7, 0.3], [0.0, 1.0], [0.0, 1.0]]]
+    cb = [[50, 50, 50, 50]]
+    jb = [[[0, 9], [7, 3], [0, 9], [0, 9]]]  # only code 1 ever fires with label 0
+    results = {"a": _result("a", pa, ca, ja), "b": _result("b", pb, cb, jb)}
+
+    tc = topic_codes(results, 0, per_head=2, min_precision=0.0, min_count=10)
+    # heads sorted by their best precision: a/0 (0.9), b/0 (0.7), a/1 (0.6)
+    assert tc.sites == ["a", "b", "a"] and tc.heads.tolist() == [0, 0, 1]
+    assert tc.codes.tolist() == [[0, 3], [1, -1], [2, 0]]
+    torch.testing.assert_close(tc.precision[0], torch.tensor([0.9, 0.5]))
+    assert tc.count[0].tolist() == [50, 50] and tc.n_codes == 5
+    assert [h["codes"] for h in tc.to_dict()["heads"]] == [[0, 3], [1], [2, 0]]
+
+    strict = topic_codes(results, 0, per_head=2, min_precision=0.65, min_count=10)
+    assert strict.sites == ["a", "b"] and strict.heads.tolist() == [0, 0]
+    best = topic_codes(results, 1, 1, 0.0, 10, max_heads=1)
+    assert best.codes.shape == (1, 1) and float(best.precision[0, 0]) == 1.0
+    none = topic_codes(results, 0, per_head=3, min_precision=0.99, min_count=10)
+    assert none.n_codes == 0 and none.codes.shape == (0, 3)
+    with pytest.raises(IndexError):
+        topic_codes(results, 2)
+
+
+def test_topic_steering_hooks_overwrite_the_lowest_ranked_slots():
+    from codebook_lens.lm.steering import TopicCodes
+    from tests.conftest import make_model
+
+    cm = CodebookModel(make_model("hooked"))
+    site = "blocks.1.attn.hook_z"
+    cm.add_codebook(site, n_codes=16, k=4)
+    chosen = TopicCodes(
+        label=0,
+        sites=[site, site],
+        heads=torch.tensor([2, 0]),
+        codes=torch.tensor([[5, 7], [9, -1]]),
+        precision=torch.ones(2, 2),
+        recall=torch.ones(2, 2),
+        count=torch.ones(2, 2, dtype=torch.long),
+    )
+    tokens = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0))
+    name = codes_hook_name(site)
+    _, plain = cm.run_with_cache(tokens, names_filter=name)
+    with cm.hooks(fwd_hooks=topic_steering_hooks(cm, chosen)):
+        _, steered = cm.run_with_cache(tokens, names_filter=name)
+    a, b = plain[name], steered[name]  # [batch, pos, head, k]
+    assert b.shape == a.shape == (2, 8, 4, 4)
+    assert (b[:, :, 2, 3] == 5).all() and (b[:, :, 2, 2] == 7).all()
+    assert (b[:, :, 0, 3] == 9).all()
+    assert torch.equal(b[:, :, 0, :3], a[:, :, 0, :3])  # head 0's -1 keeps its own slot 2
+    assert torch.equal(b[:, :, 2, :2], a[:, :, 2, :2])
+    assert torch.equal(b[:, :, [1, 3]], a[:, :, [1, 3]])  # other heads untouched
+    too_many = TopicCodes(
+        0,
+        [site],
+        torch.tensor([0]),
+        torch.zeros(1, 5, dtype=torch.long),
+        torch.ones(1, 5),
+        torch.ones(1, 5),
+        torch.ones(1, 5, dtype=torch.long),
+    )
+    with pytest.raises(ValueError, match="per_head <= 4"):
+        topic_steering_hooks(cm, too_many)
