@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from codebook_lens.io import atomic_write_text
+
 __all__ = ["main", "build_parser", "format_table"]
 
 
@@ -81,7 +83,7 @@ def _cmd_fsm_train_base(args: argparse.Namespace) -> int:
     model, info = get_base_model(fsm, cfg, args.cache_dir, progress=not args.no_progress)
     CodebookModel(model).save(out / "base", include_model=True)
     acc, _ = transition_accuracy_of(model, fsm, cfg)
-    (out / "experiment.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    atomic_write_text(out / "experiment.json", json.dumps(cfg.to_dict(), indent=2))
     print(
         format_table(
             [("base transition accuracy", f"{acc:.3f}"), ("cached", str(info["cached"]))],
@@ -133,8 +135,8 @@ def _cmd_fsm_train_codebooks(args: argparse.Namespace) -> int:
     acc, _ = transition_accuracy_of(cm, fsm, cfg)
     cm.save(out / "model", include_model=True)
     fsm.save(out / "fsm.json")
-    (out / "experiment.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    (out / "history.json").write_text(json.dumps(result.history))
+    atomic_write_text(out / "experiment.json", json.dumps(cfg.to_dict(), indent=2))
+    atomic_write_text(out / "history.json", json.dumps(result.history))
     print(
         format_table(
             [
@@ -157,10 +159,10 @@ def _cmd_fsm_analyze(args: argparse.Namespace) -> int:
     cm = CodebookModel.load(model_dir / "model")
     base = CodebookModel.load(Path(args.base) / "base").detach()
     rec = state_recovery(cm, base, fsm, cfg)
-    itv = interventions(cm, fsm, cfg, rec)
+    itv = interventions(cm, fsm, cfg)
     out = {"recovery": {k: v for k, v in rec.items() if not k.startswith("_")}, "intervention": itv}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "analysis.json").write_text(json.dumps(out, indent=2))
+    atomic_write_text(Path(args.out) / "analysis.json", json.dumps(out, indent=2))
     rows = [
         ("states recovered", f"{rec['states_recovered']} / {rec['states_present']}"),
         ("mean best-code precision", f"{rec['mean_best_code_precision']:.3f}"),

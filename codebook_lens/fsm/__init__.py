@@ -17,6 +17,7 @@ from codebook_lens.fsm.data import (
     TokFSMStream,
     eval_set,
     sample_walks,
+    sample_walks_ending_in,
     state_labels,
     walks_to_tokens,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "next_state_distribution",
     "sample_continuations",
     "sample_walks",
+    "sample_walks_ending_in",
     "sinusoidal_positions",
     "state_labels",
     "train_base_model",

@@ -16,6 +16,7 @@ __all__ = [
     "TokFSMStream",
     "eval_set",
     "sample_walks",
+    "sample_walks_ending_in",
     "state_labels",
     "walks_to_tokens",
 ]
@@ -50,6 +51,33 @@ def sample_walks(
     succ = fsm.successors
     for t in range(1, n_steps):
         states[:, t] = succ[states[:, t - 1], choices[:, t - 1]]
+    return states
+
+
+def sample_walks_ending_in(
+    fsm: FSM,
+    last: Int[Tensor, " walk"],
+    n_steps: int,
+    generator: torch.Generator | None = None,
+) -> Int[Tensor, "walk step"]:
+    """Random walks of ``n_steps`` states that end in the given states, sampled backwards.
+
+    Each earlier state is a uniformly random predecessor of the one after it, so every
+    transition is an edge. A state without predecessors (possible only in tiny machines) gets a
+    uniformly random state before it instead; such a walk is the one place an edge is missing.
+
+    Returns:
+        ``LongTensor [len(last), n_steps]`` of state ids with ``[:, -1] == last``.
+    """
+    if n_steps < 1:
+        raise ValueError(f"need n_steps >= 1, got {n_steps}")
+    last = torch.as_tensor(last, dtype=torch.long).cpu()
+    pred = fsm.adjacency().t().float()  # [state, predecessor]
+    pred[pred.sum(-1) == 0] = 1.0
+    states = torch.empty(last.numel(), n_steps, dtype=torch.long)
+    states[:, -1] = last
+    for t in range(n_steps - 2, -1, -1):  # n_steps draws, each over all walks at once
+        states[:, t] = torch.multinomial(pred[states[:, t + 1]], 1, generator=generator)[:, 0]
     return states
 
 

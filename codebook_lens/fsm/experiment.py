@@ -32,9 +32,16 @@ from codebook_lens.analysis import (
 )
 from codebook_lens.config import CodebookConfig
 from codebook_lens.fsm.base_model import BaseTrainConfig, base_model_config, train_base_model
-from codebook_lens.fsm.data import TokFSMStream, eval_set, state_labels
+from codebook_lens.fsm.data import (
+    TokFSMStream,
+    eval_set,
+    sample_walks_ending_in,
+    state_labels,
+    walks_to_tokens,
+)
 from codebook_lens.fsm.machine import FSM
 from codebook_lens.fsm.metrics import (
+    append_digit_prefixes,
     evaluate_transition_accuracy,
     jsd,
     next_state_distribution,
@@ -323,33 +330,41 @@ def site_sets(cm: CodebookModel) -> dict[str, list[str]]:
     return sets
 
 
-def _state_codes(store: Any, labels: Tensor, sites: list[str], n_states: int) -> dict[str, Tensor]:
-    """Per site, the codes at the first position where each state ends: ``[n_states, *, k]``."""
-    flat = labels.reshape(-1)
-    pos = torch.arange(flat.numel())
-    first = torch.full((n_states,), flat.numel(), dtype=torch.long)
-    ok = flat >= 0
-    first.scatter_reduce_(0, flat[ok], pos[ok], reduce="amin")
-    if (first == flat.numel()).any():
-        missing = (first == flat.numel()).nonzero().flatten().tolist()
-        raise ValueError(f"states {missing[:10]} never occur in the recovery walks; add walks")
-    out = {}
-    for s in sites:
-        c = store.codes[s]  # [seq, pos, head, k]
-        c = c.reshape(-1, *c.shape[2:])[first].long()
-        out[s] = c if store.per_head[s] else c[:, 0]
-    return out
+def _codes_from(
+    cm: CodebookModel, tokens: Tensor, sites: list[str], start: int, batch_size: int = 2048
+) -> dict[str, Tensor]:
+    """Per site, the codes ``cm`` picks on ``tokens`` at positions ``start:``."""
+    got: dict[str, list[Tensor]] = {s: [] for s in sites}
+
+    def grab(site: str):
+        def hook(codes: Tensor, hook: Any) -> None:
+            got[site].append(codes[:, start:].clone())
+
+        return hook
+
+    hooks = [(codes_hook_name(s), grab(s)) for s in sites]
+    for i in range(0, tokens.shape[0], batch_size):
+        cm.run_with_hooks(tokens[i : i + batch_size], fwd_hooks=hooks)
+    return {s: torch.cat(c) for s, c in got.items()}
 
 
-def _forced_model(cm: CodebookModel, forced: dict[str, Tensor], pos: int):
-    """A callable running ``cm`` with per-row codes forced at position ``pos`` of each site."""
+def _forced_model(cm: CodebookModel, forced: dict[str, list[Tensor]], pos: int):
+    """A callable running ``cm`` with codes forced from position ``pos`` on, per row.
+
+    ``forced[site][j]`` (``[rows, width, *code_shape]``) is written at positions
+    ``pos : pos + width`` of a run ``j`` tokens longer than ``pos + 1``; the last entry serves
+    longer runs. A batch of ``n`` rows takes each of the ``rows`` entries ``n // rows`` times in
+    a row (the order :func:`~codebook_lens.fsm.metrics.append_digit_prefixes` expands prompts).
+    """
 
     def hook_for(site: str):
-        rows = forced[site]
+        per_len = forced[site]
 
         def hook(codes: Tensor, hook: Any) -> Tensor:
-            rep = codes.shape[0] // rows.shape[0]  # next_state_distribution expands row-major
-            codes[:, pos] = (rows.repeat_interleave(rep, 0) if rep > 1 else rows).to(codes)
+            rows = per_len[min(codes.shape[1] - pos - 1, len(per_len) - 1)]
+            rep = codes.shape[0] // rows.shape[0]
+            rows = rows.repeat_interleave(rep, 0) if rep > 1 else rows
+            codes[:, pos : pos + rows.shape[1]] = rows.to(codes)
             return codes
 
         return hook
@@ -377,49 +392,71 @@ def interventions(
     cm: CodebookModel,
     fsm: FSM,
     cfg: ExperimentConfig,
-    recovery: dict[str, Any],
     top: int | None = None,
     need: int | None = None,
 ) -> dict[str, Any]:
-    """Force the codes a target state produces onto prompts ending in other states.
+    """Force a target state's codes into prompts that end in other states.
 
-    For each target state s, the codes at the last digit of s's first occurrence in the
-    recovery walks are written, per site set, into the last position of
-    ``intervention_prompts`` prompts whose last state differs. Success: at least ``need``
-    (default 80% of ``n_edges``, i.e. 8) of the model's ``top`` (default ``n_edges``, i.e. 10)
-    most likely next states are successors of s. Also reported: the JSD
+    Each of the ``n_states * intervention_prompts`` prompts (walks of
+    ``intervention_prompt_states`` states) gets a target state s other than its last state, and
+    a *donor*: a random walk of the same length that ends in s (sampled backwards along edges).
+    The donor's codes are forced, per site set, at the prompt's **state positions**: its last
+    position, which predicts the next state's first digit, and the position of that first digit,
+    which predicts the second (there the donor's codes after the same first digit are used).
+    Both positions read the current state, and a 2-layer model also reads the raw tokens there,
+    so forcing only the last position moves the first digit but leaves the second partly
+    following the prompt's own state; that variant is reported as ``last_position_only``.
+
+    Success: at least ``need`` (default 80% of ``n_edges``, i.e. 8) of the model's ``top``
+    (default ``n_edges``) most likely next states are successors of s. Also reported: the JSD
     (nats) between the model's next-state distribution and s's true one (uniform over its
-    successors), and the same metrics without intervention as a baseline.
+    successors), and both metrics without intervention as a baseline.
     """
     top = fsm.n_edges if top is None else top
     need = math.ceil(0.8 * fsm.n_edges) if need is None else need
-    sets = site_sets(cm)
-    codes = _state_codes(recovery["_store"], recovery["_labels"], cm.sites, fsm.n_states)
     n_per = cfg.intervention_prompts
     prompts = eval_set(fsm, fsm.n_states * n_per, cfg.intervention_prompt_states, cfg.seed + 4)
     targets = torch.arange(fsm.n_states).repeat_interleave(n_per)
     last = fsm.tokens_to_states(prompts[:, 1:])[:, -1]
     targets = torch.where(targets == last, (targets + 1) % fsm.n_states, targets)
+    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    donors = walks_to_tokens(
+        fsm, sample_walks_ending_in(fsm, targets, cfg.intervention_prompt_states, gen)
+    )
     pos = prompts.shape[1] - 1
+    device = next(cm.model.parameters()).device
+    donor_runs = [
+        append_digit_prefixes(donors, fsm.base, j).to(device) for j in range(fsm.n_digits)
+    ]
+    donor_codes = [_codes_from(cm, d, cm.sites, pos) for d in donor_runs]  # [rows, 1 + j, ...]
     true = true_next_state_distribution(fsm, targets)
     clean = next_state_distribution(cm, fsm, prompts)
     out: dict[str, Any] = {
         "n_interventions": int(targets.numel()),
+        "forced_positions": "state positions (last prompt position + next first digit)",
         "baseline_success_rate": float(_success(clean, targets, fsm, top, need).float().mean()),
         "baseline_jsd": float(jsd(clean, true).mean()),
         "per_site_set": {},
     }
-    for name, sites in sets.items():
-        forced = {s: codes[s][targets] for s in sites}
-        p = next_state_distribution(_forced_model(cm, forced, pos), fsm, prompts)
-        ok = _success(p, targets, fsm, top, need)
-        out["per_site_set"][name] = {
-            "sites": sites,
-            "success_rate": float(ok.float().mean()),
-            "jsd": float(jsd(p, true).mean()),
+    for name, sites in site_sets(cm).items():
+        variants = {
+            "state_positions": {s: [c[s] for c in donor_codes] for s in sites},
+            "last_position_only": {s: [donor_codes[0][s]] for s in sites},
         }
+        res: dict[str, Any] = {"sites": sites}
+        for variant, forced in variants.items():
+            p = next_state_distribution(_forced_model(cm, forced, pos), fsm, prompts)
+            r = {
+                "success_rate": float(_success(p, targets, fsm, top, need).float().mean()),
+                "jsd": float(jsd(p, true).mean()),
+            }
+            res.update(r) if variant == "state_positions" else res.update({variant: r})
+        out["per_site_set"][name] = res
     out["success_rate"] = out["per_site_set"]["all"]["success_rate"]
     out["jsd"] = out["per_site_set"]["all"]["jsd"]
+    out["last_position_only_success_rate"] = out["per_site_set"]["all"]["last_position_only"][
+        "success_rate"
+    ]
     return out
 
 

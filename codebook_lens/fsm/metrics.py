@@ -20,6 +20,7 @@ from codebook_lens.fsm.data import eval_set
 from codebook_lens.fsm.machine import FSM
 
 __all__ = [
+    "append_digit_prefixes",
     "evaluate_next_state_jsd",
     "evaluate_transition_accuracy",
     "infer_n_ctx",
@@ -188,6 +189,23 @@ def sample_continuations(
 
 # ---------------------------------------------------------------------------- distributions
 @torch.no_grad()
+def append_digit_prefixes(
+    prompts: Int[Tensor, "batch pos"], base: int, j: int
+) -> Int[Tensor, "batch_times_prefixes pos_plus_j"]:
+    """Every prompt followed by every ``j``-digit prefix: ``[batch * base**j, pos + j]``.
+
+    Row ``i * base**j + p`` is prompt ``i`` followed by ``p`` written with ``j`` digits in base
+    ``base`` (prefixes in lexicographic order), the order :func:`next_state_distribution` uses.
+    """
+    b, length = prompts.shape
+    n_pre = base**j
+    place = base ** torch.arange(j - 1, -1, -1, device=prompts.device)
+    prefixes = (torch.arange(n_pre, device=prompts.device).unsqueeze(-1) // place) % base
+    return torch.cat(
+        [prompts.unsqueeze(1).expand(b, n_pre, length), prefixes.expand(b, n_pre, j)], dim=-1
+    ).reshape(b * n_pre, length + j)
+
+
 def next_state_distribution(
     model: Model,
     fsm: FSM,
@@ -225,13 +243,7 @@ def next_state_distribution(
     logp = torch.zeros(b, 1, device=prompts.device)  # log P(prefix) for the base**j prefixes
     for j in range(fsm.n_digits):
         n_pre = base**j
-        # all j-digit prefixes in lexicographic order: row p is p written in base `base`
-        place = base ** torch.arange(j - 1, -1, -1, device=prompts.device)
-        prefixes = (torch.arange(n_pre, device=prompts.device).unsqueeze(-1) // place) % base
-        seqs = torch.cat(
-            [prompts.unsqueeze(1).expand(b, n_pre, length), prefixes.expand(b, n_pre, j)], dim=-1
-        ).reshape(b * n_pre, length + j)
-        logits = _logits(model, seqs)[:, -1, :base].float()
+        logits = _logits(model, append_digit_prefixes(prompts, base, j))[:, -1, :base].float()
         lp = torch.log_softmax(logits, dim=-1).view(b, n_pre, base)
         # a prefix whose every digit logit is -inf (only possible after a zero-probability
         # prefix) gives NaN: it has probability 0

@@ -16,9 +16,10 @@ from codebook_lens.fsm.experiment import (
     ExperimentConfig,
     _forced_model,
     attach_codebooks,
+    interventions,
     site_sets,
 )
-from codebook_lens.fsm.metrics import next_state_distribution
+from codebook_lens.fsm.metrics import append_digit_prefixes, next_state_distribution
 from tests.conftest import make_model
 
 
@@ -45,19 +46,61 @@ def test_forcing_own_codes_changes_nothing_and_rows_are_independent():
     prompts = eval_set(fsm, 6, 4, seed=3)
     pos = prompts.shape[1] - 1
     _, cache = cm.run_with_cache(prompts)
-    own = {s: cache[codes_hook_name(s)][:, pos] for s in cm.sites}
+    own = {s: [cache[codes_hook_name(s)][:, pos : pos + 1]] for s in cm.sites}
     clean = next_state_distribution(cm, fsm, prompts)
     same = next_state_distribution(_forced_model(cm, own, pos), fsm, prompts)
     torch.testing.assert_close(same, clean)
     # rows permuted: each prompt gets another prompt's codes; compare with one-at-a-time runs
     perm = torch.tensor([1, 2, 3, 4, 5, 0])
-    forced = {s: c[perm] for s, c in own.items()}
+    forced = {s: [c[0][perm]] for s, c in own.items()}
     batched = next_state_distribution(_forced_model(cm, forced, pos), fsm, prompts)
     for i in range(6):
-        one = {s: c[i : i + 1] for s, c in forced.items()}
+        one = {s: [c[0][i : i + 1]] for s, c in forced.items()}
         single = next_state_distribution(_forced_model(cm, one, pos), fsm, prompts[i : i + 1])
         torch.testing.assert_close(batched[i : i + 1], single, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(batched, clean)
+
+
+def test_forcing_a_donors_codes_at_both_state_positions_equals_the_donors_run():
+    # with every site forced at the last position and at the appended digit, the second digit's
+    # distribution is the donor's own: the residual there is the token plus forced code outputs
+    fsm, cm = _tiny_cm()
+    prompts, donors = eval_set(fsm, 5, 4, seed=3), eval_set(fsm, 5, 4, seed=4)
+    pos = prompts.shape[1] - 1
+    runs = [append_digit_prefixes(donors, fsm.base, j) for j in range(fsm.n_digits)]
+    forced = {s: [] for s in cm.sites}
+    for run in runs:
+        _, cache = cm.run_with_cache(run)
+        for s in cm.sites:
+            forced[s].append(cache[codes_hook_name(s)][:, pos:])
+    p = next_state_distribution(_forced_model(cm, forced, pos), fsm, prompts)
+    p_donor = next_state_distribution(cm, fsm, donors)
+    # P(b | a) matches exactly; P(a) differs only through the prompt's own last token
+    two = append_digit_prefixes(prompts, fsm.base, 1)
+    with torch.no_grad():
+        lp = _forced_model(cm, forced, pos)(two)[:, -1, : fsm.base].log_softmax(-1)
+        lp_donor = cm(runs[1])[:, -1, : fsm.base].log_softmax(-1)
+    torch.testing.assert_close(lp, lp_donor, rtol=1e-4, atol=1e-5)
+    assert p.shape == p_donor.shape == (5, fsm.n_states)
+
+
+def test_append_digit_prefixes_matches_a_loop():
+    prompts = torch.tensor([[10, 1, 2], [10, 3, 4]])
+    got = append_digit_prefixes(prompts, 3, 2)
+    want = [row + [a, b] for row in prompts.tolist() for a in range(3) for b in range(3)]
+    assert got.tolist() == want
+    assert append_digit_prefixes(prompts, 3, 0).tolist() == prompts.tolist()
+
+
+def test_interventions_report_both_variants_with_valid_rates():
+    fsm, cm = _tiny_cm()
+    cfg = ExperimentConfig.small()
+    itv = interventions(cm, fsm, cfg)
+    assert itv["n_interventions"] == fsm.n_states * cfg.intervention_prompts
+    for r in itv["per_site_set"].values():
+        for v in (r, r["last_position_only"]):
+            assert 0.0 <= v["success_rate"] <= 1.0 and v["jsd"] >= 0.0
+    assert itv["success_rate"] == itv["per_site_set"]["all"]["success_rate"]
 
 
 def test_small_demo_end_to_end(tmp_path):

@@ -10,6 +10,7 @@ from codebook_lens.fsm import (
     TokFSMStream,
     eval_set,
     sample_walks,
+    sample_walks_ending_in,
     state_labels,
     walks_to_tokens,
 )
@@ -40,6 +41,26 @@ def test_walk_transitions_roughly_uniform_over_successors():
     # start states uniform
     starts = torch.bincount(w[:, 0], minlength=5).float() / 2000
     torch.testing.assert_close(starts, torch.full((5,), 0.2), atol=0.04, rtol=0)
+
+
+def test_backward_walks_end_in_the_given_states_along_edges():
+    fsm = FSM()
+    last = torch.arange(100).repeat(3)
+    w = sample_walks_ending_in(fsm, last, 9, _gen(0))
+    assert w.shape == (300, 9) and torch.equal(w[:, -1], last)
+    assert bool(fsm.adjacency()[w[:, :-1], w[:, 1:]].all())
+    assert torch.equal(w, sample_walks_ending_in(fsm, last, 9, _gen(0)))
+    # predecessors are drawn uniformly: every predecessor of state 0 shows up
+    w0 = sample_walks_ending_in(fsm, torch.zeros(2000, dtype=torch.long), 2, _gen(1))
+    preds = fsm.adjacency()[:, 0].nonzero().flatten()
+    assert set(w0[:, 0].tolist()) == set(preds.tolist())
+
+
+def test_backward_walks_survive_states_without_predecessors():
+    fsm = FSM(n_states=3, n_edges=1, successors=torch.tensor([[1], [2], [1]]))
+    w = sample_walks_ending_in(fsm, torch.tensor([0, 0]), 3, _gen(0))
+    assert w[:, -1].tolist() == [0, 0]  # state 0 has no predecessor: a random state before it
+    assert bool(fsm.adjacency()[w[:, 0], w[:, 1]].all())  # earlier steps follow edges again
 
 
 def test_walks_to_tokens_layout():
