@@ -326,7 +326,9 @@ def run_lm_demo(
             topic_steering_hooks(cm, codes),
             seed=cfg.seed + 2 + i,
         )
-        rate = float(clf.rates(texts_i)[i])
+        about = clf.classify(texts_i)
+        rate = float((about == i).float().mean())
+        on_topic = (about == i).nonzero().flatten().tolist()
         floor = max(float(base_rates[i]), 1.0 / cfg.n_baseline)
         steering[topic] = {
             "n_heads": len(codes.heads),
@@ -334,7 +336,8 @@ def run_lm_demo(
             "steered_rate": rate,
             "unsteered_rate": float(base_rates[i]),
             "ratio": rate / floor,
-            "example": texts_i[0],
+            "example": texts_i[on_topic[0] if on_topic else 0],
+            "example_on_topic": bool(on_topic),
         }
     t = _stage(timings, "steering", t)
 

@@ -52,12 +52,13 @@ def render_report(metrics: dict[str, Any]) -> str:
         f"Topics steered to >= 10x their unsteered rate: **{s['topics_with_10x']} of "
         f"{s['n_topics']}** (goal: most; {'met' if s['goal_met'] else 'NOT met'}).",
         "",
-        "Steered examples:",
+        "Steered examples (the first sample the classifier counts as on topic):",
         "",
     ]
     for topic, st in metrics["steering"].items():
         if st.get("example") is not None:
-            lines.append(f"- **{topic}**: {st['example'].strip()}")
+            note = "" if st.get("example_on_topic", True) else " (no sample on topic)"
+            lines.append(f"- **{topic}**{note}: {st['example'].strip()}")
     lines += ["", "Unsteered examples:", ""]
     lines += [f"- {t.strip()}" for t in s["baseline_examples"]]
     lines += [

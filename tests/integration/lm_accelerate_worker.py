@@ -91,6 +91,8 @@ def main(out: Path) -> None:
     if acc.is_main_process:
         run = {
             "num_processes": acc.num_processes,
+            "device": acc.device.type,
+            "distributed_type": str(acc.distributed_type),
             "history": res.history,
             "ranks_identical_after_replacement": same,
         }

@@ -25,6 +25,10 @@ def _free_port() -> int:
 
 
 def _launch(out: Path, n: int) -> subprocess.CompletedProcess:
+    # N CPU processes: accelerate 1.x's `--cpu --num_processes N` starts ONE process unless an
+    # MPI hostfile is given (its simple launcher); the torchrun launcher behind `--multi_gpu`
+    # with no visible GPU starts N processes, and make_accelerator() joins them in a gloo group
+    # on the CPU (asserted below through the worker's device and distributed type).
     cmd = [
         sys.executable,
         "-m",
@@ -63,6 +67,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run["num_processes"] == 2
+    assert run["device"] == "cpu" and run["distributed_type"].endswith("MULTI_CPU")
     assert run["ranks_identical_after_replacement"]
 
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ from codebook_lens import CodebookModel, codes_hook_name
 from codebook_lens.lm import (
     TOPICS,
     LMDemoConfig,
+    TopicClassifier,
     load_tokenizer,
     run_lm_demo,
     topic_codes,
@@ -46,6 +47,8 @@ def test_lm_demo_smoke(tmp_path):
         assert 1 <= st["n_codes"] <= st["n_heads"] * cfg.steer_slots
         assert 0.0 < m["topic_codes"][topic]["best_precision"] <= 1.0
         assert st["ratio"] == pytest.approx(st["steered_rate"] / max(st["unsteered_rate"], 1 / 8))
+        on = TopicClassifier().classify([st["example"]])[0] == TOPICS.index(topic)
+        assert st["example_on_topic"] == bool(on) == (st["steered_rate"] > 0)
     report = (tmp_path / "report.md").read_text()
     assert "Relative increase" in report and "| dragon |" in report
     # the saved artefacts load back: tokenizer and codebook model (with its base model)

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from codebook_lens.data import BlockStream, encode_texts, hf_texts, pydoc_texts
+from codebook_lens.data import BlockStream, encode_texts, hf_texts, pack_blocks, pydoc_texts
 from codebook_lens.lm.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 
 ODD = ["", " ", "Ünïcode — ✓ 🐉", "tabs\tand  double  spaces\n\nnew para", "x" * 300]
@@ -79,6 +79,9 @@ def test_hf_dataset_streams_through_the_tokenizer(tok):
     stream = BlockStream(lambda: hf_texts(ds), tok, block_len=64, batch_size=8)
     batches = list(stream)
     assert batches and all(b.shape == (8, 64) for b in batches)
-    assert (torch.cat(batches)[:, 0] == tok.bos_token_id).all()
+    got = torch.cat(batches)
+    assert (got[:, 0] == tok.bos_token_id).all()
+    want = pack_blocks(encode_texts(tok, texts), 64, tok.bos_token_id, tok.eos_token_id)
+    assert torch.equal(got, want[: len(want) // 8 * 8])  # the dataset's text, packed in order
     streaming = ds.to_iterable_dataset()
     assert list(hf_texts(streaming)) == texts
