@@ -15,8 +15,8 @@
 # %% [markdown]
 # # 5. Codebooks on language models: topic codes and topic steering
 #
-# **Run time:** about FULL_TIME on a 2-core CPU at full size; about one minute with
-# `CODEBOOK_LENS_SMALL=1` (the size CI runs).
+# **Run time:** about 8 minutes (494 s measured, one thread) on a 2-core CPU at full size; under
+# a minute with `CODEBOOK_LENS_SMALL=1` (the size CI runs).
 #
 # The paper's second half puts codebooks into language models, finds codes for concepts and
 # steers generation by forcing a topic's codes ("dragon" stories went from 2.5% to 65%). Here we
@@ -234,9 +234,11 @@ for i, topic in enumerate(TOPICS):
         continue
     hooks = topic_steering_hooks(cm, chosen[i])
     texts = sample_texts(cm, prompt, cfg.n_samples, cfg.max_new_tokens, hooks, seed=2 + i)
-    rate = float(clf.rates(texts)[i])
+    about = clf.classify(texts)  # topic id per sample (-1: none)
+    rate = float((about == i).float().mean())
     ratios.append(rate / max(float(base_rates[i]), 1 / cfg.n_baseline))
-    print(f"{topic:8s} {100 * float(base_rates[i]):5.1f}% -> {100 * rate:5.1f}%   {texts[0][:90]}")
+    example = texts[int((about == i).int().argmax())]  # the first on-topic sample, if any
+    print(f"{topic:8s} {100 * float(base_rates[i]):5.1f}% -> {100 * rate:5.1f}%   {example[:90]}")
 print(f"{sum(r >= 10 for r in ratios)} of {len(TOPICS)} topics steered to >= 10x")
 if not SMALL:
     assert sum(r >= 10 for r in ratios) > len(TOPICS) / 2, ratios
