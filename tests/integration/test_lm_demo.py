@@ -105,6 +105,11 @@ def test_topic_codes_ranks_per_head_and_skips_rare_or_unrelated_codes():
     assert none.n_codes == 0 and none.codes.shape == (0, 3)
     with pytest.raises(IndexError):
         topic_codes(results, 2)
+    with pytest.raises(ValueError, match="per_head"):
+        topic_codes(results, 0, per_head=0)
+    assert LMDemoConfig().steer_slots == 4 and LMDemoConfig(steer_per_head=8).steer_slots == 8
+    with pytest.raises(ValueError, match="steer_per_head"):
+        LMDemoConfig(steer_per_head=9)
 
 
 def test_topic_steering_hooks_overwrite_the_lowest_ranked_slots():
