@@ -224,9 +224,13 @@ show(fig, "dla")
 # metric would change if that code were removed. The metric here is how much probability the
 # model puts on first digits of the real successors of each prompt's last state. We sum the
 # estimates per (site, head) at the last position and compare them with real ablations of the
-# same units from `ablation_sweep` (one forward pass per unit, batched). The estimate is a
-# linearisation; where codebooks downstream switch codes it can miss, so it is used to *pick*
-# candidates, which real ablation then confirms.
+# same units from `ablation_sweep` (one forward pass per unit, batched).
+#
+# The estimate is a linearisation, and removing the only code of a head (`k=1`) is not a small
+# change: it zeroes that head's output. Every unit here also has codebooks downstream, whose
+# codes may switch. So expect a rough ranking, not the real sizes: in the full-size run the
+# estimates correlate with the real ablations only loosely (r ≈ 0.4) and are much smaller. Use
+# attribution patching to pick candidates cheaply, and `ablation_sweep` to measure them.
 
 # %%
 n_prompts = 16 if SMALL else 64
@@ -321,9 +325,12 @@ assert torch.isclose(torch.tensor(res.baseline), torch.tensor(m_corrupt), atol=1
 # %% [markdown]
 # One row per site and head, one column per position (the last two are the changed state's
 # digits). Earlier positions hold identical codes in both runs, so patching them does nothing:
-# a free sanity check. At the last positions we see which heads carry the state: typically a
-# head that reads the state's first digit from the previous position, and the MLP that combines
-# the two digits into the state.
+# a free sanity check. In the full-size run the whole effect sits at the **last** position:
+# the layer-0 heads and the layer-0 MLP restore most of the gap, the layer-1 MLP some, the
+# layer-1 heads nothing. The first digit's position matters nowhere, even though its token
+# differs in most prompts: the last position's layer-0 heads read that digit straight from the
+# token embedding, which no codebook carries, and assemble the state from it. (This is why
+# tutorial 3's forced codes move the next state's first digit but not fully its second.)
 
 # %%
 rows, row_names = [], []
@@ -350,9 +357,9 @@ same = frac[:, : n_pos - fsm.n_digits]
 assert torch.allclose(same[~torch.isnan(same)], torch.zeros(()), atol=1e-5)
 
 # %% [markdown]
-# Patching every site's codes at the changed positions at once is the upper bound of what the
-# codes carry (the corrupt token embeddings stay). And the attention pattern next to the codes
-# of the last layer shows where each head looks:
+# Patching every site's codes at the swept positions at once is the upper bound of what the
+# codes carry (the corrupt token embeddings stay). And layer 0's attention pattern next to its
+# codes shows where each head looks from each position (hover a head to see its pattern):
 
 # %%
 _, clean_cache = cm.run_with_cache(clean)
@@ -360,12 +367,13 @@ patch_all = [
     (codes_hook_name(s), patch_codes(clean_cache[codes_hook_name(s)], positions=positions))
     for s in cm.sites
 ]
-m_all = float(diff_metric(cm.run_with_hooks(corrupt, fwd_hooks=patch_all)))
+with torch.no_grad():
+    m_all = float(diff_metric(cm.run_with_hooks(corrupt, fwd_hooks=patch_all)))
 print(
     f"all sites at the last {n_pos} positions: metric {m_all:.3f} "
     f"({(m_all - m_corrupt) / gap if abs(gap) > 1e-6 else float('nan'):.0%} of the gap)"
 )
-attn_site = [s for s in cm.sites if "attn" in s][-1]
+attn_site = [s for s in cm.sites if "attn" in s][0]  # layer 0, where the state is assembled
 layer = attn_site.split(".")[1]
 toks = [vocab[t] for t in clean[0].tolist()]
 show(
@@ -380,15 +388,17 @@ show(
 # %% [markdown]
 # ## What the numbers should be
 #
-# At full size, the best code for a frequent state is close to a perfect detector, its direct
-# logit effect lines up with the successors' first digits, attribution patching agrees with
-# real ablation on which units matter, and the patching sweep concentrates on the last
-# positions. The checks below hold the full run to a loose version of that.
+# Measured at full size: the best code for the most frequent state fires only for it
+# (precision 1.00, recall 0.56); its direct logit effect correlates with the successors'
+# first-digit distribution (r ≈ 0.6); attribution patching ranks units only loosely (r ≈ 0.4);
+# the clean → corrupt gap closes completely when every site's codes at the last positions are
+# patched, and the sweep puts all of it on the last position. The checks below hold a full run
+# to a loose version of that.
 
 # %%
 if not SMALL:
-    assert float(r.f1[0]) > 0.8, float(r.f1[0])
+    assert float(r.precision[0]) >= 0.9, float(r.precision[0])
     assert r_dla > 0.3, r_dla
-    assert r_ap > 0.5, r_ap
     assert m_clean > m_corrupt
+    assert (m_all - m_corrupt) / gap >= 0.8, (m_all, m_corrupt, gap)
 print(f"done in {time.perf_counter() - T0:.0f} s")
