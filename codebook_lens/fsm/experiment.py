@@ -89,8 +89,11 @@ class CodebookPlan:
     """``input_norm`` of the MLP codebooks: normalising keeps their training stable (without
     it code norms grow unchecked under cosine selection and finetuning diverges)."""
 
-    dead_code_threshold: float = 1.0
-    """Re-seed codes used fewer times than this per ``replace_every`` steps (0: never)."""
+    dead_code_threshold: float = 0.0
+    """Re-seed codes used fewer times than this per ``replace_every`` steps (0: never, the
+    default). Re-seeding puts new codes where activations are dense, which splits a state over
+    several codes: measured at 1000 steps, 44 states recovered with re-seeding (threshold 1)
+    against 70 without, for transition accuracy 0.946 against 0.930."""
 
     replace_every: int = 100
     """Steps between dead-code replacements."""
@@ -111,9 +114,11 @@ class ExperimentConfig:
     plan: CodebookPlan = field(default_factory=CodebookPlan)
     """Codebook placement."""
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=1000, lr=1e-3, warmup_steps=50, log_every=50)
+        default_factory=lambda: TrainConfig(steps=1500, lr=1e-3, warmup_steps=50, log_every=50)
     )
-    """Codebook finetuning (the base model is finetuned along with the codes)."""
+    """Codebook finetuning (the base model is finetuned along with the codes). 1500 steps:
+    measured 0.959 transition accuracy and 88 states recovered, against 0.930 and 70 after
+    1000 steps."""
     batch_size: int = 64
     """Walks per finetuning batch."""
     walk_states: int = 32
@@ -128,7 +133,7 @@ class ExperimentConfig:
     """Walks whose codes are matched against the true states."""
     recovery_states: int = 32
     """States per recovery walk."""
-    intervention_prompts: int = 10
+    intervention_prompts: int = 5
     """Prompts per target state in the intervention experiment."""
     intervention_prompt_states: int = 8
     """States per intervention prompt."""
