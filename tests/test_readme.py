@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -24,3 +25,16 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert (tmp_path / "my_codebooks" / "cfg.json").exists()
     assert namespace["codes"].dtype.is_floating_point is False
     assert not namespace["patched"].equal(namespace["logits"])
+
+
+def test_own_model_snippet_names_exist():
+    # the snippet downloads a model and a dataset, so only its imports and config run here
+    code = _block("Using your own model")
+    imports = "\n".join(line for line in code.splitlines() if line.startswith(("from ", "import ")))
+    namespace: dict = {}
+    exec(compile(imports, "README.md#own-model", "exec"), namespace)
+    cfg = namespace["TrainConfig"](
+        steps=20_000, lr=1e-4, codebook_lr=1e-3, checkpoint_dir="ckpt", checkpoint_every=500
+    )
+    assert cfg.codebook_lr == 1e-3
+    assert "block_len" in inspect.signature(namespace["BlockStream"]).parameters
