@@ -16,10 +16,9 @@
 # %% [markdown]
 # # 2. TokFSM: do codes find the hidden states?
 #
-# **Time on a CPU:** at full size, roughly 10–20 minutes the first time on an idle 2-core CPU
-# (estimated: the TokFSM demo measures base model 3–5 min and codebooks 4–6 min there; this
-# notebook's run used 19 min of CPU time, and took 47 min of wall time on a heavily shared
-# machine). The base model is cached, so later runs skip its share. Under a minute with
+# **Time on a CPU:** at full size about 15 minutes the first time on an idle 2-core CPU (the
+# same steps in `make demo` measured 887 s: base model 142 s, codebook finetuning 663 s). The
+# base model is cached, so later runs skip its share. Under a minute with
 # `CODEBOOK_LENS_SMALL=1`, the size CI runs, where the model is far too small to learn the
 # language: the numbers then only show that the code runs.
 #
@@ -220,9 +219,10 @@ print("first columns:", names[:5])
 # it searches every MLP neuron of both layers and every threshold, and keeps the most precise one
 # that reaches the best code's recall. The paper reports about 97% precision for codes and about
 # 70% for neurons. On this 2-layer model single neurons turn out to be strong state detectors
-# too (full-size run: mean precision 0.98 for codes, 0.97 for neurons). The code's advantage here
-# is not precision but form: it is one discrete symbol that the model itself computes with, found
-# without a threshold search, and tutorial 3 shows that writing it changes what the model does.
+# too (full-size runs: mean precision 0.986 for codes against 0.87–0.97 for neurons). The code's
+# advantage here is less precision than form: it is one discrete symbol that the model itself
+# computes with, found without a threshold search, and tutorial 3 shows that writing it changes
+# what the model does.
 
 # %%
 present = results[cm.sites[0]].label_counts > 0
@@ -269,12 +269,12 @@ show(viz.which_code_view(toks, store.get(attn_site)[0, :n_show]), "which_code")
 # %% [markdown]
 # ## What the numbers should be
 #
-# Measured at full size with this notebook: base transition accuracy 0.98; the codebook model
-# 0.64 at attach and 0.92 after 1,000 finetuning steps; 61 of the 100 states recovered by a single
-# code at precision and recall ≥ 0.9 (most of them at the layer-0 MLP and the layer-1 heads);
-# mean best-code precision 0.98 at recall 0.89. The checks below hold a full run to a loose
-# version of that; at `SMALL` size the model has not learnt the language, so only the plumbing is
-# checked.
+# Measured at full size with the shipped settings (`make demo`, same pipeline): base transition
+# accuracy 0.983; the codebook model 0.667 at attach and 0.958 after 1,500 finetuning steps; 79 of
+# the 100 states recovered by a single code at precision and recall ≥ 0.9 (76 of them at the
+# layer-0 MLP); mean best-code precision 0.986 at recall 0.952. The checks below hold a full run
+# to a loose version of that; at `SMALL` size the model has not learnt the language, so only
+# the plumbing is checked.
 
 # %%
 for acc in (base_acc, attach_acc, cb_acc):
