@@ -178,7 +178,10 @@ def _cmd_lm_demo(args: argparse.Namespace) -> int:
         from codebook_lens.lm import run_lm_demo
     except ImportError as e:  # pragma: no cover - depends on optional extras
         raise SystemExit(f"lm-demo needs the language-model extras: {e}") from e
-    metrics = run_lm_demo(Path(args.out), small=args.small)
+    overrides: dict[str, Any] = {"progress": not args.no_progress}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    metrics = run_lm_demo(Path(args.out), small=args.small, **overrides)
     rows = [
         (k, f"{v:.4g}" if isinstance(v, float) else str(v))
         for k, v in metrics.get("summary", {}).items()
@@ -229,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lm = sub.add_parser("lm-demo", help="language model: topic codes and steering")
     lm.add_argument("--out", required=True)
-    lm.add_argument("--small", action="store_true")
+    lm.add_argument("--small", action="store_true", help="a one-minute smoke run")
+    lm.add_argument("--seed", type=int, default=None, help="seed of corpus, models and sampling")
+    lm.add_argument("--no-progress", action="store_true", help="no progress bars")
     lm.set_defaults(func=_cmd_lm_demo)
     return p
 

@@ -151,3 +151,13 @@ def test_topic_steering_hooks_overwrite_the_lowest_ranked_slots():
     )
     with pytest.raises(ValueError, match="per_head <= 4"):
         topic_steering_hooks(cm, too_many)
+
+
+def test_lm_demo_cli_flags_parse():
+    from codebook_lens.cli import build_parser
+
+    args = build_parser().parse_args(["lm-demo", "--out", "x", "--seed", "3", "--no-progress"])
+    assert (args.out, args.seed, args.no_progress, args.small) == ("x", 3, True, False)
+    assert build_parser().parse_args(["lm-demo", "--out", "x"]).seed is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["lm-demo", "--out", "x", "--seed", "three"])
