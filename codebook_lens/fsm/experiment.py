@@ -114,11 +114,13 @@ class ExperimentConfig:
     plan: CodebookPlan = field(default_factory=CodebookPlan)
     """Codebook placement."""
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=1500, lr=1e-3, warmup_steps=50, log_every=50)
+        default_factory=lambda: TrainConfig(
+            steps=1500, lr=1e-3, codebook_lr=3e-3, warmup_steps=50, log_every=50
+        )
     )
-    """Codebook finetuning (the base model is finetuned along with the codes). 1500 steps:
-    measured 0.959 transition accuracy and 88 states recovered, against 0.930 and 70 after
-    1000 steps."""
+    """Codebook finetuning (the base model is finetuned along with the codes, at a third of the
+    codes' learning rate). Measured on one base model: 0.979 transition accuracy with codebook
+    lr 3e-3 against 0.959 with 1e-3; 0.930 after 1000 steps at 1e-3."""
     batch_size: int = 64
     """Walks per finetuning batch."""
     walk_states: int = 32
