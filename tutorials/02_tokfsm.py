@@ -17,8 +17,8 @@
 # # 2. TokFSM: do codes find the hidden states?
 #
 # **Time on a CPU:** at full size about 15 minutes the first time on an idle 2-core CPU (the
-# same steps in `make demo` measured 887 s: base model 142 s, codebook finetuning 663 s). The
-# base model is cached, so later runs skip its share. Under a minute with
+# same steps in `make demo` measured 887–1,119 s, most of it codebook finetuning). The base
+# model is cached, so later runs skip its share. Under a minute with
 # `CODEBOOK_LENS_SMALL=1`, the size CI runs, where the model is far too small to learn the
 # language: the numbers then only show that the code runs.
 #
@@ -219,7 +219,7 @@ print("first columns:", names[:5])
 # it searches every MLP neuron of both layers and every threshold, and keeps the most precise one
 # that reaches the best code's recall. The paper reports about 97% precision for codes and about
 # 70% for neurons. On this 2-layer model single neurons turn out to be strong state detectors
-# too (full-size runs: mean precision 0.986 for codes against 0.87–0.97 for neurons). The code's
+# too (full-size runs: mean precision 0.996 for codes against 0.81–0.97 for neurons). The code's
 # advantage here is less precision than form: it is one discrete symbol that the model itself
 # computes with, found without a threshold search, and tutorial 3 shows that writing it changes
 # what the model does.
@@ -270,11 +270,11 @@ show(viz.which_code_view(toks, store.get(attn_site)[0, :n_show]), "which_code")
 # ## What the numbers should be
 #
 # Measured at full size with the shipped settings (`make demo`, same pipeline): base transition
-# accuracy 0.983; the codebook model 0.667 at attach and 0.958 after 1,500 finetuning steps; 79 of
-# the 100 states recovered by a single code at precision and recall ≥ 0.9 (76 of them at the
-# layer-0 MLP); mean best-code precision 0.986 at recall 0.952. The checks below hold a full run
-# to a loose version of that; at `SMALL` size the model has not learnt the language, so only
-# the plumbing is checked.
+# accuracy 0.983; the codebook model 0.651 at attach and 0.982 after 1,500 finetuning steps; 86 of
+# the 100 states recovered by a single code at precision and recall ≥ 0.9 (68 at the layer-0
+# MLP, 66 at the layer-1 MLP); mean best-code precision 0.996 at recall 0.951. The checks below
+# hold a full run to a loose version of that; at `SMALL` size the model has not learnt the
+# language, so only the plumbing is checked.
 
 # %%
 for acc in (base_acc, attach_acc, cb_acc):

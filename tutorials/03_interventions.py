@@ -17,10 +17,10 @@
 # # 3. Interventions: force a state's codes, steer generation
 #
 # **Time on a CPU:** about 1 minute at full size when tutorial 2 has run before (it caches the
-# finetuned model); otherwise add tutorial 2's training, about 13 minutes (base model and
-# finetuning measured 805 s in the TokFSM demo). Under 30 seconds with `CODEBOOK_LENS_SMALL=1`,
-# the size CI runs, where the model has not learnt the language and the numbers only show that
-# the code runs.
+# finetuned model); otherwise add tutorial 2's training, about 13–17 minutes (base model
+# and finetuning measured 805–1,010 s in the TokFSM demo). Under 30 seconds with
+# `CODEBOOK_LENS_SMALL=1`, the size CI runs, where the model has not learnt the language and the
+# numbers only show that the code runs.
 #
 # Tutorial 2 showed that codes *correlate* with the hidden state of a TokFSM walk. Correlation is
 # not use: does the model actually read the state from those codes? If it does, then writing
@@ -290,8 +290,8 @@ assert set(rates) == set(site_sets(cm))
 # positions*: the prompt's last position, and the generated first digit, where it writes the
 # codes that a *donor* walk ending in the target produces after the same first digit. It also
 # reports the last-position-only variant, which inherits the limit above. In the full-size demo
-# run: all sites 1.000, layer-0 heads alone 0.994, layer-1 heads 0.000, the MLPs 0.058 and
-# 0.002; last position only 0.000 everywhere, and 0.000 without intervention.
+# run: all sites 0.996, layer-0 heads alone 0.996, layer-1 heads 0.000, the MLPs 0.056 and
+# 0.024; last position only 0.000 everywhere, and 0.000 without intervention.
 
 # %%
 itv = interventions(cm, fsm, cfg)
