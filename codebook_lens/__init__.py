@@ -5,7 +5,12 @@ them, read their discrete codes from ``run_with_cache`` and patch them with ordi
 """
 
 from codebook_lens.config import CodebookConfig
-from codebook_lens.init import init_from_activations, kmeans, replace_dead_codes
+from codebook_lens.init import (
+    init_from_activations,
+    kmeans,
+    merge_duplicate_codes,
+    replace_dead_codes,
+)
 from codebook_lens.io import CheckpointError
 from codebook_lens.model import CodebookModel, codes_hook_name
 from codebook_lens.quantizer import Codebook, topk_codes
@@ -22,5 +27,6 @@ __all__ = [
     "topk_codes",
     "init_from_activations",
     "kmeans",
+    "merge_duplicate_codes",
     "replace_dead_codes",
 ]

@@ -66,8 +66,14 @@ class CodebookConfig:
     """During training, a code used fewer than this many times since the last replacement is
     dead and is re-seeded from recent activations. 0 disables replacement."""
 
+    merge_threshold: float = 0.0
+    """During training, a used code whose cosine similarity to a more-used code exceeds this is
+    parked (set to zero) so that its positions move to that code; 0 disables merging. See
+    :func:`~codebook_lens.init.merge_duplicate_codes`."""
+
     replace_every: int = 100
-    """Training steps between dead-code replacements (when ``dead_code_threshold > 0``)."""
+    """Training steps between codebook maintenance rounds: dead-code replacement (when
+    ``dead_code_threshold > 0``) and merging (when ``merge_threshold > 0``)."""
 
     recent_size: int = 4096
     """Activations kept (per group) as seeds for dead-code replacement."""
@@ -111,6 +117,11 @@ class CodebookConfig:
         for name in ("recon_coef", "commit_coef", "dead_code_threshold"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and v >= 0, f"{name} must be >= 0, got {v!r}")
+        need(
+            isinstance(self.merge_threshold, (int, float)) and 0 <= self.merge_threshold < 1,
+            f"merge_threshold must be in [0, 1) (a cosine similarity; 0 disables), got "
+            f"{self.merge_threshold!r}",
+        )
         need(self.chunk_mb > 0, f"chunk_mb must be > 0, got {self.chunk_mb!r}")
         need(self.recent_size >= 0, f"recent_size must be >= 0, got {self.recent_size!r}")
 

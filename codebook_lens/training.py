@@ -32,7 +32,7 @@ from codebook_lens.checkpoint import (
     save_train_state,
 )
 from codebook_lens.data import shard_batch
-from codebook_lens.init import replace_dead_codes
+from codebook_lens.init import _replace_dead, merge_duplicate_codes
 from codebook_lens.io import atomic_write_text
 from codebook_lens.model import CodebookModel
 
@@ -396,10 +396,11 @@ def train_codebooks(
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         step_opt.step()
         for cb in cbs.values():
-            if cb.cfg.dead_code_threshold > 0 and (step + 1) % cb.cfg.replace_every == 0:
+            if _maintenance_due(cb, step + 1):
                 if dist.n > 1:
                     cb.window_counts.copy_(dist.sum(cb.window_counts))
-                replace_dead_codes(cb)
+                changed = merge_duplicate_codes(cb) | _replace_dead(cb)
+                _reset_moments(opt, cb.codebook, changed)
                 with torch.no_grad():
                     dist.broadcast_(cb.codebook.data)
         last = step + 1 == cfg.steps
@@ -483,6 +484,22 @@ def _log_row(
             dead.append((delta == 0).float().mean())
         row["dead_frac"] = float(torch.stack(dead).mean())
     return row
+
+
+def _maintenance_due(cb: Any, step: int) -> bool:
+    c = cb.cfg
+    return (c.dead_code_threshold > 0 or c.merge_threshold > 0) and step % c.replace_every == 0
+
+
+@torch.no_grad()
+def _reset_moments(opt: torch.optim.Optimizer, param: Tensor, rows: Tensor) -> None:
+    """Zero the optimizer's running moments of the codes in ``rows`` ([G, N] mask): a re-seeded
+    or parked code must not keep moving on its old momentum (a parked one would drift off zero)."""
+    if not bool(rows.any()):
+        return
+    for buf in opt.state.get(param, {}).values():
+        if isinstance(buf, Tensor) and buf.shape == param.shape:
+            buf.masked_fill_(rows[..., None], 0.0)
 
 
 def _cycle(data: Iterable[Tensor]) -> Iterator[Tensor]:

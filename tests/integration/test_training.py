@@ -89,3 +89,25 @@ def test_divergence_is_reported():
         train_codebooks(
             cm, _stream(), TrainConfig(steps=3, log_every=1, progress=False), loss_fn=nan_loss
         )
+
+
+def test_merged_codes_are_parked_at_zero_and_stay_there():
+    cm = CodebookModel(make_model("hooked"))
+    cb = cm.add_codebook(
+        "blocks.0.hook_resid_post", n_codes=64, k=1, merge_threshold=0.8, replace_every=5
+    )
+    cm.init_codebooks(next(_stream(3)))  # sampled activations: many near-duplicates
+    zero_at_6: list[torch.Tensor] = []
+
+    def snapshot(m):
+        if not zero_at_6:
+            zero_at_6.append((cb.codebook.detach() == 0).all(-1).clone())
+        return {}
+
+    train_codebooks(
+        cm, _stream(), TrainConfig(steps=12, eval_every=6, progress=False), eval_fn=snapshot
+    )
+    parked = zero_at_6[0]
+    assert int(parked.sum()) > 0
+    # their optimizer moments were reset: parked codes do not drift off zero
+    assert (cb.codebook.detach()[parked] == 0).all()

@@ -46,3 +46,23 @@ def bf_quantize(x: np.ndarray, codebook: np.ndarray, cfg) -> np.ndarray:
         x = bf_layernorm(x)
     ids = bf_select(x, codebook, cfg.k, cfg.similarity)
     return bf_decode(ids, codebook, cfg.combine, cfg.k)
+
+
+def bf_merge(codebook: np.ndarray, used: np.ndarray, threshold: float) -> np.ndarray:
+    """Parked mask [G, N]: a used code with a more-used (tie: lower id) used code of cosine
+    similarity > threshold, by pairwise loops."""
+    g, n, _ = codebook.shape
+    parked = np.zeros((g, n), dtype=bool)
+    for h in range(g):
+        c = codebook[h].astype(np.float64)
+        for i in range(n):
+            if used[h, i] <= 0:
+                continue
+            for j in range(n):
+                if j == i or used[h, j] <= 0:
+                    continue
+                cos = c[i] @ c[j] / (np.linalg.norm(c[i]) * np.linalg.norm(c[j]) + 1e-30)
+                more = used[h, j] > used[h, i] or (used[h, j] == used[h, i] and j < i)
+                if cos > threshold and more:
+                    parked[h, i] = True
+    return parked
