@@ -93,11 +93,7 @@ def write_report(
     summary = {
         "headline": {a: b for a, b, _ in summary_rows(metrics)},
         "intervention per site set": {
-            k: {
-                "success_rate": v["success_rate"],
-                "jsd": v["jsd"],
-                "success_rate (last position only)": v["last_position_only"]["success_rate"],
-            }
+            k: {"success_rate": v["success_rate"], "jsd": v["jsd"]}
             for k, v in itv["per_site_set"].items()
         },
         "states recovered per site": rec["states_recovered_per_site"],
@@ -109,7 +105,8 @@ def write_report(
         f"{', '.join(cm.sites)}. Recovery is measured at each state's last digit; interventions "
         "force a target state's codes (from a donor walk ending in it) at the state positions of "
         "prompts ending in other states: the last position and the next state's first digit "
-        "(the last-position-only variant is in metrics.json)."
+        f"(forcing the last position only, all sites: "
+        f"{itv['last_position_only_success_rate']:.3f})."
     )
     return viz.save_report(
         out_dir, "TokFSM codebook features", summary, figures, _views(cm, fsm, recovery), notes

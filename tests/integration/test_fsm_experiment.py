@@ -97,8 +97,10 @@ def test_interventions_report_both_variants_with_valid_rates():
     cfg = ExperimentConfig.small()
     itv = interventions(cm, fsm, cfg)
     assert itv["n_interventions"] == fsm.n_states * cfg.intervention_prompts
-    for r in itv["per_site_set"].values():
-        for v in (r, r["last_position_only"]):
+    for name, r in itv["per_site_set"].items():
+        variants = (r, r["last_position_only"]) if name == "all" else (r,)
+        assert ("last_position_only" in r) == (name == "all")
+        for v in variants:
             assert 0.0 <= v["success_rate"] <= 1.0 and v["jsd"] >= 0.0
     assert itv["success_rate"] == itv["per_site_set"]["all"]["success_rate"]
 
