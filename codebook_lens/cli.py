@@ -36,15 +36,22 @@ def _experiment_config(args: argparse.Namespace) -> Any:
     from codebook_lens.fsm.experiment import ExperimentConfig
 
     cfg = ExperimentConfig.small() if args.small else ExperimentConfig()
-    if getattr(args, "steps", None):
-        cfg.train = dataclasses.replace(cfg.train, steps=args.steps)
-    if getattr(args, "placement", None):
-        cfg.plan = dataclasses.replace(cfg.plan, placement=args.placement)
+    _apply_codebook_args(cfg, args)
     if getattr(args, "no_progress", False):
         cfg.train = dataclasses.replace(cfg.train, progress=False)
     if getattr(args, "seed", None) is not None:
         cfg.seed = args.seed
     return cfg
+
+
+def _apply_codebook_args(cfg: Any, args: argparse.Namespace) -> None:
+    """--steps, --placement and --merge-threshold onto an ExperimentConfig."""
+    if getattr(args, "steps", None):
+        cfg.train = dataclasses.replace(cfg.train, steps=args.steps)
+    if getattr(args, "placement", None):
+        cfg.plan = dataclasses.replace(cfg.plan, placement=args.placement)
+    if getattr(args, "merge_threshold", None) is not None:
+        cfg.plan = dataclasses.replace(cfg.plan, mlp_merge_threshold=args.merge_threshold)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -123,10 +130,7 @@ def _cmd_fsm_train_codebooks(args: argparse.Namespace) -> int:
 
     base_dir, out = Path(args.base), Path(args.out)
     cfg, fsm, raw = _load_step(base_dir)
-    if args.steps:
-        cfg.train = dataclasses.replace(cfg.train, steps=args.steps)
-    if args.placement:
-        cfg.plan = dataclasses.replace(cfg.plan, placement=args.placement)
+    _apply_codebook_args(cfg, args)
     base = CodebookModel.load(base_dir / "base").detach()
     cm = attach_codebooks(base, cfg.plan, seed=cfg.seed)
     init_codebooks(cm, fsm, cfg)
@@ -201,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
         sp.add_argument("--seed", type=int, default=None)
 
+    merge_help = "merge_threshold of the MLP codebooks (default 0.85; 0 turns merging off)"
     d = sub.add_parser("demo", help="TokFSM end to end, writing DIR/report.html")
     d.add_argument("--out", required=True)
     d.add_argument("--steps", type=int, default=None, help="codebook finetuning steps")
     d.add_argument("--placement", choices=["attn", "mlp", "attn+mlp"], default=None)
+    d.add_argument("--merge-threshold", type=float, default=None, help=merge_help)
     common(d)
     d.set_defaults(func=_cmd_demo)
 
@@ -223,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--out", required=True)
     tc.add_argument("--steps", type=int, default=None)
     tc.add_argument("--placement", choices=["attn", "mlp", "attn+mlp"], default=None)
+    tc.add_argument("--merge-threshold", type=float, default=None, help=merge_help)
     tc.set_defaults(func=_cmd_fsm_train_codebooks)
     an = fsub.add_parser("analyze", help="state recovery + interventions -> DIR/analysis.json")
     an.add_argument("--model", required=True, help="output directory of train-codebooks")

@@ -37,6 +37,23 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "codebook_lens"
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs from ``/proc/stat`` (None where unavailable)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def _steal_fraction(start: tuple[int, int] | None) -> float | None:
+    """Share of CPU time the hypervisor took from this VM since ``start`` (steal time)."""
+    end = _cpu_ticks()
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    return round((end[0] - start[0]) / (end[1] - start[1]), 4)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
 
@@ -65,7 +82,10 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
         for name, v in itv["per_site_set"].items()
         if name != "all"
     ]
-    rows.append(("total time (s)", f"{metrics['timings']['total_s']:.0f}", "<= 900"))
+    t = metrics["timings"]
+    steal = t.get("cpu_steal_fraction")
+    note = f" (host CPU steal {100 * steal:.0f}%)" if steal else ""
+    rows.append(("total time (s)", f"{t['total_s']:.0f}{note}", "<= 900"))
     return rows
 
 
@@ -85,8 +105,8 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    t_start, cpu_start, ticks_start = time.perf_counter(), time.process_time(), _cpu_ticks()
+    timings: dict[str, Any] = {}
 
     def lap(name: str, t0: float) -> float:
         timings[name] = round(time.perf_counter() - t0, 2)
@@ -151,6 +171,9 @@ def run_demo(
         "config": cfg.to_dict(),
     }
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
+    timings["process_cpu_s"] = round(time.process_time() - cpu_start, 2)
+    # on a shared VM the host can take CPU time ("steal"): wall time then overstates the cost
+    timings["cpu_steal_fraction"] = _steal_fraction(ticks_start)
     metrics["timings"] = timings
     _write_json(out / "metrics.json", metrics)
     from codebook_lens.fsm.report import write_report

@@ -119,7 +119,10 @@ def test_small_demo_end_to_end(tmp_path):
         assert key in saved["recovery"]
     assert set(saved["intervention"]["per_site_set"]) == {"L0 attn", "L0 mlp", "all"}
     assert 0.0 <= saved["intervention"]["success_rate"] <= 1.0
-    assert saved["timings"]["total_s"] > 0
+    t = saved["timings"]
+    assert t["total_s"] > 0 and t["process_cpu_s"] > 0
+    assert t["total_s"] >= t["base_model_s"] + t["finetune_s"] + t["interventions_s"]
+    assert 0.0 <= t["cpu_steal_fraction"] <= 1.0  # Linux: read from /proc/stat
     fsm = FSM.load(out / "fsm.json")
     samples = json.loads((out / "samples.json").read_text())
     # the saved samples reproduce the reported accuracy
@@ -144,11 +147,16 @@ def test_cli_demo_small_runs_as_a_process(tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(
         [sys.executable, "-m", "codebook_lens.cli", "demo", "--out", str(out), "--small",
-         "--no-progress", "--cache-dir", str(tmp_path / "cache")],
+         "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--merge-threshold", "0.5"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "codebook transition accuracy" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["plan"]["mlp_merge_threshold"] == 0.5
+    saved = json.loads((out / "model" / "cfg.json").read_text())["sites"]
+    merge = {e["site"]: e["config"]["merge_threshold"] for e in saved}
+    assert merge == {s: (0.5 if "mlp" in s else 0.0) for s in merge} and len(merge) == 2
     assert (out / "report.html").exists()
     rebuilt = subprocess.run(
         [sys.executable, "-m", "codebook_lens.cli", "report", str(out)],
