@@ -17,8 +17,8 @@
 # # 3. Interventions: force a state's codes, steer generation
 #
 # **Time on a CPU:** about 1 minute at full size when tutorial 2 has run before (it caches the
-# finetuned model); otherwise add tutorial 2's training, about 13–17 minutes (base model
-# and finetuning measured 805–1,010 s in the TokFSM demo). Under 30 seconds with
+# finetuned model); otherwise add tutorial 2's training, about 9 minutes (base model and
+# finetuning measured 536 s in the TokFSM demo). Under 30 seconds with
 # `CODEBOOK_LENS_SMALL=1`, the size CI runs, where the model has not learnt the language and the
 # numbers only show that the code runs.
 #
@@ -290,8 +290,8 @@ assert set(rates) == set(site_sets(cm))
 # positions*: the prompt's last position, and the generated first digit, where it writes the
 # codes that a *donor* walk ending in the target produces after the same first digit. It also
 # reports the last-position-only variant (all sites), which inherits the limit above. In the
-# full-size demo run: all sites 0.996, layer-0 heads alone 0.996, layer-1 heads 0.000, the MLPs
-# 0.056 and 0.024; last position only 0.000, and 0.000 without intervention.
+# full-size demo run: all sites 0.996, layer-0 heads alone 0.998, layer-1 heads 0.000, the MLPs
+# 0.076 and 0.018; last position only 0.000, and 0.000 without intervention.
 
 # %%
 itv = interventions(cm, fsm, cfg)

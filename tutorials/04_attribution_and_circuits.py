@@ -17,8 +17,8 @@
 # # 4. Attribution and circuits: which codes, what they do, where the information flows
 #
 # **Time on a CPU:** about 1 minute at full size when tutorial 2 has run before (it caches the
-# finetuned model); otherwise add tutorial 2's training, about 13–17 minutes (base model
-# and finetuning measured 805–1,010 s in the TokFSM demo). Under 30 seconds with
+# finetuned model); otherwise add tutorial 2's training, about 9 minutes (base model and
+# finetuning measured 536 s in the TokFSM demo). Under 30 seconds with
 # `CODEBOOK_LENS_SMALL=1`, the size CI runs, where the model has not learnt the language and the
 # numbers only show that the code runs.
 #
