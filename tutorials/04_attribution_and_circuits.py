@@ -229,8 +229,9 @@ show(fig, "dla")
 #
 # The estimate is a linearisation, and removing the only code of a head (`k=1`) is not a small
 # change: it zeroes that head's output. Every unit here also has codebooks downstream, whose
-# codes may switch. So expect a rough ranking, not the real sizes: in the full-size run the
-# estimates correlate with the real ablations only loosely (r ≈ 0.4) and are much smaller. Use
+# codes may switch. So expect a rough ranking at best, not the real sizes: in full-size runs the
+# estimates correlated with the real ablations only loosely (r = 0.4 in one, 0.06 in the latest)
+# and were much smaller. Use
 # attribution patching to pick candidates cheaply, and `ablation_sweep` to measure them.
 
 # %%
@@ -389,9 +390,10 @@ show(
 # %% [markdown]
 # ## What the numbers should be
 #
-# Measured at full size: the best code for the most frequent state fires only for it
-# (precision 1.00, recall 0.56); its direct logit effect correlates with the successors'
-# first-digit distribution (r ≈ 0.6); attribution patching ranks units only loosely (r ≈ 0.4);
+# Measured at full size: the best code for the most frequent state fires only for it, and at
+# every occurrence (layer-0 MLP, precision 1.00, recall 1.00); its direct logit effect
+# correlates with the successors' first-digit distribution (r = 0.54); attribution patching
+# ranks units only loosely (r = 0.06 in the latest run, 0.4 in an earlier one);
 # the clean → corrupt gap closes completely when every site's codes at the last positions are
 # patched, and the sweep puts all of it on the last position. The checks below hold a full run
 # to a loose version of that.
