@@ -231,8 +231,8 @@ show(fig, "dla")
 # change: it zeroes that head's output. Every unit here also has codebooks downstream, whose
 # codes may switch. So expect a rough ranking at best, not the real sizes: in full-size runs the
 # estimates correlated with the real ablations only loosely (r = 0.4 in one, 0.06 in the latest)
-# and were much smaller. Use
-# attribution patching to pick candidates cheaply, and `ablation_sweep` to measure them.
+# and were much smaller. Use attribution patching to pick candidates cheaply, and
+# `ablation_sweep` to measure them.
 
 # %%
 n_prompts = 16 if SMALL else 64
