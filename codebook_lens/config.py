@@ -10,7 +10,7 @@ __all__ = ["CodebookConfig", "SIMILARITIES", "COMBINES", "INPUT_NORMS", "INIT_ME
 
 SIMILARITIES = ("cosine", "dot", "euclidean")
 COMBINES = ("sum", "mean")
-INPUT_NORMS = ("none", "layernorm")
+INPUT_NORMS = ("none", "layernorm", "affine")
 INIT_METHODS = ("random", "sample", "kmeans")
 
 
@@ -41,8 +41,14 @@ class CodebookConfig:
 
     input_norm: str = "none"
     """Normalise the activation before comparing it with the codes. With ``"layernorm"`` the codes
-    live in the normalised space and are what the model receives (the reference's choice, and
-    much more stable for large-norm sites such as ``hook_mlp_out``)."""
+    live in the normalised space and are what the model receives (much more stable for large-norm
+    sites such as ``hook_mlp_out``). ``"affine"`` is a LayerNorm with a learned weight and bias
+    per group (``ln_weight``/``ln_bias`` ``[n_groups, d_in]``, initialised to 1 and 0), trained
+    with the codebook's parameters and saved with them: the reference implementation's choice
+    (``torch.nn.LayerNorm`` in each of its codebook layers)."""
+
+    norm_eps: float = 1e-5
+    """Epsilon of the input LayerNorm (``"layernorm"`` and ``"affine"``)."""
 
     use_error_term: bool = False
     """Add back ``a - quantized(a)`` (as SAELens's ``use_error_term``): downstream sees the exact
@@ -123,6 +129,10 @@ class CodebookConfig:
             f"{self.merge_threshold!r}",
         )
         need(self.chunk_mb > 0, f"chunk_mb must be > 0, got {self.chunk_mb!r}")
+        need(
+            isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0,
+            f"norm_eps must be > 0, got {self.norm_eps!r}",
+        )
         need(self.recent_size >= 0, f"recent_size must be >= 0, got {self.recent_size!r}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -224,12 +224,16 @@ class Codebook(nn.Module):
         self.cfg = cfg
         g = torch.Generator().manual_seed(cfg.seed)
         init = torch.randn(cfg.n_groups, cfg.n_codes, cfg.d_in, generator=g)
-        if cfg.similarity == "cosine" or cfg.input_norm == "layernorm":
-            scale = math.sqrt(cfg.d_in) if cfg.input_norm == "layernorm" else 1.0
+        normed = cfg.input_norm in ("layernorm", "affine")
+        if cfg.similarity == "cosine" or normed:
+            scale = math.sqrt(cfg.d_in) if normed else 1.0
             init = F.normalize(init, dim=-1) * scale
         else:
             init = init / math.sqrt(cfg.d_in)
         self.codebook = nn.Parameter(init)
+        if cfg.input_norm == "affine":
+            self.ln_weight = nn.Parameter(torch.ones(cfg.n_groups, cfg.d_in))
+            self.ln_bias = nn.Parameter(torch.zeros(cfg.n_groups, cfg.d_in))
         self.hook_codes = HookPoint()
         self.register_buffer("code_counts", torch.zeros(cfg.n_groups, cfg.n_codes))
         self.register_buffer(
@@ -262,10 +266,45 @@ class Codebook(nn.Module):
         return x.reshape(-1, 1, cfg.d_in)
 
     def normalize_input(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
-        """The activation as the codes see it (LayerNorm without affine when configured)."""
-        if self.cfg.input_norm == "layernorm":
-            return F.layer_norm(x, (self.cfg.d_in,))
+        """The activation as the codes see it: unchanged, LayerNorm (``"layernorm"``), or
+        LayerNorm with the learned per-group weight and bias (``"affine"``)."""
+        cfg = self.cfg
+        if cfg.input_norm == "layernorm":
+            return F.layer_norm(x, (cfg.d_in,), eps=cfg.norm_eps)
+        if cfg.input_norm == "affine":
+            w, b = (
+                (self.ln_weight, self.ln_bias)
+                if self.grouped
+                else (self.ln_weight[0], self.ln_bias[0])
+            )
+            return F.layer_norm(x, (cfg.d_in,), eps=cfg.norm_eps) * w + b
         return x
+
+    # ------------------------------------------------------------------ checkpoint tensors
+    def extra_tensors(self) -> dict[str, Tensor]:
+        """Learned tensors other than ``codebook`` that a checkpoint keeps, by name: the affine
+        input LayerNorm's ``ln_weight`` and ``ln_bias`` ``[n_groups, d_in]`` (empty otherwise)."""
+        if self.cfg.input_norm != "affine":
+            return {}
+        return {"ln_weight": self.ln_weight, "ln_bias": self.ln_bias}
+
+    def load_extra_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Copy :meth:`extra_tensors` values in; a missing name or a wrong shape raises
+        ``ValueError`` naming both shapes."""
+        with torch.no_grad():
+            for name, param in self.extra_tensors().items():
+                if name not in tensors:
+                    raise ValueError(
+                        f"missing tensor {name!r} for a codebook with input_norm="
+                        f"{self.cfg.input_norm!r}"
+                    )
+                t = tensors[name]
+                if tuple(t.shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"{name} has shape {tuple(t.shape)}; this codebook needs "
+                        f"{tuple(param.shape)}"
+                    )
+                param.copy_(t)
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, x: Float[Tensor, "... d_in"]) -> Int[Tensor, "... k"]:

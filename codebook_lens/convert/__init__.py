@@ -1,0 +1,162 @@
+"""Readers of other formats: the reference implementation's (codebook-features 0.1.2) checkpoints.
+
+>>> from codebook_lens.convert import from_codebook_features
+>>> cm = from_codebook_features("taufeeque/TinyStories-1Layer-21M-Codebook")  # Hub id or directory
+>>> logits, cache = cm.run_with_cache(tokens)
+>>> cache["blocks.0.attn.hook_z.hook_codes"]  # [batch, pos, head, k], the reference's code ids
+
+See ``docs/paper_models.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from codebook_lens.convert.base import (
+    KNOWN_BASES,
+    boot_bridge,
+    hf_base_model,
+    load_base_weights,
+    load_into_hooked,
+)
+from codebook_lens.convert.files import (
+    ReferenceCheckpoint,
+    read_reference_checkpoint,
+    resolve_dir,
+)
+from codebook_lens.convert.placements import (
+    ARCHITECTURES,
+    PLACEMENTS,
+    REFUSED_PLACEMENTS,
+    ConvertedSite,
+    base_state_dict,
+    converted_sites,
+)
+from codebook_lens.io import CheckpointError
+from codebook_lens.model import CodebookModel
+from codebook_lens.quantizer import Codebook
+
+__all__ = [
+    "from_codebook_features",
+    "read_reference_checkpoint",
+    "ReferenceCheckpoint",
+    "ConvertedSite",
+    "converted_sites",
+    "PLACEMENTS",
+    "REFUSED_PLACEMENTS",
+    "ARCHITECTURES",
+    "KNOWN_BASES",
+    "resolve_dir",
+]
+
+
+def _model_type(ckpt: ReferenceCheckpoint) -> str:
+    archs = ckpt.config.get("architectures") or []
+    if not archs or archs[0] not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{ckpt.path}: architectures={archs}; supported reference models are "
+            f"{sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[archs[0]].model_type
+
+
+def _tl_kind(obj: Any) -> str | None:
+    names = {c.__name__ for c in type(obj).__mro__}
+    if "TransformerBridge" in names:
+        return "bridge"
+    if "HookedTransformer" in names:
+        return "hooked"
+    return None
+
+
+def _base_for(src: Any, base_model: Any) -> Any:
+    if base_model is not None:
+        return base_model
+    if str(src) in KNOWN_BASES:
+        return KNOWN_BASES[str(src)]
+    raise ValueError(
+        f"no base model given for {src!r}; pass base_model= (a Hugging Face model, a directory "
+        "or Hub id with its config and tokenizer, or a TransformerLens model). Known released "
+        f"checkpoints and their bases: {KNOWN_BASES}"
+    )
+
+
+def _tl_model(base: Any, hooked: Any, ckpt: ReferenceCheckpoint, tokenizer: Any, rev: Any):
+    model_type = _model_type(ckpt)
+    sd = base_state_dict(ckpt.state_dict)
+    kind = _tl_kind(base)
+    if kind == "bridge":
+        if getattr(base, "_weights_processed", False):
+            raise ValueError(
+                "this TransformerBridge has processed weights (enable_compatibility_mode); pass "
+                "one booted without it, or the base as a directory or Hub id"
+            )
+        load_base_weights(base.original_model, sd)
+        return base
+    hf, name, tok = hf_base_model(hooked if kind == "hooked" else base, model_type, rev)
+    load_base_weights(hf, sd)
+    if kind == "hooked":
+        load_into_hooked(base, hf)
+        return base.eval()
+    return boot_bridge(hf, name, tokenizer if tokenizer is not None else tok)
+
+
+def from_codebook_features(
+    checkpoint: str | os.PathLike,
+    base_model: str | os.PathLike | nn.Module | None = None,
+    *,
+    hf_base: str | os.PathLike | nn.Module | None = None,
+    tokenizer: Any = None,
+    revision: str | None = None,
+    base_revision: str | None = None,
+    device: str | torch.device | None = None,
+) -> CodebookModel:
+    """Open a codebook-features checkpoint as a :class:`CodebookModel`, with its exact semantics.
+
+    Args:
+        checkpoint: The reference's ``save_pretrained`` directory, or a Hub repo id (read
+            through huggingface_hub's cache; works offline with ``HF_HUB_OFFLINE=1`` once cached).
+        base_model: The model the codebooks were trained on: a Hugging Face model (its weights
+            are replaced in place by the checkpoint's), a local directory or Hub id with its
+            config and tokenizer (no base weights are downloaded), a ``TransformerBridge``
+            booted from it without compatibility mode, or on transformer-lens 3.x a
+            ``HookedTransformer`` of the same shape (then give ``hf_base`` too). Optional for
+            the paper's released checkpoints (:data:`KNOWN_BASES`).
+        hf_base: With a ``HookedTransformer`` base: the Hugging Face config source (directory,
+            Hub id or model) whose weight layout the checkpoint uses.
+        tokenizer: Tokenizer for the bridge, when the base has none to load.
+        revision: Hub revision of ``checkpoint``.
+        base_revision: Hub revision of ``base_model``.
+        device: Where to put the model (default: where the base model is).
+
+    Raises:
+        CheckpointError: unreadable or foreign files, a pickle holding non-tensors, a placement
+            that has no TransformerLens hook point, or a base model that does not fit (both
+            shapes named).
+    """
+    ckpt = read_reference_checkpoint(checkpoint, revision)
+    base = _base_for(checkpoint, base_model)
+    if _tl_kind(base) == "hooked" and hf_base is None:
+        raise ValueError("a HookedTransformer base_model needs hf_base= (the HF config source)")
+    model = _tl_model(base, hf_base, ckpt, tokenizer, base_revision)
+    if device is not None:
+        model = model.to(device)
+    cfg = model.cfg
+    sites = converted_sites(ckpt.config, ckpt.state_dict, cfg.n_layers, cfg.n_heads)
+    cm = CodebookModel(model)
+    for s in sites:
+        try:
+            cb = cm.add_codebook(s.site, Codebook(s.cfg))
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(
+                f"the checkpoint's codebook for {s.site} (codebook {tuple(s.codebook.shape)}) does "
+                f"not fit the base model: {e}"
+            ) from e
+        with torch.no_grad():
+            cb.codebook.copy_(s.codebook)
+        cb.load_extra_tensors(s.extra)
+    return cm

@@ -1,0 +1,193 @@
+"""The base model of a converted checkpoint: a Hugging Face model holding the checkpoint's weights,
+booted as a TransformerBridge (or, on transformer-lens 3.x, loaded into a HookedTransformer).
+
+The reference saves the whole wrapped model, so the checkpoint holds every base weight (finetuned
+ones included). The base model given by the user supplies the architecture (its config) and the
+tokenizer; its weights are replaced by the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from codebook_lens.io import CheckpointError
+
+__all__ = ["hf_base_model", "load_base_weights", "boot_bridge", "load_into_hooked"]
+
+KNOWN_BASES = {
+    "taufeeque/TinyStories-1Layer-21M-Codebook": "roneneldan/TinyStories-1Layer-21M",
+    "taufeeque/pythia410m_wikitext_attn_codebook_model": "EleutherAI/pythia-410m-deduped",
+}
+"""Base models of the paper's released checkpoints (used when no base model is given)."""
+
+
+def _is_hf_model(obj: Any) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(obj, PreTrainedModel)
+
+
+def hf_base_model(
+    base: str | os.PathLike | nn.Module, model_type: str, revision: str | None = None
+) -> tuple[nn.Module, str, Any]:
+    """(HF model, its name or path, tokenizer or None) for ``base``: an HF model object (used
+    in place), or a local directory or Hub id whose config builds a fresh model (no weights are
+    downloaded: the checkpoint holds them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if _is_hf_model(base):
+        model, name, tok = base, str(getattr(base.config, "_name_or_path", "") or ""), None
+    elif isinstance(base, (str, os.PathLike)):
+        name = str(base)
+        try:
+            config = AutoConfig.from_pretrained(name, revision=revision)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read the base model's config from {name!r}: {e}") from e
+        _check_type(config.model_type, model_type)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config)
+        try:
+            tok = AutoTokenizer.from_pretrained(name, revision=revision)
+        except (OSError, ValueError, KeyError):
+            tok = None
+    else:
+        raise TypeError(
+            f"base_model must be a Hugging Face model, a TransformerLens model, a local directory"
+            f" or a Hub id; got {type(base).__name__}"
+        )
+    _check_type(model.config.model_type, model_type)
+    return model.eval(), name, tok
+
+
+def _check_type(got: str, want: str) -> None:
+    if got != want:
+        raise CheckpointError(
+            f"the base model is a {got!r} model, but the checkpoint wraps a {want!r} model; "
+            "pass the base model the codebooks were trained on"
+        )
+
+
+def load_base_weights(model: nn.Module, sd: dict[str, Tensor]) -> None:
+    """Copy the checkpoint's base weights into ``model``; a shape that differs names both shapes,
+    a missing or unknown weight names the key."""
+    own = model.state_dict()
+    sd = _renamed(sd, own)
+    bad = [
+        (k, tuple(v.shape), tuple(own[k].shape))
+        for k, v in sd.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if bad:
+        k, ck, base = bad[0]
+        raise CheckpointError(
+            f"the base model does not fit the checkpoint: {k} has shape {ck} in the checkpoint "
+            f"and {base} in the base model ({len(bad)} tensors differ)"
+        )
+    unknown = [k for k in sd if k not in own and not k.endswith(_BUFFERS)]
+    if unknown:
+        raise CheckpointError(
+            f"the base model does not fit the checkpoint: it has no {unknown[0]!r} "
+            f"({len(unknown)} checkpoint tensors unknown to it)"
+        )
+    missing = [k for k in own if k not in sd and not _tied(model, k) and not k.endswith(_BUFFERS)]
+    if missing:
+        raise CheckpointError(f"the checkpoint has no base weight {missing[0]!r}")
+    with torch.no_grad():
+        model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+# weights that newer transformers name differently (old prefix, new prefix)
+_RENAMES = (("embed_out.", "lm_head."),)
+
+
+def _renamed(sd: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``sd`` with keys renamed where the model names a weight as a newer transformers does."""
+    out = {}
+    for k, v in sd.items():
+        for old, new in _RENAMES:
+            if k.startswith(old) and k not in own and new + k[len(old) :] in own:
+                k = new + k[len(old) :]
+        out[k] = v
+    return out
+
+
+# buffers that transformers versions add or drop (causal masks, rotary frequencies)
+_BUFFERS = ("attn.bias", "attn.masked_bias", "attention.bias", "attention.masked_bias", "inv_freq")
+
+
+def _tied(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` is the output embedding tied to the input one (not saved separately)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return bool(
+        out is not None
+        and inp is not None
+        and out.weight is inp.weight
+        and key.endswith("weight")
+        and key.startswith(("lm_head", "embed_out"))
+    )
+
+
+def boot_bridge(hf_model: nn.Module, name: str, tokenizer: Any) -> nn.Module:
+    """A TransformerBridge over ``hf_model`` (raw HF numerics: no compatibility mode, whose
+    weight processing would shift the logits by a per-position constant)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if tokenizer is None:
+        raise CheckpointError(
+            f"no tokenizer for the base model {name!r}; pass tokenizer=... (a tokenizer loaded "
+            "from a directory with AutoTokenizer.from_pretrained)"
+        )
+    device = next(hf_model.parameters()).device
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            name or "converted", hf_model=hf_model, tokenizer=tokenizer, device=device
+        )
+    return bridge.eval()
+
+
+def load_into_hooked(model: nn.Module, hf_model: nn.Module) -> None:
+    """Load an HF model's weights into a HookedTransformer (transformer-lens 3.x) without any
+    weight processing (no LayerNorm folding or centering), so that activations match HF."""
+    from transformer_lens.pretrained.weight_conversions import (
+        convert_gpt2_weights,
+        convert_neox_weights,
+    )
+
+    convert = {"gpt2": convert_gpt2_weights, "gpt_neox": convert_neox_weights}
+    mt = hf_model.config.model_type
+    if mt not in convert:
+        raise CheckpointError(
+            f"a HookedTransformer base is supported for {sorted(convert)} checkpoints, not {mt!r};"
+            " use a TransformerBridge (pass the base as a directory or Hub id)"
+        )
+    sd = convert[mt](hf_model, model.cfg)
+    own = model.state_dict()
+    bad = [
+        (k, tuple(v.shape), tuple(own[k].shape))
+        for k, v in sd.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if bad:
+        k, ck, base = bad[0]
+        raise CheckpointError(
+            f"the HookedTransformer does not fit the checkpoint: {k} is {ck} in the checkpoint "
+            f"and {base} in the model"
+        )
+    model.load_and_process_state_dict(
+        sd,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
