@@ -1,0 +1,208 @@
+"""What ``codebook-lens browse DIR`` reads from DIR, and :func:`write_browse_data` that writes it.
+
+Layout written by :func:`write_browse_data` (the demos call it)::
+
+    DIR/browse/browse.json           manifest: kind, vocab strings, label names, relative paths
+    DIR/browse/store/                a CodeStore over the evaluation set (with tokens)
+    DIR/browse/labels.safetensors    one label per stored position (-1 = none), if any
+    DIR/bookmarks.json               written by the browser (atomically)
+
+The manifest's paths (model, tokenizer, fsm) are relative to DIR and must stay inside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from codebook_lens.analysis.store import CodeStore
+from codebook_lens.io import CheckpointError, atomic_write_dir, atomic_write_text
+
+__all__ = ["BROWSE_FORMAT", "BrowseData", "write_browse_data", "load_browse_data", "inside"]
+
+BROWSE_FORMAT = "codebook_lens.browse"
+_VERSION = 1
+
+
+def inside(root: Path, rel: str | os.PathLike[str]) -> Path:
+    """``root / rel`` resolved, or a CheckpointError if it leaves ``root`` (``..``, absolute
+    paths, symlinks out)."""
+    root = root.resolve()
+    p = (root / rel).resolve()
+    if p != root and root not in p.parents:
+        raise CheckpointError(f"{rel!r} points outside {root}; browse reads only files under DIR")
+    return p
+
+
+def write_browse_data(
+    out_dir: str | os.PathLike[str],
+    store: CodeStore,
+    *,
+    labels: Tensor | None = None,
+    label_names: Sequence[str] | None = None,
+    vocab: Sequence[str] | None = None,
+    kind: str = "generic",
+    model: str | None = "model",
+    tokenizer: str | None = None,
+    fsm: str | None = None,
+) -> Path:
+    """Write what ``codebook-lens browse out_dir`` needs to ``out_dir/browse``; return that path.
+
+    Args:
+        out_dir: The demo's output directory (DIR).
+        store: Codes over the evaluation set, with tokens.
+        labels: One label per stored position ``[n_seq, pos]`` (-1 = none), e.g. TokFSM states
+            or ``lm-demo`` topics.
+        label_names: A name per label id (default: ``"0"``, ``"1"``, ...).
+        vocab: The text of each token id (default: the id as text).
+        kind: ``"fsm"`` (TokFSM: digit prompts, next-state distributions), ``"lm"`` or
+            ``"generic"``.
+        model: Path of the saved CodebookModel, relative to ``out_dir`` (None: none).
+        tokenizer: Path of a saved tokenizer, relative to ``out_dir``.
+        fsm: Path of ``fsm.json``, relative to ``out_dir`` (TokFSM).
+    """
+    if store.tokens is None:
+        raise ValueError("the browser needs the store's tokens; collect it with keep_tokens=True")
+    if kind not in ("fsm", "lm", "generic"):
+        raise ValueError(f"kind={kind!r}; choose 'fsm', 'lm' or 'generic'")
+    out = Path(out_dir)
+    n_labels = 0
+    if labels is not None:
+        labels = torch.as_tensor(labels).long()
+        if tuple(labels.shape) != (store.n_seq, store.seq_len):
+            raise ValueError(
+                f"labels {tuple(labels.shape)} must be [n_seq, pos] = "
+                f"{[store.n_seq, store.seq_len]} like the store"
+            )
+        n_labels = int(labels.max()) + 1 if labels.numel() else 0
+    names = list(label_names) if label_names is not None else [str(i) for i in range(n_labels)]
+    if len(names) < n_labels:
+        raise ValueError(f"{len(names)} label names for labels up to {n_labels - 1}")
+    d_vocab = int(store.d_vocab or int(store.tokens.max()) + 1)
+    vocab = list(vocab) if vocab is not None else [str(i) for i in range(d_vocab)]
+    manifest = {
+        "format": BROWSE_FORMAT,
+        "version": _VERSION,
+        "kind": kind,
+        "vocab": [str(v) for v in vocab],
+        "label_names": names if labels is not None else [],
+        "model": model,
+        "tokenizer": tokenizer,
+        "fsm": fsm,
+    }
+    with atomic_write_dir(out / "browse") as tmp:
+        store.save(tmp / "store")
+        if labels is not None:
+            save_file(
+                {"labels": labels.to(torch.int32).contiguous()}, str(tmp / "labels.safetensors")
+            )
+        atomic_write_text(tmp / "browse.json", json.dumps(manifest))
+    return out / "browse"
+
+
+@dataclass
+class BrowseData:
+    """Everything the browser serves from one DIR (the model is loaded on first use)."""
+
+    root: Path
+    """DIR, resolved."""
+    store: CodeStore
+    """The code store."""
+    vocab: list[str]
+    """Text of each token id."""
+    kind: str = "generic"
+    """``"fsm"``, ``"lm"`` or ``"generic"``."""
+    labels: Tensor | None = None
+    """Labels ``[n_seq, pos]`` (long, -1 = none), or None."""
+    label_names: list[str] = field(default_factory=list)
+    """Name of each label id."""
+    model_path: Path | None = None
+    """Saved CodebookModel directory, if any."""
+    tokenizer_path: Path | None = None
+    """Saved tokenizer directory, if any."""
+    fsm_path: Path | None = None
+    """``fsm.json`` (TokFSM), if any."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """``DIR/metrics.json`` when present."""
+
+    @property
+    def bookmarks_path(self) -> Path:
+        """Where bookmarks are written."""
+        return self.root / "bookmarks.json"
+
+
+def _opt(root: Path, rel: str | None) -> Path | None:
+    return None if rel is None else inside(root, rel)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from e
+
+
+def _vocab_from_tokenizer(path: Path | None, d_vocab: int) -> list[str] | None:
+    if path is None or not (path / "tokenizer.json").exists():
+        return None
+    from codebook_lens.lm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    return [tok.decode([i]) for i in range(d_vocab)]
+
+
+def load_browse_data(
+    root: str | os.PathLike[str],
+    store: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | None = None,
+) -> BrowseData:
+    """Read DIR: ``DIR/browse/`` as written by :func:`write_browse_data`, or an explicit
+    ``store`` (a saved CodeStore) and ``model`` (a saved CodebookModel) given by the user."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise CheckpointError(f"{root} is not a directory")
+    man_path = root / "browse" / "browse.json"
+    if store is None and not man_path.exists():
+        if (root / "store.json").exists():
+            store = root
+        else:
+            raise CheckpointError(
+                f"{root} has no browse/browse.json; re-run `codebook-lens demo` / `lm-demo` "
+                "(they write it), or pass --store STORE [--model MODEL]"
+            )
+    if store is not None:
+        cs = CodeStore.load(store)
+        mp = Path(model).resolve() if model is not None else None
+        d_vocab = int(cs.d_vocab or (int(cs.tokens.max()) + 1 if cs.tokens is not None else 0))
+        vocab = _vocab_from_tokenizer(mp / "tokenizer" if mp else None, d_vocab)
+        return BrowseData(root, cs, vocab or [str(i) for i in range(d_vocab)], model_path=mp)
+    man = _read_json(man_path)
+    if man.get("format") != BROWSE_FORMAT:
+        raise CheckpointError(f"{man_path} is not a browse manifest")
+    cs = CodeStore.load(root / "browse" / "store")
+    labels = None
+    lab_file = root / "browse" / "labels.safetensors"
+    if lab_file.exists():
+        labels = load_file(str(lab_file))["labels"].long()
+    metrics = _read_json(root / "metrics.json") if (root / "metrics.json").exists() else {}
+    mp = _opt(root, man.get("model"))
+    return BrowseData(
+        root=root,
+        store=cs,
+        vocab=list(man["vocab"]),
+        kind=man.get("kind", "generic"),
+        labels=labels,
+        label_names=list(man.get("label_names", [])),
+        model_path=Path(model).resolve() if model is not None else mp,
+        tokenizer_path=_opt(root, man.get("tokenizer")),
+        fsm_path=_opt(root, man.get("fsm")),
+        metrics=metrics,
+    )

@@ -1,0 +1,40 @@
+"""Start the browser: load DIR, build the app, serve it with uvicorn, print the URL."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+__all__ = ["serve", "LOOPBACK"]
+
+LOOPBACK = "127.0.0.1"
+"""The default host: only this machine can connect."""
+
+
+def serve(
+    root: str | os.PathLike[str],
+    store: str | os.PathLike[str] | None = None,
+    model: str | os.PathLike[str] | None = None,
+    host: str = LOOPBACK,
+    port: int = 8765,
+    log: Any = None,
+) -> None:
+    """Serve DIR (or ``store`` + ``model``) at ``http://host:port/`` until interrupted."""
+    try:
+        import uvicorn
+    except ImportError as e:  # pragma: no cover - depends on the optional extra
+        raise SystemExit(
+            "codebook-lens browse needs the browse extra: pip install 'codebook-lens[browse]'"
+        ) from e
+    from codebook_lens.browse.app import create_app
+    from codebook_lens.browse.layout import load_browse_data
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    data = load_browse_data(root, store, model)
+    log(f"loaded {data.store.n_tokens:,} positions at {len(data.store.sites)} sites")
+    app = create_app(data)
+    if host not in (LOOPBACK, "localhost", "::1"):
+        log(f"warning: serving on {host}: other machines can reach this browser")
+    print(f"codebook-lens browse: http://{host}:{port}/", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
