@@ -19,9 +19,9 @@ from torch import nn
 from codebook_lens.convert.base import (
     KNOWN_BASES,
     boot_bridge,
+    boot_hooked,
     hf_base_model,
     load_base_weights,
-    load_into_hooked,
 )
 from codebook_lens.convert.files import (
     ReferenceCheckpoint,
@@ -85,10 +85,14 @@ def _base_for(src: Any, base_model: Any) -> Any:
     )
 
 
-def _tl_model(base: Any, hooked: Any, ckpt: ReferenceCheckpoint, tokenizer: Any, rev: Any):
-    model_type = _model_type(ckpt)
+def _tl_model(base: Any, backend: str, ckpt: ReferenceCheckpoint, tokenizer: Any, rev: Any):
     sd = base_state_dict(ckpt.state_dict)
     kind = _tl_kind(base)
+    if kind == "hooked":
+        raise ValueError(
+            "pass the HookedTransformer's base as a directory or Hub id with backend='hooked' "
+            "(its weights come from the checkpoint)"
+        )
     if kind == "bridge":
         if getattr(base, "_weights_processed", False):
             raise ValueError(
@@ -97,19 +101,17 @@ def _tl_model(base: Any, hooked: Any, ckpt: ReferenceCheckpoint, tokenizer: Any,
             )
         load_base_weights(base.original_model, sd)
         return base
-    hf, name, tok = hf_base_model(hooked if kind == "hooked" else base, model_type, rev)
+    hf, name, tok = hf_base_model(base, _model_type(ckpt), rev)
     load_base_weights(hf, sd)
-    if kind == "hooked":
-        load_into_hooked(base, hf)
-        return base.eval()
-    return boot_bridge(hf, name, tokenizer if tokenizer is not None else tok)
+    tok = tokenizer if tokenizer is not None else tok
+    return boot_hooked(hf, name, tok) if backend == "hooked" else boot_bridge(hf, name, tok)
 
 
 def from_codebook_features(
     checkpoint: str | os.PathLike,
     base_model: str | os.PathLike | nn.Module | None = None,
     *,
-    hf_base: str | os.PathLike | nn.Module | None = None,
+    backend: str = "bridge",
     tokenizer: Any = None,
     revision: str | None = None,
     base_revision: str | None = None,
@@ -122,12 +124,13 @@ def from_codebook_features(
             through huggingface_hub's cache; works offline with ``HF_HUB_OFFLINE=1`` once cached).
         base_model: The model the codebooks were trained on: a Hugging Face model (its weights
             are replaced in place by the checkpoint's), a local directory or Hub id with its
-            config and tokenizer (no base weights are downloaded), a ``TransformerBridge``
-            booted from it without compatibility mode, or on transformer-lens 3.x a
-            ``HookedTransformer`` of the same shape (then give ``hf_base`` too). Optional for
-            the paper's released checkpoints (:data:`KNOWN_BASES`).
-        hf_base: With a ``HookedTransformer`` base: the Hugging Face config source (directory,
-            Hub id or model) whose weight layout the checkpoint uses.
+            config and tokenizer (no base weights are downloaded), or a ``TransformerBridge``
+            booted from it without compatibility mode (its weights are replaced in place).
+            Optional for the paper's released checkpoints (:data:`KNOWN_BASES`).
+        backend: ``"bridge"`` (``TransformerBridge.boot_transformers``, both transformer-lens
+            generations) or ``"hooked"`` (``HookedTransformer.from_pretrained_no_processing``,
+            transformer-lens 3.x, for architectures it loads; ``base_model`` a directory or
+            Hub id).
         tokenizer: Tokenizer for the bridge, when the base has none to load.
         revision: Hub revision of ``checkpoint``.
         base_revision: Hub revision of ``base_model``.
@@ -139,10 +142,10 @@ def from_codebook_features(
             shapes named).
     """
     ckpt = read_reference_checkpoint(checkpoint, revision)
+    if backend not in ("bridge", "hooked"):
+        raise ValueError(f"backend={backend!r}; choose 'bridge' or 'hooked'")
     base = _base_for(checkpoint, base_model)
-    if _tl_kind(base) == "hooked" and hf_base is None:
-        raise ValueError("a HookedTransformer base_model needs hf_base= (the HF config source)")
-    model = _tl_model(base, hf_base, ckpt, tokenizer, base_revision)
+    model = _tl_model(base, backend, ckpt, tokenizer, base_revision)
     if device is not None:
         model = model.to(device)
     cfg = model.cfg

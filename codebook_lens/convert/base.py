@@ -1,5 +1,5 @@
 """The base model of a converted checkpoint: a Hugging Face model holding the checkpoint's weights,
-booted as a TransformerBridge (or, on transformer-lens 3.x, loaded into a HookedTransformer).
+booted as a TransformerBridge (or, on transformer-lens 3.x, loaded as a HookedTransformer).
 
 The reference saves the whole wrapped model, so the checkpoint holds every base weight (finetuned
 ones included). The base model given by the user supplies the architecture (its config) and the
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from codebook_lens.io import CheckpointError
 
-__all__ = ["hf_base_model", "load_base_weights", "boot_bridge", "load_into_hooked"]
+__all__ = ["KNOWN_BASES", "hf_base_model", "load_base_weights", "boot_bridge", "boot_hooked"]
 
 KNOWN_BASES = {
     "taufeeque/TinyStories-1Layer-21M-Codebook": "roneneldan/TinyStories-1Layer-21M",
@@ -155,39 +155,43 @@ def boot_bridge(hf_model: nn.Module, name: str, tokenizer: Any) -> nn.Module:
     return bridge.eval()
 
 
-def load_into_hooked(model: nn.Module, hf_model: nn.Module) -> None:
-    """Load an HF model's weights into a HookedTransformer (transformer-lens 3.x) without any
-    weight processing (no LayerNorm folding or centering), so that activations match HF."""
-    from transformer_lens.pretrained.weight_conversions import (
-        convert_gpt2_weights,
-        convert_neox_weights,
-    )
-
-    convert = {"gpt2": convert_gpt2_weights, "gpt_neox": convert_neox_weights}
-    mt = hf_model.config.model_type
-    if mt not in convert:
-        raise CheckpointError(
-            f"a HookedTransformer base is supported for {sorted(convert)} checkpoints, not {mt!r};"
-            " use a TransformerBridge (pass the base as a directory or Hub id)"
-        )
-    sd = convert[mt](hf_model, model.cfg)
-    own = model.state_dict()
-    bad = [
-        (k, tuple(v.shape), tuple(own[k].shape))
-        for k, v in sd.items()
-        if k in own and own[k].shape != v.shape
-    ]
-    if bad:
-        k, ck, base = bad[0]
-        raise CheckpointError(
-            f"the HookedTransformer does not fit the checkpoint: {k} is {ck} in the checkpoint "
-            f"and {base} in the model"
-        )
-    model.load_and_process_state_dict(
-        sd,
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
-        refactor_factored_attn_matrices=False,
-    )
+def boot_hooked(hf_model: nn.Module, name: str, tokenizer: Any) -> nn.Module:
+    """A HookedTransformer (transformer-lens 3.x) over ``hf_model``'s weights, with no weight
+    processing (no LayerNorm folding or centering), so that activations and logits match HF.
+    ``name`` is the base's directory or official Hub name, from which TransformerLens reads the
+    config (``HookedTransformer.from_pretrained`` only takes official names)."""
+    try:
+        from transformer_lens import HookedTransformer
+        from transformer_lens import loading_from_pretrained as loading
+    except ImportError as e:
+        raise ValueError(
+            "backend='hooked' needs transformer-lens < 4 (4.x has only TransformerBridge); "
+            "use backend='bridge'"
+        ) from e
+    device = next(hf_model.parameters()).device
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            cfg = loading.get_pretrained_model_config(name, device=device)
+            sd = loading.get_pretrained_state_dict(name, cfg, hf_model)
+        except (ValueError, KeyError, NotImplementedError, OSError) as e:
+            raise CheckpointError(
+                f"TransformerLens cannot load {name!r} as a HookedTransformer "
+                f"({str(e)[:300]}); use backend='bridge'"
+            ) from e
+        model = HookedTransformer(cfg, tokenizer)
+        try:
+            model.load_and_process_state_dict(
+                sd,
+                fold_ln=False,
+                center_writing_weights=False,
+                center_unembed=False,
+                fold_value_biases=False,
+                refactor_factored_attn_matrices=False,
+            )
+        except RuntimeError as e:  # torch names both shapes
+            raise CheckpointError(
+                f"the HookedTransformer that TransformerLens builds for {name!r} does not fit "
+                f"the checkpoint: {e}"
+            ) from e
+    return model.to(device).eval()

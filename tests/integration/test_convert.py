@@ -1,0 +1,189 @@
+"""The converter against the reference's own outputs (fixtures made by codebook-features 0.1.2).
+
+For every fixture under ``tests/fixtures/codebook_features`` and on every backend this
+transformer-lens has, the converted model's logits equal the reference's within 1e-4, its codes
+equal the reference's ``hook_codebook_ids``, and with the codebooks disabled it gives the base
+model's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from codebook_lens import CheckpointError, CodebookModel, codes_hook_name
+from codebook_lens.convert import PLACEMENTS, from_codebook_features
+from tests.conftest import has_hooked_transformer
+
+ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "codebook_features"
+FIXTURES = sorted(p.name for p in ROOT.iterdir() if (p / "spec.json").exists())
+BACKENDS = [pytest.param("bridge", marks=pytest.mark.bridge), "hooked"]
+
+
+def _site(key: str) -> str:
+    """``codes/layer1_attn_preproj`` -> ``blocks.1.attn.hook_z.hook_codes``."""
+    layer, placement = key.removeprefix("codes/layer").split("_", 1)
+    return codes_hook_name(PLACEMENTS[placement][1].format(L=int(layer)))
+
+
+def _convert(name: str, backend: str) -> CodebookModel:
+    if backend == "hooked" and not has_hooked_transformer():
+        pytest.skip("this transformer-lens has no HookedTransformer")
+    d = ROOT / name
+    return from_codebook_features(d / "checkpoint", str(d / "base"), backend=backend)
+
+
+def test_fixture_set_covers_the_issue():
+    specs = [json.loads((ROOT / n / "spec.json").read_text()) for n in FIXTURES]
+    assert {s["architecture"] for s in specs} >= {"gpt2", "gpt_neox", "gpt_neo"}
+    assert {s["similarity"] for s in specs} == {"inner_product", "euclidean"}
+    assert {1, 3} <= {s["k"] for s in specs}
+    placements = {tuple(p[:2]) for s in specs for p in s["placements"]}
+    assert {("attn_preproj", "group"), ("mlp", "vanilla")} <= placements
+    assert {p[0] for p in placements} == set(PLACEMENTS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", FIXTURES)
+def test_logits_and_codes_equal_the_reference(name, backend):
+    cm = _convert(name, backend)
+    assert cm.backend == backend
+    exp = np.load(ROOT / name / "expected.npz", allow_pickle=False)
+    tokens = torch.from_numpy(exp["tokens"])
+    with torch.no_grad():
+        logits, cache = cm.run_with_cache(tokens)
+        with cm.disabled():
+            base = cm(tokens)
+    diff = (logits - torch.from_numpy(exp["logits"])).abs().max().item()
+    assert diff < 1e-4, f"{name}/{backend}: max logit difference {diff}"
+    # the codebooks matter: the base model's logits are far from the quantized ones
+    assert (logits - base).abs().max().item() > 1e-2
+    keys = [k for k in exp.files if k.startswith("codes/")]
+    assert len(keys) == len(cm.sites)
+    for key in keys:
+        np.testing.assert_array_equal(cache[_site(key)].numpy(), exp[key], err_msg=key)
+    base_diff = (base - torch.from_numpy(exp["logits_base"])).abs().max().item()
+    assert base_diff < 1e-4, f"{name}/{backend}: base logits differ by {base_diff}"
+
+
+@pytest.mark.bridge
+def test_converted_configs_have_the_reference_semantics():
+    cm = _convert("gpt2_euc_k3", "bridge")
+    cb = cm.codebooks["blocks.0.attn.hook_z"]
+    assert (cb.cfg.n_groups, cb.cfg.n_codes, cb.cfg.d_in, cb.cfg.k) == (4, 12, 4, 3)
+    assert (cb.cfg.similarity, cb.cfg.combine, cb.cfg.input_norm) == ("euclidean", "mean", "affine")
+    sd = torch.load(ROOT / "gpt2_euc_k3/checkpoint/pytorch_model.bin", weights_only=True)
+    prefix = "model.transformer.h.0.attn.codebook_layer.codebook.2."
+    torch.testing.assert_close(cb.codebook[2], sd[prefix + "codebook.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(cb.ln_bias[2], sd[prefix + "ln.bias"], rtol=0, atol=0)
+
+
+@pytest.mark.bridge
+def test_save_and_load_round_trip_with_the_base_model(tmp_path):
+    cm = _convert("neox_ip_k3", "bridge")
+    exp = np.load(ROOT / "neox_ip_k3" / "expected.npz", allow_pickle=False)
+    tokens = torch.from_numpy(exp["tokens"])
+    cm.save(tmp_path / "out")
+    again = CodebookModel.load(tmp_path / "out", model=_convert("neox_ip_k3", "bridge").detach())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again(tokens), torch.from_numpy(exp["logits"]), atol=1e-4, rtol=0
+        )
+
+
+@pytest.mark.bridge
+def test_hub_repo_ids_read_from_the_cache_offline(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    for repo, src in (("ref/ckpt", "checkpoint"), ("ref/base", "base")):
+        owner, name = repo.split("/")
+        snap = cache / f"models--{owner}--{name}" / "snapshots" / "0123abcd"
+        shutil.copytree(ROOT / "gpt2_ip_k1" / src, snap)
+        (snap.parents[1] / "refs").mkdir()
+        (snap.parents[1] / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    cm = from_codebook_features("ref/ckpt", "ref/base")
+    exp = np.load(ROOT / "gpt2_ip_k1" / "expected.npz", allow_pickle=False)
+    with torch.no_grad():
+        logits = cm(torch.from_numpy(exp["tokens"]))
+    assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < 1e-4
+    with pytest.raises(CheckpointError, match="could not get 'ref/missing'"):
+        from_codebook_features("ref/missing", "ref/base")
+
+
+def _copy(tmp_path: Path, name: str = "gpt2_ip_k1") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(ROOT / name, dst)
+    return dst
+
+
+def _edit_config(d: Path, **changes) -> None:
+    f = d / "checkpoint" / "config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize("placement", ["qkv", "attn_plus_mlp", "lm_head"])
+def test_unmappable_placements_are_refused(tmp_path, placement):
+    d = _copy(tmp_path)
+    _edit_config(d, codebook_at=[placement, "mlp"])
+    with pytest.raises(CheckpointError, match=f"codebook_at={placement!r}.*attn_preproj"):
+        from_codebook_features(d / "checkpoint", str(d / "base"))
+
+
+class _Payload:
+    """Runs code when fully unpickled."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+@pytest.mark.bridge
+@pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
+def test_a_pickle_with_objects_is_refused(tmp_path, capsys, how):
+    d = _copy(tmp_path)
+    obj = {"model.transformer.wte.weight": torch.zeros(2), "x": _Payload()}
+    file = d / "checkpoint" / "pytorch_model.bin"
+    if how == "torch.save":
+        torch.save(obj, file)
+    else:
+        with open(file, "wb") as f:
+            pickle.dump(obj, f)
+    with pytest.raises(CheckpointError, match="objects other than tensors"):
+        from_codebook_features(d / "checkpoint", str(d / "base"))
+    assert "unpickled!" not in capsys.readouterr().out
+
+
+@pytest.mark.bridge
+def test_a_base_model_that_does_not_fit_is_refused(tmp_path):
+    d = _copy(tmp_path)
+    f = d / "base" / "config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "n_embd": 32}))
+    with pytest.raises(CheckpointError, match=r"\(24, 16\) in the checkpoint and \(24, 32\)"):
+        from_codebook_features(d / "checkpoint", str(d / "base"))
+    with pytest.raises(
+        CheckpointError, match="'gpt_neox' model, but the checkpoint wraps a 'gpt2'"
+    ):
+        from_codebook_features(d / "checkpoint", str(ROOT / "neox_ip_k3" / "base"))
+
+
+@pytest.mark.bridge
+def test_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="no base model given"):
+        from_codebook_features(ROOT / "gpt2_ip_k1" / "checkpoint")
+    with pytest.raises(ValueError, match="backend='tl'"):
+        from_codebook_features(ROOT / "gpt2_ip_k1" / "checkpoint", "x", backend="tl")
+    with pytest.raises(TypeError, match="base_model"):
+        from_codebook_features(ROOT / "gpt2_ip_k1" / "checkpoint", 3)
+    with pytest.raises(CheckpointError, match="model_type 'codebook'"):
+        from_codebook_features(ROOT / "gpt2_ip_k1" / "base", "x")
