@@ -93,7 +93,9 @@ class Page:
         target = None
         deadline = time.monotonic() + 30
         while target is None:
-            pages = [t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page"]
+            pages = [
+                t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page"
+            ]
             target = pages[0] if pages else None
             if target is None and time.monotonic() > deadline:
                 raise TimeoutError("chromium opened no page")
