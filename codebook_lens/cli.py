@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from codebook_lens.backends import BACKENDS
 from codebook_lens.io import atomic_write_text
 
 __all__ = ["main", "build_parser", "format_table"]
@@ -41,6 +42,7 @@ def _experiment_config(args: argparse.Namespace) -> Any:
         cfg.train = dataclasses.replace(cfg.train, progress=False)
     if getattr(args, "seed", None) is not None:
         cfg.seed = args.seed
+    cfg.backend = getattr(args, "backend", "auto")
     return cfg
 
 
@@ -131,7 +133,8 @@ def _cmd_fsm_train_codebooks(args: argparse.Namespace) -> int:
     base_dir, out = Path(args.base), Path(args.out)
     cfg, fsm, raw = _load_step(base_dir)
     _apply_codebook_args(cfg, args)
-    base = CodebookModel.load(base_dir / "base").detach()
+    cfg.backend = args.backend
+    base = CodebookModel.load(base_dir / "base", backend=args.backend).detach()
     cm = attach_codebooks(base, cfg.plan, seed=cfg.seed)
     init_codebooks(cm, fsm, cfg)
     at_attach, _ = transition_accuracy_of(cm, fsm, cfg)
@@ -160,8 +163,8 @@ def _cmd_fsm_analyze(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model)
     cfg, fsm, _ = _load_step(model_dir)
-    cm = CodebookModel.load(model_dir / "model")
-    base = CodebookModel.load(Path(args.base) / "base").detach()
+    cm = CodebookModel.load(model_dir / "model", backend=args.backend)
+    base = CodebookModel.load(Path(args.base) / "base", backend=args.backend).detach()
     rec = state_recovery(cm, base, fsm, cfg)
     itv = interventions(cm, fsm, cfg)
     out = {"recovery": {k: v for k, v in rec.items() if not k.startswith("_")}, "intervention": itv}
@@ -182,7 +185,7 @@ def _cmd_lm_demo(args: argparse.Namespace) -> int:
         from codebook_lens.lm import run_lm_demo
     except ImportError as e:  # pragma: no cover - depends on optional extras
         raise SystemExit(f"lm-demo needs the language-model extras: {e}") from e
-    overrides: dict[str, Any] = {"progress": not args.no_progress}
+    overrides: dict[str, Any] = {"progress": not args.no_progress, "backend": args.backend}
     if args.seed is not None:
         overrides["seed"] = args.seed
     metrics = run_lm_demo(Path(args.out), small=args.small, **overrides)
@@ -199,7 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="codebook-lens", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
+    def backend(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--backend",
+            choices=BACKENDS,
+            default="auto",
+            help="TransformerLens model class: hooked (HookedTransformer, transformer-lens 3.x), "
+            "bridge (TransformerBridge) or auto (hooked where it exists, else bridge)",
+        )
+
     def common(sp: argparse.ArgumentParser) -> None:
+        backend(sp)
         sp.add_argument("--small", action="store_true", help="tiny sizes (seconds; for tests)")
         sp.add_argument("--cache-dir", default=None, help="base-model cache directory")
         sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -230,11 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--steps", type=int, default=None)
     tc.add_argument("--placement", choices=["attn", "mlp", "attn+mlp"], default=None)
     tc.add_argument("--merge-threshold", type=float, default=None, help=merge_help)
+    backend(tc)
     tc.set_defaults(func=_cmd_fsm_train_codebooks)
     an = fsub.add_parser("analyze", help="state recovery + interventions -> DIR/analysis.json")
     an.add_argument("--model", required=True, help="output directory of train-codebooks")
     an.add_argument("--base", required=True, help="output directory of train-base")
     an.add_argument("--out", required=True)
+    backend(an)
     an.set_defaults(func=_cmd_fsm_analyze)
 
     lm = sub.add_parser("lm-demo", help="language model: topic codes and steering")
@@ -242,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--small", action="store_true", help="a one-minute smoke run")
     lm.add_argument("--seed", type=int, default=None, help="seed of corpus, models and sampling")
     lm.add_argument("--no-progress", action="store_true", help="no progress bars")
+    backend(lm)
     lm.set_defaults(func=_cmd_lm_demo)
     return p
 

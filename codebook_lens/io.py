@@ -3,7 +3,8 @@
 Layout of a saved directory::
 
     cfg.json                 format marker, library version, backend, sites and their configs
-    codebooks.safetensors    "<site>.codebook" [n_groups, n_codes, d_in], "<site>.code_counts"
+    codebooks.safetensors    "<site>.codebook" [n_groups, n_codes, d_in], "<site>.code_counts",
+                             "<site>.ln_weight", "<site>.ln_bias" [n_groups, d_in] (affine norm)
     model.safetensors        (include_model=True) the base model's state dict
 """
 
@@ -13,7 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from codebook_lens.backends import (
+    HF_DIR,
+    BackendError,
+    load_weights,
+    model_spec,
+    rebuild_model,
+    write_hf_config,
+)
 from codebook_lens.config import CodebookConfig
 from codebook_lens.quantizer import Codebook
 
@@ -32,9 +40,8 @@ __all__ = [
     "atomic_write_dir",
     "atomic_write_text",
     "save_codebook_model",
+    "load_base_model",
     "load_codebook_model",
-    "model_config_dict",
-    "build_model",
 ]
 
 FORMAT = "codebook_lens"
@@ -86,52 +93,6 @@ class atomic_write_dir:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def model_config_dict(model: nn.Module) -> dict[str, Any]:
-    """The base model's config as JSON-ready data, with the class needed to rebuild it."""
-    from codebook_lens.model import _backend
-
-    backend = _backend(model)
-    cfg = model.cfg
-    if backend == "bridge" and getattr(cfg, "architecture", None) not in (
-        None,
-        "TransformerLensNative",
-    ):
-        raise CheckpointError(
-            f"include_model=True only stores HookedTransformer and native TransformerBridge "
-            f"models; this bridge wraps {cfg.architecture!r}. Save without include_model and "
-            "pass the model to CodebookModel.load(path, model)."
-        )
-    d = cfg.to_dict()
-    d = {
-        k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v)
-        for k, v in d.items()
-    }
-    d.pop("device", None)
-    json.dumps(d)  # fail here, not half-way through a write
-    return {"backend": backend, "config": d}
-
-
-def build_model(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild a (randomly initialised) base model from :func:`model_config_dict` output."""
-    cfg = dict(spec["config"])
-    if isinstance(cfg.get("dtype"), str):
-        cfg["dtype"] = getattr(torch, cfg["dtype"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        if spec["backend"] == "bridge":
-            from transformer_lens.model_bridge import TransformerBridge
-
-            return TransformerBridge.boot_native(cfg)
-        try:
-            from transformer_lens import HookedTransformer, HookedTransformerConfig
-        except ImportError as e:  # transformer-lens >= 4
-            raise CheckpointError(
-                "this checkpoint holds a HookedTransformer, which this transformer-lens version "
-                "no longer has; install transformer-lens<4 or pass a model to load()"
-            ) from e
-        return HookedTransformer(HookedTransformerConfig(**cfg))
-
-
 def save_codebook_model(cm: Any, path: str | os.PathLike, include_model: bool = False) -> None:
     """Save a :class:`CodebookModel` to directory ``path`` (replaced atomically)."""
     from codebook_lens import __version__
@@ -142,15 +103,19 @@ def save_codebook_model(cm: Any, path: str | os.PathLike, include_model: bool = 
         "library_version": __version__,
         "backend": cm.backend,
         "sites": [{"site": s, "config": cb.cfg.to_dict()} for s, cb in cm.codebooks.items()],
-        "model": model_config_dict(cm.model) if include_model else None,
+        "model": model_spec(cm.model) if include_model else None,
     }
     tensors = {}
     for site, cb in cm.codebooks.items():
         tensors[f"{site}.codebook"] = cb.codebook.detach().contiguous().cpu()
         tensors[f"{site}.code_counts"] = cb.code_counts.detach().contiguous().cpu()
+        for name, t in cb.extra_tensors().items():  # e.g. the affine input LayerNorm
+            tensors[f"{site}.{name}"] = t.detach().contiguous().cpu()
     with atomic_write_dir(path) as tmp:
         save_file(tensors, str(tmp / "codebooks.safetensors"), metadata={"format": FORMAT})
         if include_model:
+            if meta["model"]["source"] == "hf":
+                write_hf_config(cm.model, tmp / HF_DIR)
             sd = {k: v.detach().contiguous().cpu() for k, v in cm.model.state_dict().items()}
             save_file(_untie(sd), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         (tmp / "cfg.json").write_text(json.dumps(meta, indent=2))
@@ -198,27 +163,42 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from e
 
 
-def load_codebook_model(path: str | os.PathLike, model: nn.Module | None = None) -> Any:
-    """Rebuild a saved :class:`CodebookModel` on ``model`` (or the saved base model)."""
+def load_base_model(path: str | os.PathLike, backend: str = "auto") -> nn.Module:
+    """The base model saved in ``path`` with ``include_model=True``, on ``backend``.
+
+    A native model saved on either transformer-lens generation loads on the other (weights are
+    translated between the ``HookedTransformer`` and bridge layouts); a Hugging Face-booted
+    bridge is booted again from its saved config with its saved weights. The saved config is
+    data: tokenizer names and ``trust_remote_code`` in it are ignored.
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    spec = meta.get("model")
+    if not spec:
+        raise CheckpointError(
+            f"{path} was saved without the base model; pass it: "
+            "CodebookModel.load(path, model), or save with include_model=True"
+        )
+    sd = _load_tensors(path / "model.safetensors")
+    try:
+        model = rebuild_model(spec, path, backend)
+        load_weights(model, sd, spec)
+    except (BackendError, RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot rebuild the base model saved in {path}: {e}") from e
+    return model.eval()
+
+
+def load_codebook_model(
+    path: str | os.PathLike, model: nn.Module | None = None, backend: str = "auto"
+) -> Any:
+    """Rebuild a saved :class:`CodebookModel` on ``model`` (or the saved base model, on
+    ``backend``)."""
     from codebook_lens.model import CodebookModel
 
     path = Path(path)
     meta = _read_meta(path)
     if model is None:
-        if not meta.get("model"):
-            raise CheckpointError(
-                f"{path} was saved without the base model; pass it: "
-                "CodebookModel.load(path, model), or save with include_model=True"
-            )
-        model = build_model(meta["model"])
-        sd = _load_tensors(path / "model.safetensors")
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if unexpected or [m for m in missing if not m.endswith(("IGNORE", "mask"))]:
-            raise CheckpointError(
-                f"model.safetensors does not fit the saved config: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
-        model.eval()
+        model = load_base_model(path, backend)
     tensors = _load_tensors(path / "codebooks.safetensors")
     cm = CodebookModel(model)
     for entry in meta["sites"]:
@@ -242,4 +222,10 @@ def load_codebook_model(path: str | os.PathLike, model: nn.Module | None = None)
             counts = tensors.get(f"{site}.code_counts")
             if counts is not None:
                 cb.code_counts.copy_(counts)
+        try:
+            cb.load_extra_tensors(
+                {n: tensors[f"{site}.{n}"] for n in cb.extra_tensors() if f"{site}.{n}" in tensors}
+            )
+        except ValueError as e:
+            raise CheckpointError(f"codebooks.safetensors, {site}: {e}") from e
     return cm

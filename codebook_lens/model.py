@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from codebook_lens.backends import backend_of
 from codebook_lens.config import CodebookConfig
 from codebook_lens.init import init_from_activations
 from codebook_lens.quantizer import Codebook
@@ -44,18 +45,6 @@ class _Attachment:
     handle: Any  # TL LensHandle of the permanent hook
 
 
-def _backend(model: nn.Module) -> str:
-    names = {c.__name__ for c in type(model).__mro__}
-    if "TransformerBridge" in names:
-        return "bridge"
-    if "HookedTransformer" in names or hasattr(model, "hook_dict"):
-        return "hooked"
-    raise TypeError(
-        f"CodebookModel wraps a transformer_lens HookedTransformer or TransformerBridge, got "
-        f"{type(model).__name__}"
-    )
-
-
 class CodebookModel(nn.Module):
     """A TransformerLens model with codebook quantizers at some of its hook points.
 
@@ -67,7 +56,7 @@ class CodebookModel(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.backend = _backend(model)
+        self.backend = backend_of(model)
         self.model = model
         self._cbs = nn.ModuleDict()
         self._att: dict[str, _Attachment] = {}
@@ -422,11 +411,15 @@ class CodebookModel(nn.Module):
         save_codebook_model(self, path, include_model=include_model)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> CodebookModel:
-        """Rebuild a saved CodebookModel on ``model`` (or on the saved base model)."""
+    def load(
+        cls, path: str | os.PathLike, model: nn.Module | None = None, backend: str = "auto"
+    ) -> CodebookModel:
+        """Rebuild a saved CodebookModel on ``model``, or on the base model saved with
+        ``include_model=True``, built on ``backend`` (``"auto"``, ``"hooked"``, ``"bridge"``;
+        a checkpoint from either transformer-lens generation loads on the other)."""
         from codebook_lens.io import load_codebook_model
 
-        return load_codebook_model(path, model)
+        return load_codebook_model(path, model, backend)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}, sites={self.sites}"

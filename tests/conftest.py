@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 import torch
+
+from codebook_lens.backends import build_model, has_hooked_transformer, tl_version
 
 # Tiny models run fastest on one thread, and CI shares 2 cores with subprocess tests.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -26,30 +27,20 @@ TINY = dict(
 )
 
 
-def has_hooked_transformer() -> bool:
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def make_model(backend: str = "auto", **overrides):
+    """A tiny random model; ``backend`` is "hooked", "bridge" or "auto" (the installed
+    transformer-lens's default). "hooked" skips on transformer-lens 4.x."""
+    if backend == "hooked" and not has_hooked_transformer():
+        pytest.skip(f"transformer-lens {tl_version()} has no HookedTransformer")
+    return build_model({**TINY, **overrides}, backend)
 
 
-def make_model(backend: str, **overrides):
-    """A tiny random model; ``backend`` is "hooked" or "bridge"."""
-    cfg = {**TINY, **overrides}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        if backend == "hooked":
-            if not has_hooked_transformer():
-                pytest.skip("this transformer-lens has no HookedTransformer")
-            from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-            model = HookedTransformer(HookedTransformerConfig(**cfg))
-        else:
-            from transformer_lens.model_bridge import TransformerBridge
-
-            model = TransformerBridge.boot_native(dict(cfg))
-    return model.eval()
+needs_hooked = pytest.mark.skipif(
+    not has_hooked_transformer(), reason="needs HookedTransformer (transformer-lens 3.x)"
+)
+needs_tl4 = pytest.mark.skipif(
+    has_hooked_transformer(), reason="checks transformer-lens 4.x behaviour"
+)
 
 
 @pytest.fixture(params=["hooked", pytest.param("bridge", marks=pytest.mark.bridge)])

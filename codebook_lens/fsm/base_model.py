@@ -1,23 +1,23 @@
-"""Train the TokFSM base model: a small ``HookedTransformer`` on random-walk token sequences."""
+"""Train the TokFSM base model: a small transformer on random-walk token sequences."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Float
-from torch import Tensor
-from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from torch import Tensor, nn
 
+from codebook_lens.backends import backend_of, build_model
 from codebook_lens.fsm.data import TokFSMStream, eval_set
 from codebook_lens.fsm.machine import FSM
 from codebook_lens.fsm.metrics import evaluate_transition_accuracy
+from codebook_lens.model import CodebookModel
+from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
 
 __all__ = [
     "BaseTrainConfig",
@@ -87,6 +87,8 @@ class BaseTrainConfig:
     """Seed of the model initialisation and of the training stream."""
     eval_every: int = 0
     """Evaluate transition accuracy every this many steps (``0``: only at the end)."""
+    log_every: int = 50
+    """Steps between loss read-outs in the history (the loop's only host syncs)."""
     eval_prompts: int = 128
     """Prompts per transition-accuracy evaluation."""
     eval_prompt_states: int = 8
@@ -118,16 +120,12 @@ def base_model_config(
     d_mlp: int = BaseTrainConfig.d_mlp,
     n_ctx: int = BaseTrainConfig.n_ctx,
     seed: int = 0,
-    device: str | torch.device | None = None,
-) -> HookedTransformerConfig:
-    """``HookedTransformerConfig`` for a TokFSM base model (GELU MLPs, LayerNorm, learned
-    positional embeddings, ``d_vocab = fsm.d_vocab``)."""
+) -> dict[str, Any]:
+    """TransformerLens config (a dict, for either backend) of a TokFSM base model: GELU MLPs,
+    LayerNorm, learned positional embeddings, ``d_vocab = fsm.d_vocab``."""
     if d_model % n_heads:
         raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
-    kwargs: dict[str, Any] = {}
-    if device is not None:
-        kwargs["device"] = str(device)
-    return HookedTransformerConfig(
+    return dict(
         n_layers=n_layers,
         d_model=d_model,
         n_heads=n_heads,
@@ -138,7 +136,6 @@ def base_model_config(
         act_fn="gelu",
         normalization_type="LN",
         seed=seed,
-        **kwargs,
     )
 
 
@@ -168,21 +165,9 @@ def sinusoidal_positions(n_ctx: int, d_model: int) -> Float[Tensor, "n_ctx d_mod
     return table.float()
 
 
-def _lr_lambda(cfg: BaseTrainConfig) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        span = max(1, cfg.steps - cfg.warmup_steps)
-        progress = min(1.0, (step - cfg.warmup_steps) / span)
-        cos = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cos
-
-    return f
-
-
 def train_base_model(
     fsm: FSM,
-    cfg: HookedTransformerConfig | None = None,
+    cfg: dict[str, Any] | None = None,
     steps: int | None = None,
     batch_size: int | None = None,
     n_steps_per_walk: int | None = None,
@@ -190,130 +175,124 @@ def train_base_model(
     seed: int | None = None,
     progress: bool = True,
     eval_every: int | None = None,
-    callback: Callable[[int, HookedTransformer, dict[str, float]], bool | None] | None = None,
     *,
     train_cfg: BaseTrainConfig | None = None,
-) -> tuple[HookedTransformer, History]:
-    """Train a ``HookedTransformer`` on TokFSM walks with the next-token loss.
+    backend: str = "auto",
+) -> tuple[nn.Module, History]:
+    """Train a TokFSM base model with the next-token loss, through
+    :func:`~codebook_lens.training.train_codebooks` (the package's one training loop).
 
     Every position predicts the next token (BOS predicts the first digit, and so on). AdamW,
-    linear warmup then cosine decay to ``min_lr_ratio * lr``, global-norm gradient clipping.
+    linear warm-up then cosine decay to ``min_lr_ratio * lr``, global-norm gradient clipping.
     Arguments left as ``None`` come from ``train_cfg`` (default :class:`BaseTrainConfig`).
 
     Args:
         fsm: The machine generating the data.
-        cfg: Model config; default :func:`base_model_config` from ``train_cfg``'s architecture.
-            Its ``device`` is where training runs.
+        cfg: Model config (a TransformerLens config dict); default :func:`base_model_config`
+            from ``train_cfg``'s architecture.
         steps, batch_size, n_steps_per_walk, lr, seed, eval_every: Override ``train_cfg``.
         progress: Show a tqdm bar with the loss.
-        callback: ``callback(step, model, info)`` after every optimizer step (``step`` counts
-            from 1); ``info`` holds ``loss`` and ``lr``, plus ``transition_accuracy`` on
-            evaluation steps. Returning ``True`` stops training.
         train_cfg: Training hyper-parameters.
+        backend: ``"auto"``, ``"hooked"`` or ``"bridge"`` (see :mod:`codebook_lens.backends`).
 
     Returns:
         ``(model, history)``; ``model`` is in eval mode. ``history`` has lists ``step``,
-        ``loss``, ``lr`` (every step) and ``eval_step``, ``transition_accuracy`` (sampled
-        continuations of held-out prompts, see :func:`evaluate_transition_accuracy`),
-        ``eval_loss`` (held-out walks), ``time_s`` (wall seconds since the start, evaluations
-        included), recorded at evaluations and always at the last step; plus ``loss_floor``
-        (one value: the best achievable loss, :func:`loss_floor`).
+        ``loss``, ``lr`` (every ``log_every`` steps, mean loss since the last row) and
+        ``eval_step``, ``transition_accuracy`` (sampled continuations of held-out prompts, see
+        :func:`evaluate_transition_accuracy`), ``eval_loss`` (held-out walks), ``time_s`` (wall
+        seconds since the start), recorded at evaluations and always at the last step; plus
+        ``loss_floor`` (one value: the best achievable loss, :func:`loss_floor`).
     """
-    overrides = {
-        k: v
-        for k, v in dict(
-            steps=steps,
-            batch_size=batch_size,
-            n_steps_per_walk=n_steps_per_walk,
-            lr=lr,
-            seed=seed,
-            eval_every=eval_every,
-        ).items()
-        if v is not None
-    }
-    tc = dataclasses.replace(train_cfg or BaseTrainConfig(), **overrides)
+    overrides = dict(
+        steps=steps, batch_size=batch_size, n_steps_per_walk=n_steps_per_walk, lr=lr, seed=seed,
+        eval_every=eval_every,
+    )  # fmt: skip
+    tc = dataclasses.replace(
+        train_cfg or BaseTrainConfig(), **{k: v for k, v in overrides.items() if v is not None}
+    )
     if cfg is None:
         cfg = base_model_config(
             fsm, tc.n_layers, tc.d_model, tc.n_heads, tc.d_mlp, tc.n_ctx, seed=tc.seed
         )
-    if cfg.d_vocab != fsm.d_vocab:
-        raise ValueError(f"cfg.d_vocab={cfg.d_vocab} but the FSM has d_vocab={fsm.d_vocab}")
+    _check_lengths(fsm, cfg, tc)
+    model = build_model(cfg, backend)
+    if (
+        tc.pos_init == "sinusoidal"
+        and cfg.get("positional_embedding_type", "standard") == "standard"
+    ):
+        _init_positions(model)
+    device = next(model.parameters()).device
+    stream = TokFSMStream(fsm, tc.batch_size, tc.n_steps_per_walk, seed=tc.seed, device=device)
+    held_out = eval_set(fsm, tc.eval_prompts, tc.n_steps_per_walk, seed=tc.eval_seed).to(device)
+    t0 = time.perf_counter()
+
+    def eval_fn(cm: CodebookModel) -> dict[str, float]:
+        return {**_evaluate(cm, fsm, tc, held_out), "time_s": time.perf_counter() - t0}
+
+    result = train_codebooks(
+        CodebookModel(model),
+        stream,
+        TrainConfig(
+            steps=tc.steps,
+            lr=tc.lr,
+            weight_decay=tc.weight_decay,
+            warmup_steps=tc.warmup_steps,
+            min_lr_frac=tc.min_lr_ratio,
+            grad_clip=tc.grad_clip,
+            log_every=tc.log_every,
+            eval_every=tc.eval_every,
+            progress=progress,
+            allow_no_codebooks=True,
+        ),  # fmt: skip
+        eval_fn=eval_fn,
+    )
+    return model.eval(), _history(result, loss_floor(fsm, tc.n_steps_per_walk))
+
+
+def _check_lengths(fsm: FSM, cfg: dict[str, Any], tc: BaseTrainConfig) -> None:
+    if cfg["d_vocab"] != fsm.d_vocab:
+        raise ValueError(f"cfg d_vocab={cfg['d_vocab']} but the FSM has d_vocab={fsm.d_vocab}")
     seq_len = 1 + tc.n_steps_per_walk * fsm.n_digits
-    if seq_len > cfg.n_ctx:
+    if seq_len > cfg["n_ctx"]:
         raise ValueError(
             f"walks of {tc.n_steps_per_walk} states are {seq_len} tokens, more than "
-            f"n_ctx={cfg.n_ctx}; lower n_steps_per_walk or raise n_ctx"
+            f"n_ctx={cfg['n_ctx']}; lower n_steps_per_walk or raise n_ctx"
         )
     eval_len = 1 + (tc.eval_prompt_states + tc.eval_new_states) * fsm.n_digits
-    if eval_len > cfg.n_ctx:
+    if eval_len > cfg["n_ctx"]:
         raise ValueError(
-            f"evaluation needs {eval_len} tokens, more than n_ctx={cfg.n_ctx}; lower "
+            f"evaluation needs {eval_len} tokens, more than n_ctx={cfg['n_ctx']}; lower "
             "eval_prompt_states / eval_new_states"
         )
 
-    model = HookedTransformer(cfg)
-    device = next(model.parameters()).device
-    if tc.pos_init == "sinusoidal" and cfg.positional_embedding_type == "standard":
-        with torch.no_grad():
-            w_pos = model.pos_embed.W_pos
-            rms = w_pos.pow(2).mean().sqrt()
-            w_pos.copy_(sinusoidal_positions(cfg.n_ctx, cfg.d_model).to(w_pos) * rms)
-    stream = TokFSMStream(fsm, tc.batch_size, tc.n_steps_per_walk, seed=tc.seed, device=device)
-    held_out = eval_set(fsm, tc.eval_prompts, tc.n_steps_per_walk, seed=tc.eval_seed).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc))
 
-    history: History = {
-        k: []
-        for k in ("step", "loss", "lr", "eval_step", "transition_accuracy", "eval_loss", "time_s")
+@torch.no_grad()
+def _init_positions(model: nn.Module) -> None:
+    """Overwrite the learned positional embeddings with the sinusoidal table at their RMS."""
+    pe = model.pos_embed
+    w_pos = pe.W_pos if backend_of(model) == "hooked" else pe.weight
+    rms = w_pos.pow(2).mean().sqrt()
+    w_pos.copy_(sinusoidal_positions(w_pos.shape[0], w_pos.shape[1]).to(w_pos) * rms)
+
+
+def _history(result: TrainResult, floor: float) -> History:
+    rows, evals = result.history, result.evals
+    return {
+        "step": [r["step"] for r in rows],
+        "loss": [r["loss"] for r in rows],
+        "lr": [r["lr"] for r in rows],
+        "eval_step": [e["step"] for e in evals],
+        "transition_accuracy": [e["transition_accuracy"] for e in evals],
+        "eval_loss": [e["eval_loss"] for e in evals],
+        "time_s": [e["time_s"] for e in evals],
+        "loss_floor": [floor],
     }
-    history["loss_floor"] = [loss_floor(fsm, tc.n_steps_per_walk)]
-    t0 = time.perf_counter()
-
-    def record_eval(step: int, info: dict[str, float]) -> None:
-        info.update(_evaluate(model, fsm, tc, held_out))
-        history["eval_step"].append(step)
-        history["transition_accuracy"].append(info["transition_accuracy"])
-        history["eval_loss"].append(info["eval_loss"])
-        history["time_s"].append(time.perf_counter() - t0)
-
-    bar = tqdm(range(1, tc.steps + 1), disable=not progress, desc="TokFSM base model")
-    for step in bar:
-        model.train()
-        tokens = next(stream)
-        loss = model(tokens, return_type="loss")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        cur_lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-
-        info = {"loss": float(loss.detach()), "lr": cur_lr}
-        history["step"].append(step)
-        history["loss"].append(info["loss"])
-        history["lr"].append(cur_lr)
-        if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
-            record_eval(step, info)
-            bar.set_postfix(loss=f"{info['loss']:.3f}", acc=f"{info['transition_accuracy']:.3f}")
-        elif step % 10 == 0:
-            bar.set_postfix(loss=f"{info['loss']:.3f}")
-        if callback is not None and callback(step, model, info):
-            if "transition_accuracy" not in info:
-                record_eval(step, info)
-            break
-    bar.close()
-    model.eval()
-    return model, history
 
 
 @torch.no_grad()
 def _evaluate(
-    model: HookedTransformer, fsm: FSM, tc: BaseTrainConfig, held_out: torch.Tensor
+    model: nn.Module, fsm: FSM, tc: BaseTrainConfig, held_out: torch.Tensor
 ) -> dict[str, float]:
-    model.eval()
     eval_loss = float(model(held_out, return_type="loss"))
     acc, _ = evaluate_transition_accuracy(
         model,
@@ -323,5 +302,4 @@ def _evaluate(
         n_new_states=tc.eval_new_states,
         seed=tc.eval_seed,
     )
-    model.train()
     return {"transition_accuracy": acc, "eval_loss": eval_loss}

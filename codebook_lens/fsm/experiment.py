@@ -155,6 +155,9 @@ class ExperimentConfig:
     """States per intervention prompt."""
     seed: int = 0
     """Seed of codebook initialisation and data streams."""
+    backend: str = "auto"
+    """TransformerLens backend of the base model: ``"auto"``, ``"hooked"`` or ``"bridge"``
+    (:func:`~codebook_lens.backends.resolve_backend`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -212,7 +215,7 @@ def get_base_model(
     """
     path = None if cache_dir is None else Path(cache_dir) / f"tokfsm-base-{_base_key(cfg)}"
     if path is not None and (path / "cfg.json").exists():
-        model = CodebookModel.load(path).detach()
+        model = CodebookModel.load(path, backend=cfg.backend).detach()
         info = json.loads((path / "train_info.json").read_text())
         return model, {**info, "cached": True}
     mcfg = base_model_config(
@@ -220,7 +223,9 @@ def get_base_model(
         cfg.base.n_ctx, seed=cfg.base.seed,
     )  # fmt: skip
     t0 = time.perf_counter()
-    model, history = train_base_model(fsm, mcfg, progress=progress, train_cfg=cfg.base)
+    model, history = train_base_model(
+        fsm, mcfg, progress=progress, train_cfg=cfg.base, backend=cfg.backend
+    )
     info = {"train_seconds": time.perf_counter() - t0, "history": history}
     if path is not None:
         CodebookModel(model).save(path, include_model=True)

@@ -4,8 +4,8 @@ The whole path of the paper's language-model half, offline and on a CPU:
 
 1. generate the topic-stories corpus (:mod:`codebook_lens.lm.corpus`) and train a byte-level
    BPE tokenizer on it;
-2. train a small ``HookedTransformer`` on packed 128-token blocks (:class:`BlockStream`) with
-   the generic trainer;
+2. train a small transformer (``HookedTransformer`` or ``TransformerBridge``) on packed
+   128-token blocks (:class:`BlockStream`) with the generic trainer;
 3. attach one codebook per attention head at every layer's ``attn.hook_z`` (k codes active per
    head), initialise it from activations and finetune; compare held-out loss before and after;
 4. collect codes on held-out stories and rank them by precision against the per-token topic
@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from codebook_lens.analysis import attribution_by_site, collect_codes
+from codebook_lens.backends import build_model
 from codebook_lens.data import BlockStream, pack_labelled_blocks
 from codebook_lens.io import atomic_write_text
 from codebook_lens.lm.corpus import (
@@ -104,6 +104,8 @@ class LMDemoConfig:
     """Seed of corpus, model initialisation, batches and sampling."""
     progress: bool = True
     """Show progress bars."""
+    backend: str = "auto"
+    """TransformerLens backend: ``"auto"``, ``"hooked"`` or ``"bridge"``."""
 
     def __post_init__(self) -> None:
         if self.steer_per_head is not None and not 1 <= self.steer_per_head <= self.k:
@@ -144,10 +146,9 @@ class LMDemoConfig:
 
 
 def build_lm(tokenizer: Any, cfg: LMDemoConfig) -> Any:
-    """A randomly initialised ``HookedTransformer`` for ``tokenizer`` (seeded by ``cfg.seed``)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    hcfg = HookedTransformerConfig(
+    """A randomly initialised TransformerLens model for ``tokenizer`` (seeded by ``cfg.seed``)
+    on ``cfg.backend``."""
+    model_cfg = dict(
         n_layers=cfg.n_layers,
         d_model=cfg.d_model,
         n_heads=cfg.n_heads,
@@ -159,9 +160,7 @@ def build_lm(tokenizer: Any, cfg: LMDemoConfig) -> Any:
         normalization_type="LN",
         seed=cfg.seed,
     )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return HookedTransformer(hcfg, tokenizer=tokenizer).eval()
+    return build_model(model_cfg, cfg.backend, tokenizer=tokenizer)
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -46,11 +45,9 @@ def batches() -> list[torch.Tensor]:
 
 def build() -> CodebookModel:
     """The tiny model with one per-head and one flat codebook, initialised from data."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from codebook_lens.backends import build_model
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = HookedTransformer(HookedTransformerConfig(**TINY))
+    model = build_model(TINY)
     cm = CodebookModel(model)
     cm.add_codebook("blocks.0.attn.hook_z", n_codes=16, k=2)
     cm.add_codebook("blocks.1.hook_mlp_out", n_codes=16, k=1, input_norm="layernorm")

@@ -25,7 +25,7 @@ from tests.conftest import make_model
 
 def _tiny_cm():
     fsm = FSM(20, 4, seed=0)
-    model = make_model("hooked", n_ctx=33, d_vocab=fsm.d_vocab)
+    model = make_model(n_ctx=33, d_vocab=fsm.d_vocab)
     cfg = ExperimentConfig.small()
     cm = attach_codebooks(model, cfg.plan, seed=0)
     cm.init_codebooks(eval_set(fsm, 16, 8, seed=1))

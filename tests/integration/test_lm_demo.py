@@ -116,7 +116,7 @@ def test_topic_steering_hooks_overwrite_the_lowest_ranked_slots():
     from codebook_lens.lm.steering import TopicCodes
     from tests.conftest import make_model
 
-    cm = CodebookModel(make_model("hooked"))
+    cm = CodebookModel(make_model())
     site = "blocks.1.attn.hook_z"
     cm.add_codebook(site, n_codes=16, k=4)
     chosen = TopicCodes(

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from codebook_lens.backends import build_model
 from codebook_lens.data import BlockStream, encode_texts, hf_texts, pack_blocks, pydoc_texts
 from codebook_lens.lm.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
 
@@ -40,10 +41,8 @@ def test_save_load_gives_the_same_tokenizer(tok, tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_transformer_lens_accepts_it(tok):
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
+def test_transformer_lens_accepts_it(tok, backend):
+    cfg = dict(
         n_layers=1,
         d_model=32,
         n_heads=2,
@@ -56,7 +55,7 @@ def test_transformer_lens_accepts_it(tok):
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = HookedTransformer(cfg, tokenizer=tok)
+        model = build_model(cfg, backend, tokenizer=tok)
     text = "def f(x):\n    return x  # Ünïcode"
     toks = model.to_tokens(text)
     assert toks[0, 0] == 0 and (toks[0, 1:] != 0).all()  # exactly one BOS

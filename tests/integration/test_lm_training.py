@@ -45,7 +45,7 @@ def _global_rng_stream(batch=8):
 
 def _cm(dead=False):
     torch.manual_seed(0)
-    cm = CodebookModel(make_model("hooked"))
+    cm = CodebookModel(make_model())
     kw = dict(dead_code_threshold=1.0, replace_every=3) if dead else {}
     cm.add_codebook("blocks.0.attn.hook_z", n_codes=16, k=2, **kw)
     cm.add_codebook("blocks.1.hook_mlp_out", n_codes=16, k=1, input_norm="layernorm", **kw)
@@ -168,14 +168,14 @@ def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch
 def test_checkpoint_of_another_setup_is_refused(tmp_path):
     cm = _cm()
     train_codebooks(cm, _batches(2), _cfg(steps=2, checkpoint_dir=str(tmp_path)))
-    other = CodebookModel(make_model("hooked"))
+    other = CodebookModel(make_model())
     other.add_codebook("blocks.0.hook_resid_post", n_codes=8, k=1)
     with pytest.raises(CheckpointError, match="fresh checkpoint_dir"):
         train_codebooks(other, _batches(2), _cfg(steps=3, checkpoint_dir=str(tmp_path)))
 
 
 def test_plain_model_training_and_config_errors(monkeypatch):
-    model = make_model("hooked")
+    model = make_model()
     cm = CodebookModel(model)
     with pytest.raises(ValueError, match="allow_no_codebooks"):
         train_codebooks(cm, _batches(2), _cfg())

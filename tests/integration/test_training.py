@@ -19,7 +19,7 @@ def _stream(seed=0, batch=16, length=12):
 
 
 def test_training_lowers_loss_and_logs_explicit_terms():
-    cm = CodebookModel(make_model("hooked"))
+    cm = CodebookModel(make_model())
     cm.add_codebook("blocks.0.attn.hook_z", n_codes=32, k=1)
     cm.add_codebook("blocks.1.hook_mlp_out", n_codes=32, k=1, input_norm="layernorm")
     cm.init_codebooks(next(_stream(1)))
@@ -38,7 +38,7 @@ def test_training_lowers_loss_and_logs_explicit_terms():
 
 
 def test_freeze_model_trains_only_codebooks():
-    model = make_model("hooked")
+    model = make_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cm = CodebookModel(model)
     cb = cm.add_codebook("blocks.0.hook_mlp_out", n_codes=16, k=1)
@@ -51,7 +51,7 @@ def test_freeze_model_trains_only_codebooks():
 
 
 def test_dead_codes_are_reseeded_from_recent_activations():
-    cm = CodebookModel(make_model("hooked"))
+    cm = CodebookModel(make_model())
     cb = cm.add_codebook(
         "blocks.0.hook_resid_post",
         n_codes=64,
@@ -79,7 +79,7 @@ def test_dead_codes_are_reseeded_from_recent_activations():
 
 
 def test_divergence_is_reported():
-    cm = CodebookModel(make_model("hooked"))
+    cm = CodebookModel(make_model())
     cm.add_codebook("blocks.0.hook_mlp_out", n_codes=8, k=1)
 
     def nan_loss(m, t):
@@ -92,7 +92,7 @@ def test_divergence_is_reported():
 
 
 def test_merged_codes_are_parked_at_zero_and_stay_there():
-    cm = CodebookModel(make_model("hooked"))
+    cm = CodebookModel(make_model())
     cb = cm.add_codebook(
         "blocks.0.hook_resid_post", n_codes=64, k=1, merge_threshold=0.8, replace_every=5
     )

@@ -28,7 +28,7 @@ def _props(view: View) -> list[dict]:
 
 
 def test_views_from_run_with_cache(tokens):
-    cm = CodebookModel(make_model("hooked"))
+    cm = CodebookModel(make_model())
     cm.add_codebook(Z, n_codes=16, k=1)
     cm.add_codebook(MLP, n_codes=16, k=2)
     cm.init_codebooks(tokens)
