@@ -264,6 +264,63 @@ class FSM:
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: invalid FSM: {e}") from e
 
+    @classmethod
+    def from_transition_matrix(
+        cls, matrix: Float[Tensor, "state next_state"] | Any, base: int = 10, seed: int = 0
+    ) -> FSM:
+        """An FSM from a dense transition matrix ``T[a, b] = P(next = b | a)``, such as the
+        reference implementation's ``fsm.npy``: every row must have the same number of
+        non-zero entries, all equal (uniform successors), summing to 1. ``seed`` is only
+        recorded (the matrix fixes the machine).
+
+        Raises:
+            ValueError: naming the first row that is not uniform over a fixed number of states.
+        """
+        t = torch.as_tensor(matrix, dtype=torch.float64)
+        if t.dim() != 2 or t.shape[0] != t.shape[1] or t.shape[0] == 0:
+            raise ValueError(f"a transition matrix is square [N, N], got shape {tuple(t.shape)}")
+        if not torch.isfinite(t).all() or (t < 0).any():
+            raise ValueError("transition probabilities must be finite and >= 0")
+        nonzero = t > 0
+        counts = nonzero.sum(1)
+        n_edges = int(counts[0])
+        expect = torch.where(
+            nonzero, torch.full_like(t, 1.0 / max(n_edges, 1)), torch.zeros_like(t)
+        )
+        bad = (counts != n_edges) | ((t - expect).abs() > 1e-6).any(1)
+        if n_edges == 0 or bad.any():
+            row = int(bad.nonzero()[0]) if bad.any() else 0
+            raise ValueError(
+                f"row {row} of the transition matrix is not uniform over {n_edges} successors "
+                f"(it has {int(counts[row])} non-zero entries); a TokFSM has the same number of "
+                "equally likely successors for every state"
+            )
+        successors = nonzero.to(torch.int8).argsort(dim=1, descending=True, stable=True)
+        return cls(t.shape[0], n_edges, base, seed, successors=successors[:, :n_edges])
+
+    @classmethod
+    def load_npy(cls, path: str | os.PathLike[str], base: int = 10) -> FSM:
+        """Read the reference implementation's ``fsm.npy`` (its ``FSM.save``: the N x N
+        transition matrix), with ``np.load(allow_pickle=False)``; see
+        :meth:`from_transition_matrix`.
+
+        Raises:
+            FileNotFoundError: if ``path`` does not exist.
+            ValueError: if the file is not a numeric ``.npy`` array or not a TokFSM matrix.
+        """
+        import numpy as np
+
+        try:
+            matrix = np.load(path, allow_pickle=False)
+        except ValueError as e:  # object arrays need pickle; refused
+            raise ValueError(f"{path} is not a numeric .npy array ({e})") from e
+        if not isinstance(matrix, np.ndarray) or matrix.dtype.kind not in "fiub":
+            raise ValueError(f"{path} does not hold a numeric array")
+        try:
+            return cls.from_transition_matrix(matrix, base=base)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
     # ------------------------------------------------------------------ dunder
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, FSM):
