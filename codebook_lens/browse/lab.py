@@ -199,7 +199,7 @@ class ModelRunner:
         logits = cm.run_with_hooks(toks, fwd_hooks=hooks + grabs)[0, -1].float()
         codes = {s: (c if c.dim() == 3 else c[:, None]).tolist() for s, c in got.items()}
         out: dict[str, Any] = {"codes": codes, "next": self._next(logits, toks, hooks, top)}
-        out["continuation"] = self._sample(toks, hooks, n_new, seed)
+        out["continuation"] = self._sample(toks, logits, hooks, n_new, seed)
         return out
 
     def _next(self, logits: Tensor, toks: Tensor, hooks: list, top: int) -> dict[str, Any]:
@@ -237,13 +237,17 @@ class ModelRunner:
             "items": [{"id": int(i), "prob": float(v)} for v, i in zip(val.tolist(), idx.tolist())],
         }
 
-    def _sample(self, toks: Tensor, hooks: list, n_new: int, seed: int) -> list[int]:
+    def _sample(
+        self, toks: Tensor, logits: Tensor, hooks: list, n_new: int, seed: int
+    ) -> list[int]:
+        """``n_new`` sampled tokens; ``logits`` are the prompt's last-position logits."""
         cm = self.model()
         g = torch.Generator().manual_seed(seed)
         seq = toks
-        for _ in range(n_new):  # no KV cache: every step sees (and patches) the whole sequence
-            logits = cm.run_with_hooks(seq, fwd_hooks=hooks)[0, -1].float().cpu()
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)
+        for step in range(n_new):  # no KV cache: every step sees (and patches) the whole sequence
+            if step:
+                logits = cm.run_with_hooks(seq, fwd_hooks=hooks)[0, -1].float()
+            nxt = torch.multinomial(torch.softmax(logits.cpu(), -1), 1, generator=g)
             seq = torch.cat([seq, nxt.view(1, 1).to(seq.device)], dim=1)
         return seq[0, toks.shape[1] :].tolist()
 
@@ -252,11 +256,10 @@ class ModelRunner:
     def logit_effect(self, site: str, head: int, code: int, top: int = 10) -> dict[str, Any]:
         """Direct logit attribution of one code: its top and bottom tokens."""
         cm = self.model()
-        with self.lock:
-            try:
-                dla = code_logit_attribution(cm, site, codes=[code])  # [H, 1, V]
-            except (ValueError, KeyError) as e:
-                return {"available": False, "reason": str(e)}
+        try:  # reads weights only, so no lock: lab runs add hooks, not weights
+            dla = code_logit_attribution(cm, site, codes=[code])  # [H, 1, V]
+        except (ValueError, KeyError) as e:
+            return {"available": False, "reason": str(e)}
         row = dla[head if dla.shape[0] > 1 else 0, 0].float().cpu()
         k = min(top, row.numel())
         hi_v, hi_i = row.topk(k)

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["serve", "LOOPBACK"]
+__all__ = ["serve", "main", "add_arguments", "LOOPBACK"]
 
 LOOPBACK = "127.0.0.1"
 """The default host: only this machine can connect."""
@@ -38,3 +38,23 @@ def serve(
         log(f"warning: serving on {host}: other machines can reach this browser")
     print(f"codebook-lens browse: http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m codebook_lens.browse DIR [--store S --model M] [--host H] [--port N]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="codebook-lens browse", description=serve.__doc__)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    serve(args.dir, args.store, args.model, args.host, args.port)
+    return 0
+
+
+def add_arguments(p: Any) -> None:
+    """The ``browse`` arguments, shared with ``codebook-lens browse``."""
+    p.add_argument("dir", help="output of codebook-lens demo / lm-demo (or any DIR with --store)")
+    p.add_argument("--store", default=None, help="a saved CodeStore (instead of DIR/browse)")
+    p.add_argument("--model", default=None, help="a saved CodebookModel (for the Lab)")
+    p.add_argument("--host", default=LOOPBACK, help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765)
