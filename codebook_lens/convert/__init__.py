@@ -42,6 +42,7 @@ from codebook_lens.quantizer import Codebook
 
 __all__ = [
     "from_codebook_features",
+    "convert_checkpoint",
     "read_reference_checkpoint",
     "ReferenceCheckpoint",
     "ConvertedSite",
@@ -162,4 +163,24 @@ def from_codebook_features(
         with torch.no_grad():
             cb.codebook.copy_(s.codebook)
         cb.load_extra_tensors(s.extra)
+    return cm
+
+
+def convert_checkpoint(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    base_model: str | os.PathLike | nn.Module | None = None,
+    **kwargs: Any,
+) -> CodebookModel:
+    """Convert ``checkpoint`` and save it to directory ``out`` in our format with the base model
+    included, so that ``CodebookModel.load(out)`` alone restores it (no reference code, no base
+    path). A TokFSM checkpoint's ``fsm.npy`` is written beside it as ``fsm.json``
+    (:meth:`~codebook_lens.fsm.FSM.save`). ``kwargs`` go to :func:`from_codebook_features`."""
+    from codebook_lens.fsm.machine import FSM
+
+    cm = from_codebook_features(checkpoint, base_model, **kwargs)
+    src = resolve_dir(checkpoint, kwargs.get("revision"))
+    cm.save(out, include_model=True)
+    if (src / "fsm.npy").exists():
+        FSM.load_npy(src / "fsm.npy").save(os.path.join(out, "fsm.json"))
     return cm

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from codebook_lens import CheckpointError, CodebookModel, codes_hook_name
-from codebook_lens.convert import PLACEMENTS, from_codebook_features
+from codebook_lens.convert import PLACEMENTS, convert_checkpoint, from_codebook_features
+from codebook_lens.fsm import FSM
 from tests.conftest import has_hooked_transformer
 
 ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "codebook_features"
@@ -187,3 +188,39 @@ def test_argument_errors(tmp_path):
         from_codebook_features(ROOT / "gpt2_ip_k1" / "checkpoint", 3)
     with pytest.raises(CheckpointError, match="model_type 'codebook'"):
         from_codebook_features(ROOT / "gpt2_ip_k1" / "base", "x")
+
+
+@pytest.mark.bridge
+def test_convert_checkpoint_writes_a_self_contained_directory(tmp_path):
+    d = _copy(tmp_path, "neox_ip_k3")
+    shutil.copy(ROOT / "tokfsm" / "fsm.npy", d / "checkpoint" / "fsm.npy")
+    convert_checkpoint(d / "checkpoint", tmp_path / "out", str(d / "base"))
+    shutil.rmtree(d)  # nothing of the source is needed any more
+    cm = CodebookModel.load(tmp_path / "out")
+    exp = np.load(ROOT / "neox_ip_k3" / "expected.npz", allow_pickle=False)
+    with torch.no_grad():
+        logits, cache = cm.run_with_cache(torch.from_numpy(exp["tokens"]))
+    assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < 1e-4
+    np.testing.assert_array_equal(
+        cache["blocks.1.hook_mlp_out.hook_codes"].numpy(), exp["codes/layer1_mlp"]
+    )
+    assert FSM.load(tmp_path / "out" / "fsm.json") == FSM.load_npy(ROOT / "tokfsm" / "fsm.npy")
+
+
+@pytest.mark.bridge
+def test_tokfsm_analysis_runs_on_a_converted_model():
+    from codebook_lens.fsm.experiment import ExperimentConfig, interventions, state_recovery
+
+    fsm = FSM.load_npy(ROOT / "tokfsm" / "fsm.npy")
+    cm = _convert("neox_ip_k3", "bridge")  # n_ctx 16: walks of up to 7 states
+    cfg = ExperimentConfig.small()
+    cfg.recovery_walks, cfg.recovery_states = 8, 6
+    cfg.intervention_prompts, cfg.intervention_prompt_states = 1, 4
+    base = _convert("neox_ip_k3", "bridge").detach()
+    rec = state_recovery(cm, base, fsm, cfg)
+    assert 0 < rec["states_present"] <= fsm.n_states
+    assert 0.0 <= rec["mean_best_code_precision"] <= 1.0
+    itv = interventions(cm, fsm, cfg)
+    assert itv["n_interventions"] == fsm.n_states
+    assert set(itv["per_site_set"]) == {"L0 attn", "L0 mlp", "L1 attn", "L1 mlp", "all"}
+    assert 0.0 <= itv["success_rate"] <= 1.0
