@@ -41,9 +41,12 @@ class ReferenceCheckpoint:
     """Every tensor of the wrapped model, keys as saved (``model.transformer.h.0....``)."""
 
 
-def resolve_dir(src: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve_dir(
+    src: str | os.PathLike, revision: str | None = None, allow_patterns: list[str] | None = _ALLOW
+) -> Path:
     """A local directory as is, else a Hub repo id fetched into (or read from, with
-    ``HF_HUB_OFFLINE=1``) huggingface_hub's cache."""
+    ``HF_HUB_OFFLINE=1``) huggingface_hub's cache: the files matching ``allow_patterns`` (those
+    of a reference checkpoint by default; ``None`` for all)."""
     path = Path(src)
     if path.is_dir():
         return path
@@ -53,7 +56,7 @@ def resolve_dir(src: str | os.PathLike, revision: str | None = None) -> Path:
     from huggingface_hub.utils import HFValidationError
 
     try:
-        return Path(snapshot_download(str(src), revision=revision, allow_patterns=_ALLOW))
+        return Path(snapshot_download(str(src), revision=revision, allow_patterns=allow_patterns))
     except HFValidationError as e:
         raise CheckpointError(f"{src!r} is neither a local directory nor a Hub repo id") from e
     except Exception as e:  # network, missing repo, offline with an empty cache

@@ -224,3 +224,24 @@ def test_tokfsm_analysis_runs_on_a_converted_model():
     assert itv["n_interventions"] == fsm.n_states
     assert set(itv["per_site_set"]) == {"L0 attn", "L0 mlp", "L1 attn", "L1 mlp", "all"}
     assert 0.0 <= itv["success_rate"] <= 1.0
+
+
+@pytest.mark.bridge
+def test_from_pretrained_reads_our_format_from_a_dir_and_the_hub_cache(tmp_path, monkeypatch):
+    d = ROOT / "gpt2_euc_k3"
+    convert_checkpoint(d / "checkpoint", tmp_path / "local", str(d / "base"))
+    exp = np.load(d / "expected.npz", allow_pickle=False)
+    snap = tmp_path / "hub" / "models--me--converted" / "snapshots" / "feedbeef"
+    shutil.copytree(tmp_path / "local", snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("feedbeef")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    for src in (tmp_path / "local", "me/converted"):
+        cm = CodebookModel.from_pretrained(src)
+        with torch.no_grad():
+            logits = cm(torch.from_numpy(exp["tokens"]))
+        assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < 1e-4
