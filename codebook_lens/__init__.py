@@ -4,6 +4,7 @@ Attach codebooks at hook points of a ``HookedTransformer`` or ``TransformerBridg
 them, read their discrete codes from ``run_with_cache`` and patch them with ordinary hooks.
 """
 
+from codebook_lens.backends import BackendError, backend_of, boot_hf, build_model
 from codebook_lens.config import CodebookConfig
 from codebook_lens.init import (
     init_from_activations,
@@ -23,6 +24,10 @@ __all__ = [
     "Codebook",
     "CodebookModel",
     "CheckpointError",
+    "BackendError",
+    "backend_of",
+    "boot_hf",
+    "build_model",
     "codes_hook_name",
     "topk_codes",
     "init_from_activations",

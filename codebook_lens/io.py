@@ -28,6 +28,7 @@ from codebook_lens.backends import (
     load_weights,
     model_spec,
     rebuild_model,
+    resolve_backend,
     write_hf_config,
 )
 from codebook_lens.config import CodebookConfig
@@ -171,6 +172,7 @@ def load_base_model(path: str | os.PathLike, backend: str = "auto") -> nn.Module
     bridge is booted again from its saved config with its saved weights. The saved config is
     data: tokenizer names and ``trust_remote_code`` in it are ignored.
     """
+    resolve_backend(backend)  # an argument error, before any file is read
     path = Path(path)
     meta = _read_meta(path)
     spec = meta.get("model")

@@ -329,12 +329,12 @@ def train_codebooks(
         for cb in cbs.values():
             cb.window_counts.zero_()
         log_counts = {s: cb.code_counts.clone() for s, cb in cbs.items()}
-        sums = torch.zeros(3, device=device)
+        sums = torch.zeros(3, device=device, dtype=_metric_dtype(device))
         n_acc = 0
     else:
         result.resumed_from = state.step
         log_counts = {s: state.tensors[f"log_counts.{s}"].to(device) for s in cbs}
-        sums = state.tensors["sums"].to(device)
+        sums = state.tensors["sums"].to(device, _metric_dtype(device))
         n_acc = int(state.scalars["n_acc"])
     result.history, result.evals = list(state.history), list(state.evals)
     if cfg.metrics_path and dist.main:
@@ -386,7 +386,7 @@ def train_codebooks(
                 if cbs
                 else loss.new_zeros(())
             )
-            sums = sums + torch.stack([loss, task, recon]).detach().float().to(device)
+            sums = sums + torch.stack([loss, task, recon]).detach().to(sums)
             n_acc += 1
         dist.average_grads(params)
         if cfg.grad_clip > 0:
@@ -484,6 +484,12 @@ def _log_row(
             dead.append((delta == 0).float().mean())
         row["dead_frac"] = float(torch.stack(dead).mean())
     return row
+
+
+def _metric_dtype(device: torch.device) -> torch.dtype:
+    """Loss sums accumulate in float64 (exact enough to compare runs), float32 where the device
+    has no float64 (Apple MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _maintenance_due(cb: Any, step: int) -> bool:

@@ -45,6 +45,8 @@ needs_tl4 = pytest.mark.skipif(
 
 @pytest.fixture(params=["hooked", pytest.param("bridge", marks=pytest.mark.bridge)])
 def backend(request) -> str:
+    if request.param == "hooked" and not has_hooked_transformer():
+        pytest.skip(f"transformer-lens {tl_version()} has no HookedTransformer")
     return request.param
 
 

@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # 1. Quickstart: codebooks on a `HookedTransformer`
+# # 1. Quickstart: codebooks on a TransformerLens model
 #
 # **Time on a CPU:** about 2.5 minutes at full size (measured on a loaded 2-core machine);
 # under 30 seconds with `CODEBOOK_LENS_SMALL=1`, the size CI runs.
@@ -37,7 +37,8 @@
 #
 # Everything runs offline on a CPU. The model is built from a config with random weights so that
 # nothing is downloaded; with network access you can swap in a pretrained one
-# (`HookedTransformer.from_pretrained("gelu-2l")`) and every cell below works the same way.
+# (`TransformerBridge.boot_transformers("EleutherAI/pythia-70m-deduped")` on transformer-lens 4.x,
+# `HookedTransformer.from_pretrained("gelu-2l")` on 3.x) and every cell below works the same way.
 
 # %%
 import os
@@ -47,9 +48,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from codebook_lens import CodebookModel, codes_hook_name, viz
+from codebook_lens import CodebookModel, build_model, codes_hook_name, viz
 from codebook_lens.analysis import ablate_codes, collect_codes, force_codes
 from codebook_lens.training import TrainConfig, train_codebooks
 
@@ -91,8 +91,10 @@ print("size:", "small (CI)" if SMALL else "full", "| outputs in", OUT)
 # %% [markdown]
 # ## A model
 #
-# Any `HookedTransformer` works (a `TransformerBridge` too). We build one from a config and
-# keep a batch of token sequences to look at.
+# Any TransformerLens model works: a `TransformerBridge` (transformer-lens 4.x) or a
+# `HookedTransformer` (3.x). `build_model` builds one from a config with random weights, on
+# whichever the installed transformer-lens has (`backend="bridge"` or `"hooked"` to choose),
+# and we keep a batch of token sequences to look at.
 
 # %%
 if SMALL:
@@ -102,7 +104,8 @@ else:
     mcfg = dict(n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, n_ctx=64, d_vocab=500)
     n_seq, attn_codes, mlp_codes, mlp_k, train_steps = 256, 256, 1024, 4, 100
 
-model = HookedTransformer(HookedTransformerConfig(**mcfg, act_fn="gelu", seed=0)).eval()
+model = build_model({**mcfg, "act_fn": "gelu", "seed": 0})
+print(type(model).__name__)
 gen = torch.Generator().manual_seed(0)
 tokens = torch.randint(0, mcfg["d_vocab"], (n_seq, mcfg["n_ctx"]), generator=gen)
 

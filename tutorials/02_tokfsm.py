@@ -118,7 +118,7 @@ assert bool(fsm.is_edge(*fsm.tokens_to_states(walk[1:])[:2]))
 # %% [markdown]
 # ## The base model
 #
-# A small `HookedTransformer` trained on random walks (the demo's recipe). `get_base_model`
+# A small transformer trained on random walks (the demo's recipe). `get_base_model`
 # trains it once and caches it under the key of its settings, so the next run loads it. We
 # measure **transition accuracy**: sample continuations of held-out prompts and count the
 # fraction of consecutive state pairs that are real edges of the machine. The paper reports

@@ -24,7 +24,8 @@
 #
 # 1. a *topic-stories* corpus from a small grammar, with a ground-truth topic for every token;
 # 2. a byte-level BPE tokenizer trained locally, which TransformerLens accepts;
-# 3. a small `HookedTransformer` trained on packed blocks of text;
+# 3. a small transformer (a `TransformerBridge`; a `HookedTransformer` on 3.x) trained on
+#    packed blocks of text;
 # 4. per-head codebooks at every `attn.hook_z`, finetuned with the generic trainer (the same
 #    call runs under `accelerate launch` on several GPUs);
 # 5. topic codes found by precision against the labels, and topic steering.
@@ -251,10 +252,12 @@ print(f"total time: {time.perf_counter() - t0:.0f} s")
 #
 # ```python
 # import datasets
-# from transformer_lens import HookedTransformer
+# from transformer_lens.model_bridge import TransformerBridge
 # from codebook_lens.data import hf_texts
 #
-# model = HookedTransformer.from_pretrained("pythia-70m-deduped")
+# model = TransformerBridge.boot_transformers("EleutherAI/pythia-70m-deduped")  # TL 4.x
+# # on 3.x: from transformer_lens import HookedTransformer
+# #         model = HookedTransformer.from_pretrained("pythia-70m-deduped")
 # cm = CodebookModel(model)
 # for layer in range(model.cfg.n_layers):
 #     cm.add_codebook(f"blocks.{layer}.attn.hook_z", n_codes=10_000, k=8)   # the paper's setup

@@ -1,6 +1,7 @@
 """Integration tests for TokFSM with tiny random TransformerLens models (offline, CPU, seconds)."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ class Wrapper(torch.nn.Module):
 
 
 def test_base_model_config(fsm):
-    cfg = base_model_config(fsm)
+    cfg = SimpleNamespace(**base_model_config(fsm))
     d = BaseTrainConfig()
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.n_ctx) == (
         d.n_layers,
@@ -76,7 +77,7 @@ def test_base_model_config(fsm):
         base_model_config(fsm, d_model=30, n_heads=4)
 
 
-def test_next_state_distribution_on_hooked_transformer(fsm, tiny_model):
+def test_next_state_distribution_on_base_model(fsm, tiny_model):
     prompts = eval_set(fsm, 2, 3, seed=0)  # 7 tokens
     got = next_state_distribution(tiny_model, fsm, prompts)
     got_wrapped = next_state_distribution(Wrapper(tiny_model), fsm, prompts)
