@@ -9,9 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from codebook_lens.browse.demos import write_fsm_browse_data, write_lm_browse_data
 from codebook_lens.browse.layout import BrowseData, load_browse_data, write_browse_data
 
-__all__ = ["write_browse_data", "load_browse_data", "BrowseData", "create_app", "serve"]
+__all__ = [
+    "write_browse_data",
+    "write_fsm_browse_data",
+    "write_lm_browse_data",
+    "load_browse_data",
+    "BrowseData",
+    "create_app",
+    "serve",
+]
 
 
 def create_app(data: BrowseData, regex_budget_s: float = 2.0) -> Any:

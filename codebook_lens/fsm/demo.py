@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from codebook_lens.browse import write_fsm_browse_data
 from codebook_lens.fsm.experiment import (
     ExperimentConfig,
     attach_codebooks,
@@ -147,6 +148,7 @@ def run_demo(
 
     log("[6/6] writing artefacts")
     cm.save(out / "model", include_model=True)
+    write_fsm_browse_data(out, recovery["_store"], recovery["_labels"], fsm)  # for `browse`
     _write_json(
         out / "samples.json", {"base": base_samples.tolist(), "codebook": cb_samples.tolist()}
     )

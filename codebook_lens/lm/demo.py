@@ -31,6 +31,7 @@ from torch import Tensor
 
 from codebook_lens.analysis import attribution_by_site, collect_codes
 from codebook_lens.backends import build_model
+from codebook_lens.browse import write_lm_browse_data
 from codebook_lens.data import BlockStream, pack_labelled_blocks
 from codebook_lens.io import atomic_write_text
 from codebook_lens.lm.corpus import (
@@ -300,6 +301,7 @@ def run_lm_demo(
     store = collect_codes(cm, eval_tokens, sites, progress=False)
     n_labels = len(TOPICS) + 1
     results = attribution_by_site(store, eval_labels, sites, n_labels=n_labels)
+    write_lm_browse_data(out, store, eval_labels, tok, TOPICS)  # for `codebook-lens browse`
     chosen = {
         i: topic_codes(results, i, cfg.steer_slots, cfg.min_precision, cfg.min_count)
         for i in range(len(TOPICS))
