@@ -6,6 +6,7 @@ them, read their discrete codes from ``run_with_cache`` and patch them with ordi
 
 from codebook_lens.backends import BackendError, backend_of, boot_hf, build_model
 from codebook_lens.config import CodebookConfig
+from codebook_lens.convert import from_codebook_features
 from codebook_lens.init import (
     init_from_activations,
     kmeans,
@@ -23,6 +24,7 @@ __all__ = [
     "CodebookConfig",
     "Codebook",
     "CodebookModel",
+    "from_codebook_features",
     "CheckpointError",
     "BackendError",
     "backend_of",
