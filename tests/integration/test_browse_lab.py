@@ -115,3 +115,31 @@ def test_bad_lab_requests_are_4xx(setup, body, msg):
     r = client.post("/api/lab", json=body)
     assert 400 <= r.status_code < 500, r.text
     assert msg in r.json()["error"]
+
+
+@pytest.mark.timeout(300)
+def test_tokfsm_demo_output_is_browsable(tmp_path):
+    from codebook_lens.fsm.demo import run_demo
+    from codebook_lens.fsm.experiment import ExperimentConfig
+    from codebook_lens.fsm.machine import FSM
+    from codebook_lens.fsm.metrics import next_state_distribution
+
+    out = tmp_path / "demo_out"
+    run_demo(out, ExperimentConfig.small(), cache_dir=tmp_path / "cache", progress=False,
+             log=lambda m: None)  # fmt: skip
+    client = TestClient(create_app(load_browse_data(out)))
+    o = client.get("/api/overview").json()
+    assert o["kind"] == "fsm" and o["model"]["loaded"] and len(o["labels"]) == 20
+    best = client.get("/api/search", params={"kind": "label", "q": "07"}).json()["items"][0]
+    assert best["tp"] > 0
+    cm, fsm = CodebookModel.load(out / "model").eval(), FSM.load(out / "fsm.json")
+    res = lab(client, prompt="12 07", top=20)
+    assert res["tokens"] == [fsm.bos, 1, 2, 0, 7]
+    nxt = res["unpatched"]["next"]
+    assert nxt["kind"] == "state" and nxt["last_state"] == 7
+    assert nxt["successors"] == fsm.successors[7].tolist()
+    want = next_state_distribution(cm, fsm, torch.tensor([res["tokens"]]))[0]
+    got = {it["id"]: it["prob"] for it in nxt["items"]}
+    assert got == pytest.approx({i: float(p) for i, p in enumerate(want)}, abs=1e-5)
+    bad = client.post("/api/lab", json={"prompt": "1a"})
+    assert bad.status_code == 400 and "digits" in bad.json()["error"]
