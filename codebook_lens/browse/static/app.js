@@ -235,7 +235,11 @@ function labSide(title, side, base, texts) {
     return el("tr", {}, td(el("span", { class: "tok" + (it.valid === false ? " invalid" : it.valid ? " valid" : "") }, nx.kind === "state" ? it.text : show(tokText(it.id)))),
       td(fmt(it.prob), true), td(hbar(it.prob)), b && side !== base ? td(fmt(it.prob - b.prob), true) : null);
   });
-  const cont = side.continuation.map((id) => tokText(id)).join(KIND === "fsm" ? "" : "");
+  let cont = side.continuation.map((id) => tokText(id)).join("");
+  if (nx.kind === "state" && nx.items.length) { // TokFSM: one group of digits per state
+    const nd = nx.items[0].text.length;
+    cont = cont.replace(new RegExp(`(\\d{${nd}})`, "g"), "$1 ").trim();
+  }
   return el("div", { class: "card lab-side", id: `lab-${title.toLowerCase()}` }, el("h3", {}, title),
     el("div", {}, nx.kind === "state" ? `next-state distribution (last state ${nx.last_state ?? "–"}; successors in green)` : "next-token distribution"),
     table(["next", { t: "prob", num: 1 }, "", side !== base ? { t: "Δ vs unpatched", num: 1 } : null].filter(Boolean), nrows, "next"),
