@@ -421,5 +421,19 @@ class CodebookModel(nn.Module):
 
         return load_codebook_model(path, model, backend)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_dir: str | os.PathLike,
+        model: nn.Module | None = None,
+        backend: str = "auto",
+        revision: str | None = None,
+    ) -> CodebookModel:
+        """:meth:`load` from a local directory or a Hugging Face Hub repo id (through
+        huggingface_hub's cache; offline with ``HF_HUB_OFFLINE=1`` once cached)."""
+        from codebook_lens.convert.files import resolve_dir
+
+        return cls.load(resolve_dir(repo_id_or_dir, revision, None), model, backend)
+
     def extra_repr(self) -> str:
         return f"backend={self.backend}, sites={self.sites}"

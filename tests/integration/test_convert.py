@@ -245,3 +245,24 @@ def test_from_pretrained_reads_our_format_from_a_dir_and_the_hub_cache(tmp_path,
         with torch.no_grad():
             logits = cm(torch.from_numpy(exp["tokens"]))
         assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cli_convert(tmp_path, capsys, backend):
+    from codebook_lens.cli import main
+
+    if backend == "hooked" and not has_hooked_transformer():
+        pytest.skip("this transformer-lens has no HookedTransformer")
+    d = ROOT / "neo_ip_k2"
+    out = tmp_path / "out"
+    argv = ["convert", str(d / "checkpoint"), str(out), "--base", str(d / "base")]
+    assert main([*argv, "--backend", backend]) == 0
+    assert "blocks.1.attn.hook_z" in capsys.readouterr().out
+    cm = CodebookModel.load(out)
+    exp = np.load(d / "expected.npz", allow_pickle=False)
+    with torch.no_grad():
+        logits = cm(torch.from_numpy(exp["tokens"]))
+    assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < 1e-4
+    with pytest.raises(SystemExit, match="codebook-lens convert: .*model_type 'codebook'"):
+        main(["convert", str(d / "base"), str(tmp_path / "bad"), "--base", str(d / "base")])
+    assert not (tmp_path / "bad").exists()
