@@ -6,6 +6,8 @@ codebook-lens fsm train-codebooks --base DIR --out DIR
 codebook-lens fsm analyze --model DIR --out DIR
 codebook-lens report DIR                     rebuild DIR/report.html from DIR/metrics.json
 codebook-lens lm-demo --out DIR              language-model path (topic codes, steering)
+codebook-lens browse DIR [--port N]          the code browser (a local web server) over DIR
+codebook-lens convert SRC OUT [--base BASE]  a codebook-features checkpoint -> our format
 """
 
 from __future__ import annotations
@@ -197,6 +199,33 @@ def _cmd_lm_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from codebook_lens.convert import convert_checkpoint
+    from codebook_lens.io import CheckpointError
+
+    backend = "bridge" if args.backend == "auto" else args.backend
+    try:
+        cm = convert_checkpoint(
+            args.src, args.out, args.base, backend=backend, revision=args.revision
+        )
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"codebook-lens convert: {e}") from e
+    rows = [
+        (site, str(cb.cfg.n_groups), str(cb.cfg.n_codes), str(cb.cfg.k), cb.cfg.similarity)
+        for site, cb in cm.codebooks.items()
+    ]
+    print(format_table(rows, ("site", "groups", "codes", "k", "similarity")))
+    print(f"wrote {args.out} (load it with CodebookModel.load)")
+    return 0
+
+
+def _cmd_browse(args: argparse.Namespace) -> int:
+    from codebook_lens.browse import serve
+
+    serve(args.dir, args.store, args.model, args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``codebook-lens``."""
     p = argparse.ArgumentParser(prog="codebook-lens", description=__doc__.split("\n")[0])
@@ -259,6 +288,25 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--no-progress", action="store_true", help="no progress bars")
     backend(lm)
     lm.set_defaults(func=_cmd_lm_demo)
+
+    cv = sub.add_parser(
+        "convert", help="a codebook-features (reference) checkpoint -> our format, base included"
+    )
+    cv.add_argument("src", help="the reference's save_pretrained directory, or a Hub repo id")
+    cv.add_argument("out", help="output directory (CodebookModel.load(OUT) restores it)")
+    cv.add_argument(
+        "--base",
+        default=None,
+        help="base model: directory or Hub id (optional for the paper's released checkpoints)",
+    )
+    cv.add_argument("--revision", default=None, help="Hub revision of SRC")
+    backend(cv)
+    cv.set_defaults(func=_cmd_convert)
+    br = sub.add_parser("browse", help="serve the code browser for DIR (prints its URL)")
+    from codebook_lens.browse.server import add_arguments  # no web framework imported here
+
+    add_arguments(br)
+    br.set_defaults(func=_cmd_browse)
     return p
 
 
