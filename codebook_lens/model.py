@@ -272,8 +272,12 @@ class CodebookModel(nn.Module):
             hp.fwd_hooks.remove(handle)
 
     def _ensure_hooks(self) -> None:
-        """Re-install hooks removed by ``model.reset_hooks(including_permanent=True)``."""
+        """Re-install hooks removed by ``model.reset_hooks(including_permanent=True)``, and the
+        codes hook points that a rebuilt hook registry dropped (SAELens's ``add_sae`` calls
+        ``model.setup()``)."""
         for site, att in self._att.items():
+            if codes_hook_name(site) not in self.model.hook_dict:
+                self._register_codes_hook(site, self._cbs[self._key(site)].hook_codes)
             if att.handle not in self.model.hook_dict[site].fwd_hooks:
                 self._install(site)
 
