@@ -266,3 +266,17 @@ def test_cli_convert(tmp_path, capsys, backend):
     with pytest.raises(SystemExit, match="codebook-lens convert: .*model_type 'codebook'"):
         main(["convert", str(d / "base"), str(tmp_path / "bad"), "--base", str(d / "base")])
     assert not (tmp_path / "bad").exists()
+
+
+def test_readme_section_names_exist():
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## The paper's models\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    imports = "\n".join(line for line in code.splitlines() if line.startswith("from "))
+    namespace: dict = {}
+    exec(compile(imports, "README.md#paper-models", "exec"), namespace)
+    assert namespace["from_codebook_features"] is from_codebook_features
+    assert hasattr(namespace["CodebookModel"], "from_pretrained")
+    assert (Path(__file__).resolve().parents[2] / "docs" / "paper_models.md").exists()
