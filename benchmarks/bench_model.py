@@ -3,12 +3,12 @@
     python benchmarks/bench_model.py                   # medians of 5 alternated rounds
     python benchmarks/bench_model.py --tokens 1048576 --repeats 5
 
-Part 1 runs a base HookedTransformer, the base with hooks that only run each codebook's bare
-scoring GEMM (the floor), and the same model with codebooks (a separate copy, so the base carries
-no codebook hooks), on the same batches, alternated, eval mode, no grad. Part 2 collects the
-codes of ``--tokens`` tokens into a ``CodeStore`` and runs code-label attribution (precision,
-recall, F1 of every code for 100 labels, as TokFSM states) and a token-feature attribution over
-them.
+Part 1 runs a base model (``--backend``: hooked, bridge or auto), the base with hooks that
+only run each codebook's bare scoring GEMM (the floor), and the same model with codebooks (a
+separate copy, so the base carries no codebook hooks), on the same batches, alternated, eval
+mode, no grad. Part 2 collects the codes of ``--tokens`` tokens into a ``CodeStore`` and runs
+code-label attribution (precision, recall, F1 of every code for 100 labels, as TokFSM states)
+and a token-feature attribution over them.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import copy
 import os
 import sys
 import time
-import warnings
 
 import torch
 
-from codebook_lens import CodebookModel
+from codebook_lens import CodebookModel, build_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import alternate, load_line, median, paired_ratio, print_table  # noqa: E402
@@ -42,16 +41,10 @@ MODELS = {
 }
 
 
-def build(name: str) -> tuple[torch.nn.Module, CodebookModel]:
+def build(name: str, backend: str = "auto") -> tuple[torch.nn.Module, CodebookModel]:
     """The base model and a CodebookModel on an identical copy (codebooks at every layer)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     cfg, sites = MODELS[name]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        base = HookedTransformer(
-            HookedTransformerConfig(**cfg, act_fn="gelu", normalization_type="LN", seed=0)
-        ).eval()
+    base = build_model({**cfg, "act_fn": "gelu", "normalization_type": "LN", "seed": 0}, backend)
     cm = CodebookModel(copy.deepcopy(base))
     for layer in range(cfg["n_layers"]):
         for suffix, (n_codes, k) in sites.items():
@@ -93,10 +86,12 @@ def _runners(base: torch.nn.Module, cm: CodebookModel, toks: torch.Tensor) -> di
     return {"base": run_base, "floor": run_floor, "cm": run_cm}
 
 
-def forward_table(names: list[str], batch: int, seq: int, repeats: int) -> None:
+def forward_table(
+    names: list[str], batch: int, seq: int, repeats: int, backend: str = "auto"
+) -> None:
     rows = []
     for name in names:
-        base, cm = build(name)
+        base, cm = build(name, backend)
         seq_n = min(seq, base.cfg.n_ctx)
         toks = torch.randint(0, base.cfg.d_vocab, (batch, seq_n), generator=torch.Generator())
         n_tok = batch * seq_n
@@ -115,10 +110,10 @@ def forward_table(names: list[str], batch: int, seq: int, repeats: int) -> None:
     )  # fmt: skip
 
 
-def analysis_table(n_tokens: int, batch: int, repeats: int) -> None:
+def analysis_table(n_tokens: int, batch: int, repeats: int, backend: str = "auto") -> None:
     from codebook_lens import analysis
 
-    _, cm = build("tokfsm")
+    _, cm = build("tokfsm", backend)
     seq = cm.model.cfg.n_ctx - 1
     n_seq = -(-n_tokens // seq)
     g = torch.Generator().manual_seed(0)
@@ -158,12 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=2**20, help="tokens for the analysis part")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--backend", choices=["auto", "hooked", "bridge"], default="auto")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {load_line()}\n")
-    forward_table(args.models, args.batch, args.seq, args.repeats)
+    forward_table(args.models, args.batch, args.seq, args.repeats, args.backend)
     if args.tokens > 0:
-        analysis_table(args.tokens, 256, args.repeats)
+        analysis_table(args.tokens, 256, args.repeats, args.backend)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -62,8 +61,8 @@ def tiny_model(
     k: int = 1,
     seed: int = 0,
 ) -> Any:
-    """A random native TransformerBridge (HookedTransformer on transformer-lens < 3 without
-    the bridge) with codebooks at :func:`model_sites`."""
+    """A random native TransformerBridge with codebooks at :func:`model_sites`."""
+    from codebook_lens.backends import build_model
     from codebook_lens.model import CodebookModel
 
     cfg = dict(
@@ -71,16 +70,7 @@ def tiny_model(
         d_mlp=4 * d_model, n_ctx=n_ctx, d_vocab=d_vocab, act_fn="gelu",
         normalization_type="LN", seed=seed,
     )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            from transformer_lens.model_bridge import TransformerBridge
-
-            model = TransformerBridge.boot_native(dict(cfg))
-        except ImportError:  # pragma: no cover - transformer-lens without the bridge
-            from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-            model = HookedTransformer(HookedTransformerConfig(**cfg))
+    model = build_model(cfg, "bridge")
     torch.manual_seed(seed)
     cm = CodebookModel(model.eval())
     for s in model_sites(n_layers, n_heads, n_codes, k):
