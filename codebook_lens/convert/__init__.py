@@ -100,7 +100,7 @@ def _tl_model(base: Any, backend: str, ckpt: ReferenceCheckpoint, tokenizer: Any
                 "this TransformerBridge has processed weights (enable_compatibility_mode); pass "
                 "one booted without it, or the base as a directory or Hub id"
             )
-        load_base_weights(base.original_model, sd)
+        load_base_weights(base.original_model, sd, zero_bias_ok=True)
         return base
     hf, name, tok = hf_base_model(base, _model_type(ckpt), rev)
     load_base_weights(hf, sd)

@@ -73,16 +73,21 @@ def _check_type(got: str, want: str) -> None:
         )
 
 
-def load_base_weights(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    """Copy the checkpoint's base weights into ``model``; a shape that differs names both shapes,
-    a missing or unknown weight names the key."""
-    own = model.state_dict()
+def _hf_view(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` keyed as the plain HF model (a bridge wraps the HF modules in
+    place, adding ``_original_component`` levels); the tensors share the parameters' storage."""
+    return {k.replace("_original_component.", ""): v for k, v in model.state_dict().items()}
+
+
+def load_base_weights(model: nn.Module, sd: dict[str, Tensor], zero_bias_ok: bool = False) -> None:
+    """Copy the checkpoint's base weights into ``model`` (an HF model, or a bridge's
+    ``original_model``); a shape that differs names both shapes, a missing or unknown weight
+    names the key. Weights tied to a saved one (the output embedding) may be absent, and with
+    ``zero_bias_ok`` so may all-zero biases (a bridge adds a zero ``lm_head.bias``)."""
+    own = _hf_view(model)
     sd = _renamed(sd, own)
-    bad = [
-        (k, tuple(v.shape), tuple(own[k].shape))
-        for k, v in sd.items()
-        if k in own and own[k].shape != v.shape
-    ]
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own]
+    bad = [b for b in bad if b[1] != b[2]]
     if bad:
         k, ck, base = bad[0]
         raise CheckpointError(
@@ -95,13 +100,20 @@ def load_base_weights(model: nn.Module, sd: dict[str, Tensor]) -> None:
             f"the base model does not fit the checkpoint: it has no {unknown[0]!r} "
             f"({len(unknown)} checkpoint tensors unknown to it)"
         )
-    missing = [k for k in own if k not in sd and not _tied(model, k) and not k.endswith(_BUFFERS)]
+    saved = {own[k].data_ptr() for k in sd if k in own}
+    missing = [
+        k
+        for k, v in own.items()
+        if k not in sd and v.data_ptr() not in saved and not k.endswith(_BUFFERS)
+    ]
+    if zero_bias_ok:
+        missing = [k for k in missing if not (k.endswith("bias") and not own[k].any())]
     if missing:
         raise CheckpointError(f"the checkpoint has no base weight {missing[0]!r}")
     with torch.no_grad():
-        model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+        for k, v in sd.items():
+            if k in own:
+                own[k].copy_(v)
 
 
 # weights that newer transformers name differently (old prefix, new prefix)
@@ -121,19 +133,6 @@ def _renamed(sd: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]
 
 # buffers that transformers versions add or drop (causal masks, rotary frequencies)
 _BUFFERS = ("attn.bias", "attn.masked_bias", "attention.bias", "attention.masked_bias", "inv_freq")
-
-
-def _tied(model: nn.Module, key: str) -> bool:
-    """Whether ``key`` is the output embedding tied to the input one (not saved separately)."""
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return bool(
-        out is not None
-        and inp is not None
-        and out.weight is inp.weight
-        and key.endswith("weight")
-        and key.startswith(("lm_head", "embed_out"))
-    )
 
 
 def boot_bridge(hf_model: nn.Module, name: str, tokenizer: Any) -> nn.Module:

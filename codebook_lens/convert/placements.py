@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from codebook_lens.config import CodebookConfig
@@ -73,10 +74,10 @@ class ConvertedSite:
     cfg: CodebookConfig
     """Config with the reference's semantics (affine LayerNorm input, mean of k codes)."""
 
-    codebook: Tensor
-    """Code vectors ``[n_groups, n_codes, d_in]``."""
+    codebook: Float[Tensor, "n_groups n_codes d_in"]
+    """Code vectors."""
 
-    extra: dict[str, Tensor]
+    extra: dict[str, Float[Tensor, "n_groups d_in"]]
     """``ln_weight`` and ``ln_bias`` ``[n_groups, d_in]``."""
 
 
@@ -132,14 +133,14 @@ def _tensors(sd: dict[str, Tensor], prefix: str, grouped: int) -> tuple[Tensor, 
 
 def _site_config(
     at: str, shape: tuple[int, int, int], n_heads: int, k: int, similarity: str, info: dict
-) -> tuple[str, CodebookConfig]:
+) -> CodebookConfig:
     n_groups, n_codes, d_in = shape
     if at == "attn_preproj" and n_groups not in (1, n_heads):
         raise CheckpointError(
             f"attn_preproj with num_codebooks={n_groups} is not supported: attn.hook_z takes one "
             f"codebook per head (num_codebooks={n_heads}) or one over all heads (1)"
         )
-    cfg = CodebookConfig(
+    return CodebookConfig(
         d_in=d_in,
         n_codes=n_codes,
         k=k,
@@ -150,7 +151,6 @@ def _site_config(
         init="random",
         extra=info,
     )
-    return at, cfg
 
 
 def converted_sites(
@@ -196,7 +196,7 @@ def converted_sites(
                 grouped = n_heads
             w, ln_w, ln_b = _tensors(cb_sd, prefix, grouped)
             info = {"converted_from": "codebook-features", "codebook_at": at, "layer": layer}
-            _, cfg = _site_config(at, tuple(w.shape), n_heads, int(ks[i]), similarity, info)
+            cfg = _site_config(at, tuple(w.shape), n_heads, int(ks[i]), similarity, info)
             if int(n_codes[i]) != cfg.n_codes:
                 raise CheckpointError(
                     f"{prefix}: num_codes={n_codes[i]} in config.json, {cfg.n_codes} in the tensors"

@@ -280,3 +280,29 @@ def test_readme_section_names_exist():
     assert namespace["from_codebook_features"] is from_codebook_features
     assert hasattr(namespace["CodebookModel"], "from_pretrained")
     assert (Path(__file__).resolve().parents[2] / "docs" / "paper_models.md").exists()
+
+
+@pytest.mark.bridge
+def test_base_given_as_a_hf_model_or_a_bridge():
+    import warnings
+
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    d = ROOT / "neo_ip_k2"
+    exp = np.load(d / "expected.npz", allow_pickle=False)
+    tok = AutoTokenizer.from_pretrained(str(d / "base"))
+    hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(d / "base")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            str(d / "base"), tokenizer=tok, load_weights=False
+        ).eval()
+    for base in (hf, bridge):
+        cm = from_codebook_features(d / "checkpoint", base, tokenizer=tok)
+        with torch.no_grad():
+            logits = cm(torch.from_numpy(exp["tokens"]))
+        assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < 1e-4
+    cm.detach().enable_compatibility_mode()
+    with pytest.raises(ValueError, match="processed weights"):
+        from_codebook_features(d / "checkpoint", cm.model)
