@@ -131,8 +131,9 @@ def test_codebooks_on_hf_bridge(hf_dir, compat, tmp_path):
     # without the KV cache: with it, attention sums in another order, and with four codebooks
     # in a row a near-tie code choice can flip (measured on GPT-2 here), so tokens may differ
     out = cm.generate(
-        tokens[:1, :4], max_new_tokens=5, do_sample=False, verbose=False, use_past_kv_cache=False
-    )
+        tokens[:1, :4], max_new_tokens=5, do_sample=False, verbose=False, use_past_kv_cache=False,
+        stop_at_eos=False,
+    )  # fmt: skip
     assert out.shape == (1, 9) and torch.equal(out[:, :4], tokens[:1, :4])
     greedy = tokens[:1, :4]
     for _ in range(5):
