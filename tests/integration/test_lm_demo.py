@@ -33,6 +33,7 @@ def test_lm_demo_smoke(tmp_path):
     )
     m = run_lm_demo(tmp_path, config=cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "browse",
         "codebook_model",
         "metrics.json",
         "report.md",
