@@ -153,6 +153,22 @@ def _site_config(
     )
 
 
+def _check_order(at_list: list[str]) -> None:
+    """The reference wraps the block for ``transformer_block``; an ``attn``, ``attn_preproj`` or
+    ``mlp`` listed after it is set on the wrapper, not on the block, and never runs there, so
+    such a checkpoint has codebooks its model never used."""
+    if "transformer_block" not in at_list:
+        return
+    later = at_list[at_list.index("transformer_block") + 1 :]
+    dead = [at for at in later if at in ("attn", "attn_preproj", "mlp")]
+    if dead:
+        raise CheckpointError(
+            f"codebook_at={at_list}: in the reference, {dead} listed after 'transformer_block' "
+            "never run (they are set on the block's wrapper), so the checkpoint's model did not "
+            "use them; this layout is not converted"
+        )
+
+
 def converted_sites(
     config: dict[str, Any], sd: dict[str, Tensor], n_layers: int, n_heads: int
 ) -> list[ConvertedSite]:
@@ -184,6 +200,7 @@ def converted_sites(
             raise CheckpointError(
                 f"unknown codebook_at={at!r}; supported placements: {sorted(PLACEMENTS)}"
             )
+    _check_order(at_list)
     cb_sd = {_normalize_key(k): v for k, v in sd.items() if "codebook_layer." in k}
     sites = []
     for layer in _layers(config, n_layers):

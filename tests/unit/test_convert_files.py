@@ -88,6 +88,7 @@ def test_config_errors():
         ({"num_codebooks": [2, 1]}, "attn_preproj with num_codebooks=2 is not supported"),
         ({"layers_to_snap": [0]}, "codebook tensors that its config does not explain"),
         ({"num_codes": [13, 12]}, "num_codes=13 in config.json, 12 in the tensors"),
+        ({"codebook_at": ["transformer_block", "mlp"]}, r"\['mlp'\] listed after"),
     ]
     for change, match in cases:
         with pytest.raises(CheckpointError, match=match):
