@@ -156,8 +156,8 @@ HOOKED_VARIANTS = {
 def test_codebooks_on_hooked_counterparts(variant, tmp_path):
     cfg = dict(
         n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=16, d_vocab=VOCAB,
-        act_fn="gelu", normalization_type="LN", seed=0, **HOOKED_VARIANTS[variant],
-    )  # fmt: skip
+        act_fn="gelu", normalization_type="LN", seed=0,
+    ) | HOOKED_VARIANTS[variant]  # fmt: skip
     model = build_model(cfg, "hooked")
     tokens = _tokens()
     base = model(tokens).clone()
