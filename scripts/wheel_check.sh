@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A new user's install: a wheel of this tree in a fresh venv with CPU torch 2.13.0 and no other
-# pins (pip resolves the current transformer-lens), then the README quickstart and
-# `codebook-lens demo --small` from a directory outside the source tree.
+# pins (pip resolves the current transformer-lens), then the README quickstart,
+# `codebook-lens demo --small` and `codebook-lens lm-demo --small` from a directory outside the
+# source tree.
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d)
@@ -27,4 +28,7 @@ PY
   --no-progress > "$tmp/demo.txt"
 test -s "$tmp/demo_small/report.html" && test -s "$tmp/demo_small/metrics.json"
 head -5 "$tmp/demo.txt"
+"$tmp/venv/bin/codebook-lens" lm-demo --small --out "$tmp/lm_small" --no-progress > "$tmp/lm.txt"
+test -s "$tmp/lm_small/metrics.json" && test -s "$tmp/lm_small/codebook_model/cfg.json"
+head -4 "$tmp/lm.txt"
 echo "wheel check passed"
