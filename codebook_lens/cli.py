@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from codebook_lens.backends import BACKENDS
+from codebook_lens.backends import BACKENDS, BackendError
 from codebook_lens.io import atomic_write_text
 
 __all__ = ["main", "build_parser", "format_table"]
@@ -312,10 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``codebook-lens``."""
-    args = build_parser().parse_args(argv)
+    from codebook_lens.io import CheckpointError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except (BackendError, CheckpointError) as e:  # a bad backend or file: no traceback
+            parser.exit(2, f"codebook-lens: error: {e}\n")
 
 
 if __name__ == "__main__":  # pragma: no cover
