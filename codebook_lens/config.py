@@ -1,10 +1,13 @@
-"""`CodebookConfig`: every knob of one codebook quantizer, validated on construction."""
+"""`CodebookConfig`: every knob of one codebook quantizer, validated on construction and on
+every change of a field (types against the annotations, then ranges)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from codebook_lens.validation import ValidatedConfig
 
 __all__ = ["CodebookConfig", "SIMILARITIES", "COMBINES", "INPUT_NORMS", "INIT_METHODS"]
 
@@ -15,7 +18,7 @@ INIT_METHODS = ("random", "sample", "kmeans")
 
 
 @dataclass
-class CodebookConfig:
+class CodebookConfig(ValidatedConfig):
     """Configuration of one codebook (or one group of per-head codebooks) at one site."""
 
     d_in: int
@@ -94,17 +97,17 @@ class CodebookConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form metadata saved with the codebook (not used by the library)."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Range and cross-field checks (types are checked against the annotations first, on
+        construction and on every later assignment; see :mod:`codebook_lens.validation`)."""
+
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"CodebookConfig: {msg}")
 
         for name in ("d_in", "n_codes", "k", "n_groups", "kmeans_iters", "replace_every"):
             v = getattr(self, name)
-            need(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                f"{name} must be a positive int, got {v!r}",
-            )
+            need(v >= 1, f"{name} must be a positive int, got {v!r}")
         need(
             self.k <= self.n_codes,
             f"k={self.k} exceeds n_codes={self.n_codes}; choose k <= n_codes "
@@ -122,18 +125,19 @@ class CodebookConfig:
         need(self.init in INIT_METHODS, f"init={self.init!r}; choose one of {INIT_METHODS}")
         for name in ("recon_coef", "commit_coef", "dead_code_threshold"):
             v = getattr(self, name)
-            need(isinstance(v, (int, float)) and v >= 0, f"{name} must be >= 0, got {v!r}")
+            need(v >= 0, f"{name} must be >= 0, got {v!r}")
         need(
-            isinstance(self.merge_threshold, (int, float)) and 0 <= self.merge_threshold < 1,
+            0 <= self.merge_threshold < 1,
             f"merge_threshold must be in [0, 1) (a cosine similarity; 0 disables), got "
             f"{self.merge_threshold!r}",
         )
         need(self.chunk_mb > 0, f"chunk_mb must be > 0, got {self.chunk_mb!r}")
-        need(
-            isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0,
-            f"norm_eps must be > 0, got {self.norm_eps!r}",
-        )
+        need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
         need(self.recent_size >= 0, f"recent_size must be >= 0, got {self.recent_size!r}")
+        need(
+            -(2**63) <= self.seed < 2**64,
+            f"seed must lie in [-2**63, 2**64) (torch.Generator.manual_seed), got {self.seed!r}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""

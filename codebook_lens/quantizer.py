@@ -191,8 +191,12 @@ def topk_codes(
     batched GEMM, and reduced at once; a running top-k is merged across code chunks. A tile never
     exceeds ``chunk_mb`` MiB, and nothing is kept for backward. The result equals the unchunked
     ``scores.topk(k)`` up to the order of exact ties (k=1 picks the first of tied codes, as
-    ``argmax`` does).
+    ``argmax`` does). Scores are computed in ``x``'s dtype (GEMMs accumulate in fp32), except
+    float16, which is scored in float32. Rows of ``x`` that are not finite get arbitrary ids;
+    :meth:`Codebook.encode` marks them empty (-1).
     """
+    if x.dtype == torch.float16:  # fp16 scores overflow (max 65504) and fp16 GEMM is slow on CPU
+        x = x.float()
     n_groups = x.shape[1]
     codes, bias = _prepare_codebook(codebook.to(x.dtype), similarity)
     elem = x.element_size()
@@ -215,6 +219,16 @@ class Codebook(nn.Module):
     Hook points: ``hook_codes`` sees the chosen ids; a hook returning modified ids changes what
     ``forward`` emits (that is how patching works). When attached by :class:`CodebookModel` it is
     named ``f"{site}.hook_codes"``.
+
+    dtypes: the parameters keep their own dtype (float32 unless you cast them, e.g. with
+    ``cm.to(torch.bfloat16)``) and are cast to the activation's dtype at use, so the output has
+    the activation's dtype (bf16/fp16/fp32). Scores are computed in the activation's dtype,
+    float16 in float32; the losses are float32.
+
+    Non-finite activations: rows with NaN/inf get empty codes (-1) instead of arbitrary ones, a
+    device-side step with no host sync. With ``check_finite`` (the attribute, or the argument of
+    :meth:`encode`/:meth:`forward`) they raise ``ValueError`` instead, at the cost of one host
+    sync per call; :class:`CodebookModel` turns it on in its analysis entry points.
     """
 
     def __init__(self, cfg: CodebookConfig):
@@ -242,12 +256,19 @@ class Codebook(nn.Module):
         self.last_losses: dict[str, Tensor] = {}
         self.recent: Tensor | None = None
         self.enabled = True
+        self.check_finite = False
 
     # ------------------------------------------------------------------ shapes
     @property
     def grouped(self) -> bool:
         """Whether inputs carry an explicit group axis (``n_groups > 1``)."""
         return self.cfg.n_groups > 1
+
+    @property
+    def where(self) -> str:
+        """``"codebook at <site>"`` once attached by a CodebookModel, else ``"codebook"``."""
+        name = self.hook_codes.name
+        return f"codebook at {name.removesuffix('.hook_codes')}" if name else "codebook"
 
     def _flatten(self, x: Tensor) -> Tensor:
         cfg = self.cfg
@@ -267,7 +288,7 @@ class Codebook(nn.Module):
 
     def normalize_input(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
         """The activation as the codes see it: unchanged, LayerNorm (``"layernorm"``), or
-        LayerNorm with the learned per-group weight and bias (``"affine"``)."""
+        LayerNorm with the learned per-group weight and bias (``"affine"``), in ``x``'s dtype."""
         cfg = self.cfg
         if cfg.input_norm == "layernorm":
             return F.layer_norm(x, (cfg.d_in,), eps=cfg.norm_eps)
@@ -277,7 +298,7 @@ class Codebook(nn.Module):
                 if self.grouped
                 else (self.ln_weight[0], self.ln_bias[0])
             )
-            return F.layer_norm(x, (cfg.d_in,), eps=cfg.norm_eps) * w + b
+            return F.layer_norm(x, (cfg.d_in,), eps=cfg.norm_eps) * w.to(x.dtype) + b.to(x.dtype)
         return x
 
     # ------------------------------------------------------------------ checkpoint tensors
@@ -289,85 +310,165 @@ class Codebook(nn.Module):
         return {"ln_weight": self.ln_weight, "ln_bias": self.ln_bias}
 
     def load_extra_tensors(self, tensors: dict[str, Tensor]) -> None:
-        """Copy :meth:`extra_tensors` values in; a missing name or a wrong shape raises
-        ``ValueError`` naming both shapes."""
+        """Copy :meth:`extra_tensors` values in; a missing name, a wrong shape, a non-float
+        dtype or a non-finite value raises ``ValueError`` naming the site and the tensor."""
+        for name in self.extra_tensors():
+            if name not in tensors:
+                raise ValueError(
+                    f"{self.where}: missing tensor {name!r} for a codebook with input_norm="
+                    f"{self.cfg.input_norm!r}"
+                )
+        self.load_tensors({n: tensors[n] for n in self.extra_tensors()})
+
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Copy saved tensors in by name (``"codebook"``, ``"code_counts"`` and the names of
+        :meth:`extra_tensors`; absent names are left as they are), after checking all of them:
+        a float dtype (``code_counts`` may be an integer), the exact shape, finite values and
+        non-negative counts. Raises ``ValueError`` naming the site and the tensor; nothing is
+        copied unless every tensor passes."""
+        targets = {"codebook": self.codebook, "code_counts": self.code_counts}
+        targets.update(self.extra_tensors())
+        unknown = sorted(set(tensors) - set(targets))
+        if unknown:
+            raise ValueError(f"{self.where}: unknown tensor(s) {unknown}; expected {list(targets)}")
+        for name, t in tensors.items():
+            self._check_tensor(name, t, targets[name])
         with torch.no_grad():
-            for name, param in self.extra_tensors().items():
-                if name not in tensors:
-                    raise ValueError(
-                        f"missing tensor {name!r} for a codebook with input_norm="
-                        f"{self.cfg.input_norm!r}"
-                    )
-                t = tensors[name]
-                if tuple(t.shape) != tuple(param.shape):
-                    raise ValueError(
-                        f"{name} has shape {tuple(t.shape)}; this codebook needs "
-                        f"{tuple(param.shape)}"
-                    )
-                param.copy_(t)
+            for name, t in tensors.items():
+                targets[name].copy_(t)
+
+    def _check_tensor(self, name: str, t: Tensor, target: Tensor) -> None:
+        where = f"{self.where}, tensor {name!r}"
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{where}: expected a tensor, got {type(t).__name__}")
+        integer_ok = name == "code_counts" and not (t.is_complex() or t.dtype == torch.bool)
+        if not (t.is_floating_point() or integer_ok):
+            raise ValueError(
+                f"{where} has dtype {t.dtype}; it must be a floating-point tensor (the file is "
+                "corrupt or not written by codebook_lens)"
+            )
+        if tuple(t.shape) != tuple(target.shape):
+            raise ValueError(
+                f"{self.where}: {name} has shape {tuple(t.shape)}; this codebook needs "
+                f"{tuple(target.shape)} (config n_groups={self.cfg.n_groups}, n_codes="
+                f"{self.cfg.n_codes}, d_in={self.cfg.d_in})"
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{where} holds NaN/inf values; the checkpoint was saved from a diverged run. "
+                "Load an earlier checkpoint or retrain with a lower learning rate"
+            )
+        if name == "code_counts" and t.numel() and bool((t < 0).any()):
+            raise ValueError(f"{where} holds negative counts; the checkpoint is corrupt")
 
     # ------------------------------------------------------------------ encode / decode
-    def encode(self, x: Float[Tensor, "... d_in"]) -> Int[Tensor, "... k"]:
-        """Ids of the k most similar codes, most similar in slot 0 (no gradient)."""
-        return self._select(self.normalize_input(x))
+    def encode(
+        self, x: Float[Tensor, "... d_in"], check_finite: bool | None = None
+    ) -> Int[Tensor, "... k"]:
+        """Ids of the k most similar codes, most similar in slot 0 (no gradient).
 
-    def _select(self, x_n: Tensor) -> Tensor:
+        Positions (and groups) whose activation is not finite get -1 in every slot; with
+        ``check_finite`` (default: the ``check_finite`` attribute) they raise ``ValueError``.
+        """
+        return self._select(self.normalize_input(x), check_finite)
+
+    def _select(self, x_n: Tensor, check_finite: bool | None = None) -> Tensor:
         flat = self._flatten(x_n)
         with torch.no_grad():
+            flat = flat.detach()
             ids = topk_codes(
-                flat.detach(),
+                flat,
                 self.codebook.detach(),
                 self.cfg.k,
                 self.cfg.similarity,
                 self.cfg.chunk_mb,
             )
+            # one cheap fp32 row sum (no host sync): NaN/inf anywhere in a row makes it non-finite
+            finite = torch.isfinite(flat.sum(-1, dtype=torch.float32))  # [T, G]
+            if self.check_finite if check_finite is None else check_finite:
+                self._raise_if_not_finite(finite)
+            ids = ids.masked_fill(~finite[..., None], -1)
         lead = x_n.shape[:-2] if self.grouped else x_n.shape[:-1]
         return ids.reshape(*lead, *((self.cfg.n_groups,) if self.grouped else ()), self.cfg.k)
 
-    def check_codes(self, codes: Tensor) -> None:
-        """Raise a clear error for ids outside ``[-1, n_codes)`` or a wrong shape/dtype."""
-        if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise TypeError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+    def _raise_if_not_finite(self, finite: Tensor) -> None:
+        if bool(finite.all()):
+            return
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"{self.where}: {bad} of {finite.numel()} activation vectors contain NaN or inf; "
+            "their codes would be meaningless. Check the inputs and the base model (a diverged "
+            "checkpoint, or float16 overflow: run in bfloat16 or float32)"
+        )
+
+    def check_codes(self, codes: Tensor, like: Tensor | None = None) -> None:
+        """Raise a clear error for a non-integer dtype, a wrong shape or ids outside
+        ``[-1, n_codes)``. With ``like`` (the codes a hook was given), every axis but the last
+        (slots, which patches may add or drop) must match it exactly."""
+        what = f"{self.where}: codes"
+        if not isinstance(codes, Tensor):
+            raise TypeError(f"{what} must be a tensor, got {type(codes).__name__}")
+        if codes.dtype.is_floating_point or codes.is_complex() or codes.dtype == torch.bool:
+            raise TypeError(
+                f"{what} must be an integer tensor, got dtype {codes.dtype} (shape "
+                f"{tuple(codes.shape)}); return integer ids, e.g. codes.long()"
+            )
+        if like is not None and (codes.dim() != like.dim() or codes.shape[:-1] != like.shape[:-1]):
+            raise ValueError(
+                f"{what} returned by the hook have shape {tuple(codes.shape)} (dtype "
+                f"{codes.dtype}); expected {tuple(like.shape)} ({like.dtype}), any number of "
+                "slots in the last axis. Return a tensor of the given shape (edit it in place, or "
+                "return None) instead of a slice, a reshape or a broadcast"
+            )
         if self.grouped and (codes.dim() < 2 or codes.shape[-2] != self.cfg.n_groups):
             raise ValueError(
                 f"grouped codes must have shape [..., n_groups={self.cfg.n_groups}, slots], "
                 f"got {tuple(codes.shape)}"
             )
-        if codes.numel() and (int(codes.min()) < -1 or int(codes.max()) >= self.cfg.n_codes):
+        bad = (codes < -1) | (codes >= self.cfg.n_codes)
+        if codes.numel() and bool(bad.any()):
             raise ValueError(
-                f"code ids must lie in [-1, {self.cfg.n_codes}) (-1 marks an empty slot); got "
-                f"min {int(codes.min())}, max {int(codes.max())}"
+                f"{self.where}: code ids must lie in [-1, {self.cfg.n_codes}) in every group (-1 "
+                f"marks an empty slot); got min {int(codes.min())}, max {int(codes.max())}"
             )
 
     def decode(self, codes: Int[Tensor, "... k"]) -> Float[Tensor, "... d_in"]:
         """Combine the code vectors named by ``codes``; id -1 contributes nothing.
 
         Any number of slots may be given (patching may append codes). With ``combine="mean"``
-        the sum is divided by ``cfg.k``, empty slots included, as in the reference.
+        the sum is divided by ``cfg.k``, empty slots included, as in the reference. Ids are
+        checked first (:meth:`check_codes`: in ``[-1, n_codes)`` within each group); the result
+        has the codebook's dtype.
         """
+        self.check_codes(codes)
+        return self._decode(codes, self.codebook.dtype)
+
+    def _decode(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
         n_groups, n_codes, d = self.codebook.shape
         slots = codes.shape[-1]
         flat = codes.reshape(-1, n_groups, slots).long()
         valid = flat >= 0
         offs = torch.arange(n_groups, device=codes.device).view(1, -1, 1) * n_codes
         idx = (flat.clamp_min(0) + offs).reshape(-1, slots)
-        w = valid.to(self.codebook.dtype).reshape(-1, slots)
+        w = valid.to(dtype).reshape(-1, slots)
         if self.cfg.combine == "mean":
             w = w / self.cfg.k
-        out = F.embedding_bag(
-            idx, self.codebook.reshape(n_groups * n_codes, d), per_sample_weights=w, mode="sum"
-        )
+        table = self.codebook.reshape(n_groups * n_codes, d).to(dtype)
+        out = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
         return out.reshape(*codes.shape[:-1], d)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
-        """Quantize ``x``: value ``decode(encode(x))``, gradient straight through to ``x``.
+    def forward(
+        self, x: Float[Tensor, "... d_in"], check_finite: bool | None = None
+    ) -> Float[Tensor, "... d_in"]:
+        """Quantize ``x``: value ``decode(encode(x))``, gradient straight through to ``x``, in
+        ``x``'s dtype.
 
-        Sets ``last_losses`` (``"recon"`` and ``"commit"`` as tensors, no host sync) for the
-        training loop; counts code usage while ``self.training``.
+        Sets ``last_losses`` (``"recon"`` and ``"commit"`` as float32 tensors, no host sync) for
+        the training loop; counts code usage while ``self.training``.
         """
         x_n = self.normalize_input(x)
-        codes = self._select(x_n)
+        codes = self._select(x_n, check_finite)
         if self.training:
             self._count(codes)
             self._stash_recent(x_n)
@@ -376,14 +477,14 @@ class Codebook(nn.Module):
         is_patched = bool(self.hook_codes._forward_hooks)
         patched = self.hook_codes(codes.clone() if is_patched else codes)
         if is_patched:
-            self.check_codes(patched)
-        x_hat_clean = self.decode(codes)
-        x_hat = self.decode(patched) if is_patched else x_hat_clean
+            self.check_codes(patched, like=codes)
+        x_hat_clean = self._decode(codes, x.dtype)
+        x_hat = self._decode(patched, x.dtype) if is_patched else x_hat_clean
         if torch.is_grad_enabled():
-            target = x_n.detach()
+            target = x_n.detach().float()
             self.last_losses = {  # mse_loss: one fused pass forward and backward
-                "recon": F.mse_loss(x_hat_clean, target),
-                "commit": F.mse_loss(x_n, x_hat_clean.detach()),
+                "recon": F.mse_loss(x_hat_clean.float(), target),
+                "commit": F.mse_loss(x_n.float(), x_hat_clean.detach().float()),
             }
         if self.cfg.use_error_term:
             return x if not is_patched else x + (x_hat - x_hat_clean)
@@ -395,7 +496,7 @@ class Codebook(nn.Module):
     def aux_loss(self) -> Tensor:
         """``recon_coef * recon + commit_coef * commit`` from the last forward (0 if none)."""
         if not self.last_losses:
-            return self.codebook.new_zeros(())
+            return self.codebook.new_zeros((), dtype=torch.float32)
         return (
             self.cfg.recon_coef * self.last_losses["recon"]
             + self.cfg.commit_coef * self.last_losses["commit"]

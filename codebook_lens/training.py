@@ -35,13 +35,15 @@ from codebook_lens.data import shard_batch
 from codebook_lens.init import _replace_dead, merge_duplicate_codes
 from codebook_lens.io import atomic_write_text
 from codebook_lens.model import CodebookModel
+from codebook_lens.validation import ValidatedConfig
 
 __all__ = ["TrainConfig", "TrainResult", "train_codebooks", "lm_loss", "make_accelerator"]
 
 
 @dataclass
-class TrainConfig:
-    """Settings of :func:`train_codebooks`."""
+class TrainConfig(ValidatedConfig):
+    """Settings of :func:`train_codebooks`; field types and ranges are checked on construction
+    and on every later assignment."""
 
     steps: int = 1000
     """Optimizer steps."""
@@ -110,6 +112,15 @@ class TrainConfig:
     """Allow a model without codebooks (plain language-model training through the same loop)."""
 
     def __post_init__(self) -> None:
+        import os  # path-like directories are kept as str (the config is saved as JSON)
+
+        for name in ("checkpoint_dir", "metrics_path"):
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """Range checks (types are checked against the annotations before this runs)."""
         if self.steps < 1:
             raise ValueError(f"TrainConfig: steps must be >= 1, got {self.steps}")
         if self.schedule not in ("cosine", "constant"):
@@ -117,11 +128,20 @@ class TrainConfig:
                 f"TrainConfig: schedule={self.schedule!r}; choose 'cosine' or 'constant'"
             )
         if self.lr <= 0 or (self.codebook_lr is not None and self.codebook_lr <= 0):
-            raise ValueError("TrainConfig: learning rates must be > 0")
+            raise ValueError(
+                f"TrainConfig: learning rates must be > 0, got lr={self.lr!r}, "
+                f"codebook_lr={self.codebook_lr!r}"
+            )
         if self.grad_accum < 1:
             raise ValueError(f"TrainConfig: grad_accum must be >= 1, got {self.grad_accum}")
         if self.checkpoint_every < 0 or self.log_every < 1:
-            raise ValueError("TrainConfig: need checkpoint_every >= 0 and log_every >= 1")
+            raise ValueError(
+                f"TrainConfig: need checkpoint_every >= 0 and log_every >= 1, got "
+                f"checkpoint_every={self.checkpoint_every}, log_every={self.log_every}"
+            )
+        for name in ("weight_decay", "warmup_steps", "min_lr_frac", "grad_clip", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -49,6 +49,7 @@ from codebook_lens.fsm.metrics import (
 )
 from codebook_lens.model import CodebookModel, codes_hook_name
 from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
+from codebook_lens.validation import ValidatedConfig
 
 __all__ = [
     "CodebookPlan",
@@ -66,7 +67,7 @@ __all__ = [
 
 
 @dataclass
-class CodebookPlan:
+class CodebookPlan(ValidatedConfig):
     """Where codebooks go in the TokFSM model and how they are trained."""
 
     placement: str = "attn+mlp"
@@ -112,7 +113,7 @@ class CodebookPlan:
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(ValidatedConfig):
     """Every setting of the TokFSM demo (the defaults are the tuned, shipped ones)."""
 
     n_states: int = 100

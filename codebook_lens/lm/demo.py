@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 
 from codebook_lens.analysis import attribution_by_site, collect_codes
+from codebook_lens.atomic import write_text
 from codebook_lens.backends import build_model
 from codebook_lens.browse import write_lm_browse_data
 from codebook_lens.data import BlockStream, pack_labelled_blocks
-from codebook_lens.io import atomic_write_text
 from codebook_lens.lm.corpus import (
     TOPICS,
     StoryConfig,
@@ -46,6 +46,7 @@ from codebook_lens.lm.steering import sample_texts, topic_codes, topic_steering_
 from codebook_lens.lm.tokenizer import save_tokenizer, train_bpe_tokenizer
 from codebook_lens.model import CodebookModel
 from codebook_lens.training import TrainConfig, train_codebooks
+from codebook_lens.validation import ValidatedConfig
 
 __all__ = ["LMDemoConfig", "run_lm_demo", "eval_loss", "build_lm"]
 
@@ -54,7 +55,7 @@ PROMPT = "Once upon a time, there was a little girl named Lily."
 
 
 @dataclass
-class LMDemoConfig:
+class LMDemoConfig(ValidatedConfig):
     """Sizes and hyperparameters of the LM demo (defaults: the full run, ~10 min on 2 cores)."""
 
     n_train_stories: int = 40000
@@ -108,7 +109,7 @@ class LMDemoConfig:
     backend: str = "auto"
     """TransformerLens backend: ``"auto"``, ``"hooked"`` or ``"bridge"``."""
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.steer_per_head is not None and not 1 <= self.steer_per_head <= self.k:
             raise ValueError(
                 f"LMDemoConfig: steer_per_head={self.steer_per_head} must lie in [1, k={self.k}] "
@@ -378,6 +379,6 @@ def run_lm_demo(
     }
     metrics["wall_time_s"] = round(time.perf_counter() - t_start, 1)
     metrics["summary"] = _summary(metrics)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    atomic_write_text(out / "report.md", render_report(metrics))
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_text(out / "report.md", render_report(metrics))
     return metrics
