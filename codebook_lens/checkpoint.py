@@ -1,21 +1,24 @@
 """Training checkpoints for :func:`~codebook_lens.training.train_codebooks`: save and resume.
 
-A checkpoint is a directory ``<checkpoint_dir>/checkpoint`` holding
+A checkpoint is a directory ``<checkpoint_dir>/checkpoint`` (see :mod:`codebook_lens.atomic`
+for its versions and locks) holding
 
-* ``state.safetensors``: base-model weights (unless the model is frozen), codebooks with their
-  usage counters and recent activations, optimizer tensors (AdamW moments and step counts),
-  metric accumulators and the RNG state;
-* ``state.json``: format marker, optimizer step, micro-batches consumed, optimizer
-  hyperparameters, training history and the config it was written with.
+* ``state.json`` (the commit pointer): format marker, optimizer step, micro-batches consumed,
+  optimizer hyperparameters, training history and the config it was written with;
+* ``v-train-<hex>/state.safetensors``: base-model weights (unless the model is frozen),
+  codebooks with their usage counters, affine input norms and recent activations, optimizer
+  tensors (AdamW moments and step counts), metric accumulators and the RNG state.
 
-It is written into a temporary directory that then replaces the previous checkpoint
-(``os.replace``), so an interrupted run always finds a whole checkpoint and loses at most the
-steps since it. No pickle: tensors go to safetensors, everything else to JSON.
+A new checkpoint replaces the previous one in one atomic step, so an interrupted run always
+finds a whole checkpoint and loses at most the steps since it. A state holding NaN or inf is
+never written (:class:`NonFiniteStateError`), and a loaded one is validated (finite tensors,
+shapes that fit the model and optimizer, step within the run, field types) before anything is
+restored. No pickle: tensors go to safetensors, everything else to JSON.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,19 +29,48 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from codebook_lens.io import CheckpointError, atomic_write_dir
+from codebook_lens.atomic import (
+    CheckpointError,
+    DirKind,
+    check_save_target,
+    holds_data,
+    open_dir,
+    save_dir,
+)
 
 __all__ = [
     "TrainState",
+    "NonFiniteStateError",
     "save_train_state",
     "load_train_state",
+    "check_checkpoint_dir",
+    "first_nonfinite",
     "restore_rng",
     "checkpoint_path",
     "CKPT_FORMAT",
+    "TRAIN_KIND",
 ]
 
 CKPT_FORMAT = "codebook_lens.train_state"
 _VERSION = 1
+TRAIN_KIND = DirKind(
+    name="training checkpoint",
+    head="state.json",
+    format=CKPT_FORMAT,
+    tag="train",
+    flat=("state.safetensors",),
+    saver="train_codebooks (TrainConfig.checkpoint_dir)",
+)
+"""The on-disk kind of a training checkpoint (for :mod:`codebook_lens.atomic`)."""
+
+
+class NonFiniteStateError(FloatingPointError):
+    """The training state holds NaN or inf; it was not checkpointed."""
+
+    def __init__(self, message: str, tensor: str):
+        super().__init__(message)
+        self.tensor = tensor
+        """Name of the first non-finite tensor."""
 
 
 @dataclass
@@ -75,6 +107,22 @@ def checkpoint_path(checkpoint_dir: str | os.PathLike[str]) -> Path:
     return Path(checkpoint_dir) / "checkpoint"
 
 
+def check_checkpoint_dir(checkpoint_dir: str | os.PathLike[str]) -> None:
+    """Refuse, before training starts, a ``checkpoint_dir`` that cannot hold checkpoints: a
+    file or symlink, or a ``checkpoint`` entry in it that is not a training checkpoint."""
+    d = Path(checkpoint_dir)
+    if str(checkpoint_dir).strip() == "":
+        raise ValueError("TrainConfig.checkpoint_dir is ''; pass a directory, or None")
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(
+            f"checkpoint_dir {d} is a file, not a directory; pass another checkpoint_dir"
+        )
+    path = checkpoint_path(d)
+    if path.is_symlink() or not (path / TRAIN_KIND.head).exists():
+        check_save_target(path, TRAIN_KIND, overwrite=False)
+    # else: a checkpoint (or a corrupt one, which load_train_state then names precisely)
+
+
 def _untie(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     seen: set[int] = set()
     out = {}
@@ -86,6 +134,20 @@ def _untie(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def first_nonfinite(tensors: dict[str, Tensor]) -> str | None:
+    """The name of the first floating tensor holding NaN or inf, or None; one host sync."""
+    named = [(k, t) for k, t in tensors.items() if t.is_floating_point() and t.numel()]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    flags = torch.ones(len(named), dtype=torch.bool)
+    for idx in by_device.values():  # one reduction (and host sync) per device
+        flags[idx] = torch.stack([torch.isfinite(named[i][1]).all() for i in idx]).cpu()
+    if bool(flags.all()):
+        return None
+    return named[int((~flags).nonzero()[0, 0])][0]
+
+
 def _rng_tensors() -> dict[str, Tensor]:
     out = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -94,19 +156,9 @@ def _rng_tensors() -> dict[str, Tensor]:
     return out
 
 
-def save_train_state(
-    checkpoint_dir: str | os.PathLike[str],
-    cm: Any,
-    optimizer: torch.optim.Optimizer,
-    state: TrainState,
-    config: dict[str, Any],
-    include_model: bool = True,
-) -> Path:
-    """Write a checkpoint of ``cm`` (a CodebookModel), ``optimizer`` and ``state`` atomically.
-
-    ``include_model=False`` leaves out the base model's weights (when it is frozen they never
-    change). Returns the checkpoint directory.
-    """
+def _state_tensors(
+    cm: Any, optimizer: torch.optim.Optimizer, state: TrainState, include_model: bool
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]], list[dict[str, Any]]]:
     tensors: dict[str, Tensor] = {}
     if include_model:
         for k, v in cm.model.state_dict().items():
@@ -115,6 +167,8 @@ def save_train_state(
         tensors[f"cb.{site}.codebook"] = cb.codebook
         tensors[f"cb.{site}.code_counts"] = cb.code_counts
         tensors[f"cb.{site}.window_counts"] = cb.window_counts
+        for name, t in cb.extra_tensors().items():
+            tensors[f"cb.{site}.{name}"] = t
         if cb.recent is not None:
             tensors[f"cb.{site}.recent"] = cb.recent
     sd = optimizer.state_dict()
@@ -127,6 +181,43 @@ def save_train_state(
                 opt_scalars.setdefault(str(idx), {})[key] = val
     for k, v in state.tensors.items():
         tensors[f"loop.{k}"] = v
+    return tensors, opt_scalars, sd["param_groups"]
+
+
+def _must_be_finite(cm: Any, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors whose finiteness a resumable state needs: parameters (not buffers such as
+    attention masks, which may hold -inf), codebooks, optimizer moments, accumulators."""
+    params = {f"model.{n}" for n, _ in cm.model.named_parameters()}
+    return {k: t for k, t in tensors.items() if not k.startswith("model.") or k in params}
+
+
+def save_train_state(
+    checkpoint_dir: str | os.PathLike[str],
+    cm: Any,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    config: dict[str, Any],
+    include_model: bool = True,
+    last_good_step: int | None = None,
+) -> Path:
+    """Write a checkpoint of ``cm`` (a CodebookModel), ``optimizer`` and ``state`` atomically.
+
+    ``include_model=False`` leaves out the base model's weights (when it is frozen they never
+    change). Returns the checkpoint directory. A state holding NaN or inf is not written:
+    :class:`NonFiniteStateError` names the first such tensor and the steps since
+    ``last_good_step`` (the previous checkpoint, which stays in place).
+    """
+    tensors, opt_scalars, param_groups = _state_tensors(cm, optimizer, state, include_model)
+    bad = first_nonfinite(_must_be_finite(cm, tensors))
+    if bad is not None:
+        since = f"after step {last_good_step}" if last_good_step is not None else "since the start"
+        raise NonFiniteStateError(
+            f"training diverged {since} and by step {state.step}: {bad} holds NaN or inf, so "
+            "no checkpoint was written (the last good one, if any, is kept). Lower the learning "
+            "rate, use input_norm='layernorm' for large-norm sites, or resume from the last "
+            "good checkpoint",
+            bad,
+        )
     tensors.update(_rng_tensors())
     meta = {
         "format": CKPT_FORMAT,
@@ -139,15 +230,21 @@ def save_train_state(
         "scalars": state.scalars,
         "include_model": include_model,
         "sites": list(cm.codebooks),
-        "optimizer": {"param_groups": sd["param_groups"], "scalars": opt_scalars},
+        "optimizer": {"param_groups": param_groups, "scalars": opt_scalars},
         "config": config,
     }
-    text = json.dumps(meta, indent=1)
     path = checkpoint_path(checkpoint_dir)
-    with atomic_write_dir(path) as tmp:
-        save_file(_untie(tensors), str(tmp / "state.safetensors"), metadata={"format": CKPT_FORMAT})
-        (tmp / "state.json").write_text(text)
+    ready = _untie(tensors)
+
+    def write(tmp: Path) -> None:
+        save_file(ready, str(tmp / "state.safetensors"), metadata={"format": CKPT_FORMAT})
+
+    save_dir(path, TRAIN_KIND, meta, write)
     return path
+
+
+_STRUCTURAL = ("freeze_model", "grad_accum", "split_batches", "allow_no_codebooks")
+"""Config fields a resumed run must share with the checkpoint (others, e.g. lr, may change)."""
 
 
 def load_train_state(
@@ -155,62 +252,38 @@ def load_train_state(
     cm: Any,
     optimizer: torch.optim.Optimizer,
     set_rng: bool = True,
+    steps: int | None = None,
+    config: dict[str, Any] | None = None,
 ) -> TrainState | None:
     """Restore ``cm`` and ``optimizer`` from the checkpoint in ``checkpoint_dir``.
 
-    Returns the loop state, or None when there is no checkpoint yet. Raises
-    :class:`~codebook_lens.CheckpointError` on a corrupt checkpoint or one from another model.
+    Returns the loop state, or None when there is no checkpoint yet. Everything is validated
+    before anything is restored: field types, the step (within ``[0, steps]``), ``config``'s
+    structural fields, every tensor's shape against the model and optimizer, and finiteness.
+    Raises :class:`~codebook_lens.CheckpointError` on a corrupt or incomplete checkpoint (a
+    missing ``state.json`` next to other files is one) or one from another setup.
     """
     path = checkpoint_path(checkpoint_dir)
-    if not (path / "state.json").exists():
+    if not path.exists() and not path.is_symlink():
         return None
-    try:
-        meta = json.loads((path / "state.json").read_text())
-        tensors = load_file(str(path / "state.safetensors"))
-    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({e}); delete it to restart") from e
-    if meta.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path} is not a codebook_lens training checkpoint")
-    if sorted(meta["sites"]) != sorted(cm.codebooks):
+    if path.is_dir() and not path.is_symlink() and not (path / TRAIN_KIND.head).exists():
+        if not holds_data(path):
+            return None  # only the leftovers of a first save that was interrupted
         raise CheckpointError(
-            f"checkpoint {path} has codebooks at {meta['sites']} but the model has them at "
-            f"{list(cm.codebooks)}; use a fresh checkpoint_dir for a different setup"
+            f"{path} has no {TRAIN_KIND.head} but holds {sorted(os.listdir(path))[:5]}; the "
+            "checkpoint is incomplete or foreign. Move it away to restart, or pass another "
+            "checkpoint_dir"
         )
-    device = next(cm.parameters()).device
-    with torch.no_grad():
-        if meta["include_model"]:
-            sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-            try:
-                cm.model.load_state_dict(sd, strict=True)
-            except RuntimeError as e:
-                raise CheckpointError(f"checkpoint {path} does not fit this model: {e}") from e
-        for site, cb in cm.codebooks.items():
-            w = tensors[f"cb.{site}.codebook"]
-            if w.shape != cb.codebook.shape:
-                raise CheckpointError(
-                    f"checkpoint codebook at {site} has shape {tuple(w.shape)}, the model's has "
-                    f"{tuple(cb.codebook.shape)}"
-                )
-            cb.codebook.copy_(w)
-            cb.code_counts.copy_(tensors[f"cb.{site}.code_counts"])
-            cb.window_counts.copy_(tensors[f"cb.{site}.window_counts"])
-            r = tensors.get(f"cb.{site}.recent")
-            cb.recent = r.to(device) if r is not None else None
-    opt_meta = meta["optimizer"]
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, idx, key = k.split(".", 2)
-            state.setdefault(int(idx), {})[key] = v
-    for idx, extra in opt_meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(extra)
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"optimizer state in {path} does not fit: {e}") from e
+    with open_dir(path, TRAIN_KIND) as (meta, data):
+        file = path / TRAIN_KIND.head
+        _check_meta(meta, file, cm, steps, config)
+        tensors = _load(data / "state.safetensors")
+    plan = _Plan(meta, tensors, data / "state.safetensors", cm, optimizer)
+    plan.check()
+    plan.apply()
     out = TrainState(
-        step=int(meta["step"]),
-        consumed=int(meta["consumed"]),
+        step=meta["step"],
+        consumed=meta["consumed"],
         history=meta["history"],
         evals=meta["evals"],
         seconds=float(meta["seconds"]),
@@ -221,6 +294,212 @@ def load_train_state(
     if set_rng:
         restore_rng(out)
     return out
+
+
+def _load(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint file {file} is unreadable ({e}); delete it to restart"
+        ) from e
+
+
+def _bad(file: Path, key: str, want: str, got: Any) -> CheckpointError:
+    return CheckpointError(
+        f"{file}: {key!r} must be {want}, got {got!r}; the checkpoint is corrupt"
+    )
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _check_meta(
+    meta: dict[str, Any],
+    file: Path,
+    cm: Any,
+    steps: int | None,
+    config: dict[str, Any] | None,
+) -> None:
+    if meta.get("version") != _VERSION or not _is_int(meta.get("version")):
+        raise _bad(file, "version", str(_VERSION), meta.get("version"))
+    for key in ("step", "consumed"):
+        if not _is_int(meta.get(key)) or meta[key] < 0:
+            raise _bad(file, key, "an integer >= 0", meta.get(key))
+    if steps is not None and meta["step"] > steps:
+        raise CheckpointError(
+            f"{file}: the checkpoint is at step {meta['step']}, beyond this run's steps={steps}; "
+            "raise TrainConfig.steps to continue it, or use a fresh checkpoint_dir"
+        )
+    sec = meta.get("seconds")
+    if isinstance(sec, bool) or not isinstance(sec, (int, float)) or not math.isfinite(sec):
+        raise _bad(file, "seconds", "a finite number", sec)
+    for key in ("history", "evals"):
+        rows = meta.get(key)
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise _bad(file, key, "a list of objects", rows)
+    for key, typ, want in (
+        ("scalars", dict, "an object"),
+        ("include_model", bool, "true or false"),
+        ("optimizer", dict, "an object"),
+        ("config", dict, "an object"),
+        ("sites", list, "a list of site names"),
+    ):
+        if not isinstance(meta.get(key), typ):
+            raise _bad(file, key, want, meta.get(key))
+    if not _is_int(meta["scalars"].get("n_acc", 0)) or meta["scalars"].get("n_acc", 0) < 0:
+        raise _bad(file, "scalars.n_acc", "an integer >= 0", meta["scalars"].get("n_acc"))
+    if not all(isinstance(s, str) for s in meta["sites"]) or sorted(meta["sites"]) != sorted(
+        cm.codebooks
+    ):
+        raise CheckpointError(
+            f"checkpoint {file.parent} has codebooks at {meta['sites']} but the model has them "
+            f"at {list(cm.codebooks)}; use a fresh checkpoint_dir for a different setup"
+        )
+    _check_optimizer_meta(meta["optimizer"], file)
+    if config is not None:
+        diff = [k for k in _STRUCTURAL if k in config and meta["config"].get(k) != config[k]]
+        if diff:
+            k = diff[0]
+            raise CheckpointError(
+                f"checkpoint {file.parent} was written with {k}={meta['config'].get(k)!r}, this "
+                f"run has {k}={config[k]!r}; use the same setting or a fresh checkpoint_dir"
+            )
+
+
+def _check_optimizer_meta(opt: dict[str, Any], file: Path) -> None:
+    groups, scalars = opt.get("param_groups"), opt.get("scalars")
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict)
+        and isinstance(g.get("params"), list)
+        and all(_is_int(i) for i in g["params"])
+        for g in groups
+    ):
+        raise _bad(file, "optimizer.param_groups", "a list of {params: [int], ...}", groups)
+    for g in groups:
+        for key in ("lr", "weight_decay", "eps"):
+            v = g.get(key, 0.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise _bad(file, f"optimizer.param_groups.{key}", "a finite number", v)
+        betas = g.get("betas", [0.9, 0.999])
+        if not (
+            isinstance(betas, list)
+            and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+        ):
+            raise _bad(file, "optimizer.param_groups.betas", "two numbers", betas)
+    if not isinstance(scalars, dict) or not all(
+        isinstance(v, dict) and str(k).isdigit() for k, v in scalars.items()
+    ):
+        raise _bad(file, "optimizer.scalars", "an object of objects keyed by index", scalars)
+
+
+def _real(t: Tensor) -> bool:
+    return t.is_floating_point() or (not t.is_complex() and t.dtype != torch.bool)
+
+
+class _Plan:
+    """A loaded state checked against the model and optimizer, then applied in one go."""
+
+    def __init__(self, meta, tensors, file, cm, optimizer):  # noqa: ANN001
+        self.meta, self.tensors, self.file, self.cm, self.opt = meta, tensors, file, cm, optimizer
+
+    def _get(self, key: str) -> Tensor:
+        if key not in self.tensors:
+            raise CheckpointError(
+                f"{self.file} has no tensor {key!r}; the checkpoint is incomplete"
+            )
+        return self.tensors[key]
+
+    def _shape(self, key: str, want: tuple[int, ...]) -> Tensor:
+        t = self._get(key)
+        if tuple(t.shape) != tuple(want):
+            raise CheckpointError(
+                f"{self.file}: {key} has shape {tuple(t.shape)}, the model's has {tuple(want)}; "
+                "use a fresh checkpoint_dir for a different setup"
+            )
+        return t
+
+    def check(self) -> None:
+        for site, cb in self.cm.codebooks.items():
+            self._shape(f"cb.{site}.codebook", tuple(cb.codebook.shape))
+            self._shape(f"cb.{site}.code_counts", tuple(cb.code_counts.shape))
+            self._shape(f"cb.{site}.window_counts", tuple(cb.window_counts.shape))
+            for name, t in cb.extra_tensors().items():
+                self._shape(f"cb.{site}.{name}", tuple(t.shape))
+            r = self.tensors.get(f"cb.{site}.recent")
+            if r is not None and (r.dim() < 1 or r.shape[-1] != cb.codebook.shape[-1]):
+                raise CheckpointError(f"{self.file}: cb.{site}.recent has shape {tuple(r.shape)}")
+        self._check_optimizer_tensors()
+        if self.meta["include_model"]:
+            own = self.cm.model.state_dict()
+            for k, v in own.items():
+                self._shape(f"model.{k}", tuple(v.shape))
+        for k, t in self.tensors.items():
+            if k.startswith("rng.") and (t.dtype != torch.uint8 or t.dim() != 1):
+                raise CheckpointError(f"{self.file}: {k} is not an RNG state (a uint8 vector)")
+            if k.startswith(("cb.", "opt.", "loop.")) and not (k.endswith(".step") or _real(t)):
+                raise CheckpointError(f"{self.file}: {k} has dtype {t.dtype}; expected floats")
+        nan = [
+            k for k, t in self.tensors.items() if t.is_floating_point() and bool(t.isnan().any())
+        ]
+        bad = nan[0] if nan else first_nonfinite(_must_be_finite(self.cm, self.tensors))
+        if bad is not None:
+            raise CheckpointError(
+                f"{self.file}: {bad} holds NaN or inf values, so training cannot resume from "
+                "it; delete the checkpoint (or restore an earlier copy) and lower the learning "
+                "rate"
+            )
+
+    def _check_optimizer_tensors(self) -> None:
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        for k, t in self.tensors.items():
+            if not k.startswith("opt."):
+                continue
+            parts = k.split(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= len(params):
+                raise CheckpointError(
+                    f"{self.file}: optimizer tensor {k} names no parameter of this optimizer "
+                    f"({len(params)} parameters); use a fresh checkpoint_dir for a different setup"
+                )
+            p = params[int(parts[1])]
+            if parts[2] in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and t.shape != p.shape:
+                raise CheckpointError(
+                    f"{self.file}: {k} has shape {tuple(t.shape)}, its parameter has "
+                    f"{tuple(p.shape)}; use a fresh checkpoint_dir for a different setup"
+                )
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        cm, tensors = self.cm, self.tensors
+        device = next(cm.parameters()).device
+        if self.meta["include_model"]:
+            sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+            try:
+                cm.model.load_state_dict(sd, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"checkpoint {self.file} does not fit this model: {e}") from e
+        for site, cb in cm.codebooks.items():
+            cb.codebook.copy_(tensors[f"cb.{site}.codebook"])
+            cb.code_counts.copy_(tensors[f"cb.{site}.code_counts"])
+            cb.window_counts.copy_(tensors[f"cb.{site}.window_counts"])
+            for name, t in cb.extra_tensors().items():
+                t.copy_(tensors[f"cb.{site}.{name}"])
+            r = tensors.get(f"cb.{site}.recent")
+            cb.recent = r.to(device) if r is not None else None
+        opt_meta = self.meta["optimizer"]
+        state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, idx, key = k.split(".", 2)
+                state.setdefault(int(idx), {})[key] = v
+        for idx, extra in opt_meta["scalars"].items():
+            state.setdefault(int(idx), {}).update(extra)
+        try:
+            self.opt.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"optimizer state in {self.file} does not fit: {e}") from e
 
 
 def restore_rng(state: TrainState) -> None:

@@ -20,8 +20,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from codebook_lens.atomic import write_text
 from codebook_lens.backends import BACKENDS, BackendError
-from codebook_lens.io import atomic_write_text
 
 __all__ = ["main", "build_parser", "format_table"]
 
@@ -94,7 +94,7 @@ def _cmd_fsm_train_base(args: argparse.Namespace) -> int:
     model, info = get_base_model(fsm, cfg, args.cache_dir, progress=not args.no_progress)
     CodebookModel(model).save(out / "base", include_model=True)
     acc, _ = transition_accuracy_of(model, fsm, cfg)
-    atomic_write_text(out / "experiment.json", json.dumps(cfg.to_dict(), indent=2))
+    write_text(out / "experiment.json", json.dumps(cfg.to_dict(), indent=2))
     print(
         format_table(
             [("base transition accuracy", f"{acc:.3f}"), ("cached", str(info["cached"]))],
@@ -144,8 +144,8 @@ def _cmd_fsm_train_codebooks(args: argparse.Namespace) -> int:
     acc, _ = transition_accuracy_of(cm, fsm, cfg)
     cm.save(out / "model", include_model=True)
     fsm.save(out / "fsm.json")
-    atomic_write_text(out / "experiment.json", json.dumps(cfg.to_dict(), indent=2))
-    atomic_write_text(out / "history.json", json.dumps(result.history))
+    write_text(out / "experiment.json", json.dumps(cfg.to_dict(), indent=2))
+    write_text(out / "history.json", json.dumps(result.history))
     print(
         format_table(
             [
@@ -171,7 +171,7 @@ def _cmd_fsm_analyze(args: argparse.Namespace) -> int:
     itv = interventions(cm, fsm, cfg)
     out = {"recovery": {k: v for k, v in rec.items() if not k.startswith("_")}, "intervention": itv}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(args.out) / "analysis.json", json.dumps(out, indent=2))
+    write_text(Path(args.out) / "analysis.json", json.dumps(out, indent=2))
     rows = [
         ("states recovered", f"{rec['states_recovered']} / {rec['states_present']}"),
         ("mean best-code precision", f"{rec['mean_best_code_precision']:.3f}"),

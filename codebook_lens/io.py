@@ -1,19 +1,27 @@
 """Save and load codebook models: ``cfg.json`` plus safetensors, written atomically, no pickle.
 
-Layout of a saved directory::
+Layout of a saved directory (see :mod:`codebook_lens.atomic` for the versioning and locks)::
 
-    cfg.json                 format marker, library version, backend, sites and their configs
-    codebooks.safetensors    "<site>.codebook" [n_groups, n_codes, d_in], "<site>.code_counts",
-                             "<site>.ln_weight", "<site>.ln_bias" [n_groups, d_in] (affine norm)
-    model.safetensors        (include_model=True) the base model's state dict
+    cfg.json                 format marker, library version, backend, sites and their configs,
+                             "data_dir": the version directory below (the commit pointer)
+    v-model-<hex>/codebooks.safetensors
+                             "<site>.codebook" [n_groups, n_codes, d_in], "<site>.code_counts"
+                             [n_groups, n_codes], "<site>.ln_weight", "<site>.ln_bias"
+                             [n_groups, d_in] (affine norm)
+    v-model-<hex>/model.safetensors
+                             (include_model=True) the base model's state dict
+    v-model-<hex>/hf_model/  (include_model=True, Hugging Face-booted bridge) its config
+
+Checkpoints of earlier versions keep the data files directly beside ``cfg.json`` (no
+``data_dir``); they still load. Loading is data only: the JSON is validated field by field,
+every tensor's dtype, shape and finiteness are checked before use, and nothing is imported,
+executed or downloaded (a saved model config's tokenizer names and ``trust_remote_code`` are
+ignored).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from codebook_lens.atomic import CheckpointError, DirKind, open_dir, save_dir
 from codebook_lens.backends import (
     HF_DIR,
     BackendError,
@@ -37,65 +46,37 @@ from codebook_lens.quantizer import Codebook
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "MODEL_KIND",
     "CheckpointError",
-    "atomic_write_dir",
-    "atomic_write_text",
     "save_codebook_model",
     "load_base_model",
     "load_codebook_model",
+    "check_tensor",
 ]
 
 FORMAT = "codebook_lens"
 FORMAT_VERSION = 1
 
-
-class CheckpointError(ValueError):
-    """A saved directory is missing, corrupt, foreign, or does not fit the model given."""
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+MODEL_KIND = DirKind(
+    name="CodebookModel checkpoint",
+    head="cfg.json",
+    format=FORMAT,
+    tag="model",
+    flat=("codebooks.safetensors", "model.safetensors", HF_DIR),
+    saver="CodebookModel.save",
+)
+"""The on-disk kind of a saved CodebookModel (for :mod:`codebook_lens.atomic`)."""
 
 
-class atomic_write_dir:
-    """Context manager yielding a temporary directory that replaces ``path`` on success.
+def save_codebook_model(
+    cm: Any, path: str | os.PathLike, include_model: bool = False, overwrite: bool = False
+) -> None:
+    """Save a :class:`CodebookModel` to directory ``path`` in one atomic step.
 
-    On an exception the temporary directory is deleted and ``path`` is left as it was.
+    Refuses ``""``/``"."``, a file, a symlink, or a directory holding anything but a
+    CodebookModel checkpoint (``overwrite=True`` allows the latter; only our own files are
+    replaced). A kill at any moment leaves the old or the new checkpoint.
     """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}."))
-        return self.tmp
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def save_codebook_model(cm: Any, path: str | os.PathLike, include_model: bool = False) -> None:
-    """Save a :class:`CodebookModel` to directory ``path`` (replaced atomically)."""
     from codebook_lens import __version__
 
     meta: dict[str, Any] = {
@@ -112,14 +93,16 @@ def save_codebook_model(cm: Any, path: str | os.PathLike, include_model: bool = 
         tensors[f"{site}.code_counts"] = cb.code_counts.detach().contiguous().cpu()
         for name, t in cb.extra_tensors().items():  # e.g. the affine input LayerNorm
             tensors[f"{site}.{name}"] = t.detach().contiguous().cpu()
-    with atomic_write_dir(path) as tmp:
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "codebooks.safetensors"), metadata={"format": FORMAT})
         if include_model:
             if meta["model"]["source"] == "hf":
                 write_hf_config(cm.model, tmp / HF_DIR)
             sd = {k: v.detach().contiguous().cpu() for k, v in cm.model.state_dict().items()}
             save_file(_untie(sd), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        (tmp / "cfg.json").write_text(json.dumps(meta, indent=2))
+
+    save_dir(path, MODEL_KIND, meta, write, overwrite=overwrite)
 
 
 def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,26 +116,84 @@ def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    cfg_path = path / "cfg.json"
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory saved by CodebookModel.save")
-    if not cfg_path.exists():
-        raise CheckpointError(f"{path} has no cfg.json; it was not written by CodebookModel.save")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+def _check_meta(meta: dict[str, Any], file: Path) -> None:
+    """Refuse a cfg.json whose fields have the wrong types or are missing."""
+    version = meta.get("format_version")
+    if type(version) is not int:
         raise CheckpointError(
-            f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupt"
-        ) from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_path} is not a codebook_lens checkpoint (no format marker)")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} uses format version {meta['format_version']}; this codebook_lens reads "
-            f"up to {FORMAT_VERSION}. Upgrade codebook_lens."
+            f"{file}: format_version must be an integer, got {version!r}; the checkpoint is "
+            "corrupt or was not written by CodebookModel.save"
         )
-    return meta
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file} uses format version {version}; this codebook_lens reads up to "
+            f"{FORMAT_VERSION}. Upgrade codebook_lens."
+        )
+    if version < 1:
+        raise CheckpointError(f"{file}: format_version {version} is not a valid version")
+    for key, types in (("backend", (str, type(None))), ("model", (dict, type(None)))):
+        if not isinstance(meta.get(key), types):
+            raise CheckpointError(f"{file}: {key!r} must be {_names(types)}, got {meta.get(key)!r}")
+    sites = meta.get("sites")
+    if not isinstance(sites, list):
+        raise CheckpointError(f"{file}: 'sites' must be a list of {{site, config}}, got {sites!r}")
+    seen: set[str] = set()
+    for i, entry in enumerate(sites):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("site"), str)
+            and isinstance(entry.get("config"), dict)
+        ):
+            raise CheckpointError(
+                f"{file}: sites[{i}] must be {{'site': str, 'config': dict}}, got {entry!r}"
+            )
+        if entry["site"] in seen:
+            raise CheckpointError(f"{file}: site {entry['site']!r} is listed twice")
+        seen.add(entry["site"])
+
+
+def _names(types: tuple[type, ...]) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _site_config(entry: dict[str, Any], file: Path) -> CodebookConfig:
+    try:
+        return CodebookConfig.from_dict(entry["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{file}: the config of site {entry['site']!r} is invalid: {e}"
+        ) from e
+
+
+def check_tensor(
+    t: torch.Tensor, name: str, file: Path, shape: tuple[int, ...] | None, kind: str
+) -> torch.Tensor:
+    """``t`` if it has ``shape`` and is a finite ``kind`` tensor (``"float"``: floating point;
+    ``"count"``: integer or floating, >= 0; ``"int"``: integer), else a CheckpointError naming
+    ``name`` in ``file``."""
+    ok = {
+        "float": t.is_floating_point(),
+        "count": (t.is_floating_point() or _is_int(t)),
+        "int": _is_int(t),
+    }[kind]
+    if not ok:
+        raise CheckpointError(f"{file}: {name} has dtype {t.dtype}; expected a {kind} tensor")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise CheckpointError(
+            f"{file}: {name} has shape {tuple(t.shape)}, but its config says {tuple(shape)}"
+        )
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(
+            f"{file}: {name} holds NaN or inf values; the checkpoint was saved from a diverged "
+            "model. Load an earlier checkpoint"
+        )
+    if kind == "count" and t.numel() and bool((t < 0).any()):
+        raise CheckpointError(f"{file}: {name} holds negative counts; the checkpoint is corrupt")
+    return t
+
+
+def _is_int(t: torch.Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -174,60 +215,101 @@ def load_base_model(path: str | os.PathLike, backend: str = "auto") -> nn.Module
     """
     resolve_backend(backend)  # an argument error, before any file is read
     path = Path(path)
-    meta = _read_meta(path)
-    spec = meta.get("model")
+    with open_dir(path, MODEL_KIND) as (meta, data):
+        _check_meta(meta, path / MODEL_KIND.head)
+        return _base_model(meta, data, path, backend)
+
+
+def _base_model(meta: dict[str, Any], data: Path, path: Path, backend: str) -> nn.Module:
+    spec = meta["model"]
     if not spec:
         raise CheckpointError(
             f"{path} was saved without the base model; pass it: "
             "CodebookModel.load(path, model), or save with include_model=True"
         )
-    sd = _load_tensors(path / "model.safetensors")
+    file = data / "model.safetensors"
+    sd = _load_tensors(file)
+    for k, v in sd.items():  # buffers may hold -inf (attention masks); NaN is never valid
+        if v.is_floating_point() and bool(torch.isnan(v).any()):
+            raise CheckpointError(f"{file}: {k} holds NaN values; load an earlier checkpoint")
     try:
-        model = rebuild_model(spec, path, backend)
+        model = rebuild_model(spec, data, backend)
         load_weights(model, sd, spec)
-    except (BackendError, RuntimeError, KeyError, TypeError) as e:
+    except CheckpointError:
+        raise
+    except (BackendError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"cannot rebuild the base model saved in {path}: {e}") from e
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{file}: parameter {name} holds inf values; it is corrupt")
     return model.eval()
+
+
+def _site_tensors(
+    site: str, cfg: CodebookConfig, tensors: dict[str, torch.Tensor], file: Path
+) -> dict[str, torch.Tensor]:
+    """The checked tensors of one site: codebook, code_counts (if saved), affine LayerNorm."""
+    g, n, d = cfg.n_groups, cfg.n_codes, cfg.d_in
+    key = f"{site}.codebook"
+    if key not in tensors:
+        raise CheckpointError(f"{file} has no tensor {key!r}")
+    out = {"codebook": check_tensor(tensors[key], key, file, (g, n, d), "float")}
+    if f"{site}.code_counts" in tensors:
+        key = f"{site}.code_counts"
+        out["code_counts"] = check_tensor(tensors[key], key, file, (g, n), "count")
+    if cfg.input_norm == "affine":
+        for name in ("ln_weight", "ln_bias"):
+            key = f"{site}.{name}"
+            if key not in tensors:
+                raise CheckpointError(f"{file} has no tensor {key!r} (input_norm='affine')")
+            out[name] = check_tensor(tensors[key], key, file, (g, d), "float")
+    return out
 
 
 def load_codebook_model(
     path: str | os.PathLike, model: nn.Module | None = None, backend: str = "auto"
 ) -> Any:
     """Rebuild a saved :class:`CodebookModel` on ``model`` (or the saved base model, on
-    ``backend``)."""
+    ``backend``). Every field and tensor is checked before ``model`` is touched; a bad file
+    raises :class:`CheckpointError` naming it."""
+    if model is None:
+        resolve_backend(backend)  # an argument error, before any file is read
+    path = Path(path)
+    with open_dir(path, MODEL_KIND) as (meta, data):
+        head = path / MODEL_KIND.head
+        _check_meta(meta, head)
+        configs = {e["site"]: _site_config(e, head) for e in meta["sites"]}
+        file = data / "codebooks.safetensors"
+        tensors = _load_tensors(file)
+        checked = {s: _site_tensors(s, c, tensors, file) for s, c in configs.items()}
+        if model is None:
+            model = _base_model(meta, data, path, backend)
+    return _attach(model, configs, checked)
+
+
+def _attach(
+    model: nn.Module,
+    configs: dict[str, CodebookConfig],
+    checked: dict[str, dict[str, torch.Tensor]],
+) -> Any:
     from codebook_lens.model import CodebookModel
 
-    path = Path(path)
-    meta = _read_meta(path)
-    if model is None:
-        model = load_base_model(path, backend)
-    tensors = _load_tensors(path / "codebooks.safetensors")
     cm = CodebookModel(model)
-    for entry in meta["sites"]:
-        site = entry["site"]
-        cfg = CodebookConfig.from_dict(entry["config"])
-        key = f"{site}.codebook"
-        if key not in tensors:
-            raise CheckpointError(f"codebooks.safetensors has no tensor {key!r}")
-        w = tensors[key]
-        if tuple(w.shape) != (cfg.n_groups, cfg.n_codes, cfg.d_in):
-            raise CheckpointError(
-                f"{key} has shape {tuple(w.shape)}, but its config says "
-                f"{(cfg.n_groups, cfg.n_codes, cfg.d_in)}"
-            )
-        try:
-            cb = cm.add_codebook(site, Codebook(cfg))
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"saved codebook does not fit this model: {e}") from e
-        with torch.no_grad():
-            cb.codebook.copy_(w)
-            counts = tensors.get(f"{site}.code_counts")
-            if counts is not None:
-                cb.code_counts.copy_(counts)
-        try:
-            cb.load_extra_tensors(
-                {n: tensors[f"{site}.{n}"] for n in cb.extra_tensors() if f"{site}.{n}" in tensors}
-            )
-        except ValueError as e:
-            raise CheckpointError(f"codebooks.safetensors, {site}: {e}") from e
+    try:
+        for site, cfg in configs.items():
+            try:
+                cb = cm.add_codebook(site, Codebook(cfg))
+            except (KeyError, ValueError, TypeError) as e:
+                raise CheckpointError(f"saved codebook does not fit this model: {e}") from e
+            t = checked[site]
+            with torch.no_grad():
+                cb.codebook.copy_(t["codebook"])
+                if "code_counts" in t:
+                    cb.code_counts.copy_(t["code_counts"])
+            extra = {n: t[n] for n in ("ln_weight", "ln_bias") if n in t}
+            if extra:
+                cb.load_extra_tensors(extra)
+    except BaseException:
+        cm.detach()  # leave the caller's model as it was
+        raise
     return cm

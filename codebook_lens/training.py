@@ -25,15 +25,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from codebook_lens.atomic import CheckpointError, write_text
 from codebook_lens.checkpoint import (
     TrainState,
+    check_checkpoint_dir,
     load_train_state,
     restore_rng,
     save_train_state,
 )
 from codebook_lens.data import shard_batch
 from codebook_lens.init import _replace_dead, merge_duplicate_codes
-from codebook_lens.io import atomic_write_text
 from codebook_lens.model import CodebookModel
 from codebook_lens.validation import ValidatedConfig
 
@@ -315,6 +316,8 @@ def train_codebooks(
     from the last checkpoint, ending in the same state as an uninterrupted run.
     """
     cfg = cfg or TrainConfig()
+    if cfg.checkpoint_dir:
+        check_checkpoint_dir(cfg.checkpoint_dir)  # a file there fails now, not after training
     if not cm.codebooks and not cfg.allow_no_codebooks:
         raise ValueError(
             "train_codebooks: the model has no codebooks; add_codebook(...) first (or set "
@@ -343,7 +346,9 @@ def train_codebooks(
 
     state = None
     if cfg.checkpoint_dir and cfg.resume:
-        state = load_train_state(cfg.checkpoint_dir, cm, opt, set_rng=False)
+        state = load_train_state(
+            cfg.checkpoint_dir, cm, opt, set_rng=False, steps=cfg.steps, config=ckpt_cfg
+        )
     if state is None:
         state = TrainState()
         for cb in cbs.values():
@@ -353,13 +358,12 @@ def train_codebooks(
         n_acc = 0
     else:
         result.resumed_from = state.step
-        log_counts = {s: state.tensors[f"log_counts.{s}"].to(device) for s in cbs}
-        sums = state.tensors["sums"].to(device, _metric_dtype(device))
-        n_acc = int(state.scalars["n_acc"])
+        log_counts, sums, n_acc = _loop_state(state, cbs, device)
+    last_saved = state.step if result.resumed_from else None
     result.history, result.evals = list(state.history), list(state.evals)
     if cfg.metrics_path and dist.main:
         rows = "".join(json.dumps(r) + "\n" for r in result.history)
-        atomic_write_text(cfg.metrics_path, rows)  # drops rows logged after the checkpoint
+        write_text(cfg.metrics_path, rows)  # drops rows logged after the checkpoint
     wb = _open_wandb(cfg, dist)
 
     batches = _cycle(data)
@@ -466,8 +470,10 @@ def train_codebooks(
             )
             if dist.main:
                 save_train_state(
-                    cfg.checkpoint_dir, cm, opt, snap, ckpt_cfg, include_model=not cfg.freeze_model
-                )
+                    cfg.checkpoint_dir, cm, opt, snap, ckpt_cfg,
+                    include_model=not cfg.freeze_model, last_good_step=last_saved,
+                )  # fmt: skip
+            last_saved = step + 1
             if acc is not None:
                 acc.wait_for_everyone()
     bar.close()
@@ -504,6 +510,29 @@ def _log_row(
             dead.append((delta == 0).float().mean())
         row["dead_frac"] = float(torch.stack(dead).mean())
     return row
+
+
+def _loop_state(
+    state: TrainState, cbs: dict[str, Any], device: torch.device
+) -> tuple[dict[str, Tensor], Tensor, int]:
+    """The loop's accumulators from a loaded checkpoint, checked (CheckpointError if not)."""
+    want = {
+        "sums": (3,),
+        **{f"log_counts.{s}": tuple(cb.code_counts.shape) for s, cb in cbs.items()},
+    }
+    for key, shape in want.items():
+        t = state.tensors.get(key)
+        if t is None or tuple(t.shape) != shape:
+            raise CheckpointError(
+                f"the training checkpoint's loop tensor {key!r} is "
+                f"{'missing' if t is None else f'of shape {tuple(t.shape)}'} (expected {shape}); "
+                "it is corrupt or from another setup: use a fresh checkpoint_dir"
+            )
+    n_acc = state.scalars.get("n_acc")
+    if type(n_acc) is not int or n_acc < 0:
+        raise CheckpointError(f"the training checkpoint's n_acc={n_acc!r} is not a count")
+    log_counts = {s: state.tensors[f"log_counts.{s}"].to(device) for s in cbs}
+    return log_counts, state.tensors["sums"].to(device, _metric_dtype(device)), n_acc
 
 
 def _metric_dtype(device: torch.device) -> torch.dtype:

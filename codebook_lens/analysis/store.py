@@ -8,7 +8,6 @@ from safetensors shards (``store.json`` + ``shard-*.safetensors``), written atom
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,14 +23,23 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from codebook_lens.analysis._common import get_codebook, unknown_site_error
-from codebook_lens.io import CheckpointError, atomic_write_dir
+from codebook_lens.atomic import CheckpointError, DirKind, open_dir, save_dir
 from codebook_lens.model import codes_hook_name
 
-__all__ = ["CodeStore", "collect_codes", "smallest_int_dtype", "STORE_FORMAT"]
+__all__ = ["CodeStore", "collect_codes", "smallest_int_dtype", "STORE_FORMAT", "STORE_KIND"]
 
 STORE_FORMAT = "codebook_lens.code_store"
 _STORE_VERSION = 1
 _DTYPES = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
+STORE_KIND = DirKind(
+    name="CodeStore",
+    head="store.json",
+    format=STORE_FORMAT,
+    tag="store",
+    flat=("shard-*.safetensors",),
+    saver="CodeStore.save",
+)
+"""The on-disk kind of a saved CodeStore (for :mod:`codebook_lens.atomic`)."""
 
 
 def smallest_int_dtype(max_value: int, min_value: int = -1) -> torch.dtype:
@@ -218,9 +226,14 @@ class CodeStore:
             raise IndexError(f"code {code} out of range; {site} has codes 0..{n - 1}")
 
     # ------------------------------------------------------------------ io
-    def save(self, path: str | os.PathLike[str], shard_mb: float = 256.0) -> None:
+    def save(
+        self, path: str | os.PathLike[str], shard_mb: float = 256.0, overwrite: bool = False
+    ) -> None:
         """Write ``store.json`` and ``shard-NNNNN.safetensors`` files (whole sequences per shard,
-        at most about ``shard_mb`` MiB each) to directory ``path``, atomically."""
+        at most about ``shard_mb`` MiB each) to directory ``path`` in one atomic step.
+
+        A directory holding anything other than a CodeStore is refused unless ``overwrite=True``
+        (which still replaces only codebook_lens's own files)."""
         per_seq = max(1, self.nbytes // max(self.n_seq, 1))
         seqs_per_shard = max(1, int(shard_mb * 2**20) // per_seq)
         n_shards = max(1, math.ceil(self.n_seq / seqs_per_shard))
@@ -237,59 +250,156 @@ class CodeStore:
             "n_shards": n_shards,
             "meta": self.meta,
         }
-        text = json.dumps(header, indent=1)
-        with atomic_write_dir(path) as tmp:
+
+        def write(tmp: Path) -> None:
             for i in range(n_shards):
                 sl = slice(i * seqs_per_shard, (i + 1) * seqs_per_shard)
                 tensors = {f"codes.{s}": c[sl].contiguous() for s, c in self.codes.items()}
                 if self.tokens is not None:
                     tensors["tokens"] = self.tokens[sl].contiguous()
                 save_file(tensors, str(tmp / f"shard-{i:05d}.safetensors"))
-            (tmp / "store.json").write_text(text)
+
+        save_dir(path, STORE_KIND, header, write, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CodeStore:
-        """Load a store written by :meth:`save`; raises CheckpointError on a missing or corrupt
-        directory."""
+        """Load a store written by :meth:`save`. Raises CheckpointError, naming the file and
+        field, on a missing, corrupt or inconsistent directory (header fields of the wrong
+        type, shards that disagree with the header, ids outside ``[-1, n_codes)``)."""
         path = Path(path)
-        try:
-            header = json.loads((path / "store.json").read_text())
-        except FileNotFoundError as e:
-            raise CheckpointError(f"{path} has no store.json; is it a saved CodeStore?") from e
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}/store.json is corrupt: {e}") from e
-        if header.get("format") != STORE_FORMAT:
-            raise CheckpointError(f"{path} is not a CodeStore (format {header.get('format')!r})")
-        parts: dict[str, list[Tensor]] = {s: [] for s in header["sites"]}
-        toks: list[Tensor] = []
-        for i in range(header["n_shards"]):
-            f = path / f"shard-{i:05d}.safetensors"
-            try:
-                shard = load_file(str(f))
-            except (FileNotFoundError, SafetensorError, OSError) as e:
-                raise CheckpointError(f"cannot read shard {f}: {e}") from e
-            for s in parts:
-                key = f"codes.{s}"
-                if key not in shard:
-                    raise CheckpointError(f"shard {f} lacks {key!r}")
-                parts[s].append(shard[key])
-            if header["has_tokens"]:
-                toks.append(shard["tokens"])
-        codes = {s: torch.cat(p) for s, p in parts.items()}
+        with open_dir(path, STORE_KIND) as (header, data):
+            file = path / STORE_KIND.head
+            _check_header(header, file)
+            codes, tokens = _read_shards(header, data)
         for s, c in codes.items():
-            want = header["shapes"][s]
-            if list(c.shape) != want or str(c.dtype).removeprefix("torch.") != header["dtypes"][s]:
+            _check_codes(s, c, header, file)
+        if tokens is not None:
+            _check_tokens(tokens, header, file)
+        try:
+            return cls(
+                codes=codes,
+                n_codes=dict(header["n_codes"]),
+                per_head=dict(header["per_head"]),
+                tokens=tokens,
+                d_vocab=header["d_vocab"],
+                meta=header.get("meta", {}),
+            )
+        except ValueError as e:
+            raise CheckpointError(f"{path} is not a consistent CodeStore: {e}") from e
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _site_map(header: dict[str, Any], key: str, ok: Any, want: str, file: Path) -> None:
+    m = header.get(key)
+    if not isinstance(m, dict) or set(m) != set(header["sites"]):
+        raise CheckpointError(f"{file}: {key!r} must map every site to {want}, got {m!r}")
+    bad = [s for s, v in m.items() if not ok(v)]
+    if bad:
+        raise CheckpointError(f"{file}: {key}[{bad[0]!r}] = {m[bad[0]]!r} is not {want}")
+
+
+def _check_header(header: dict[str, Any], file: Path) -> None:
+    """Raise CheckpointError naming the field if ``store.json`` content is malformed."""
+    v = header.get("version")
+    if not _is_int(v) or not 1 <= v <= _STORE_VERSION:
+        raise CheckpointError(
+            f"{file}: version {v!r} is not a CodeStore format version this codebook_lens reads "
+            f"(1..{_STORE_VERSION}); upgrade codebook_lens or re-save the store"
+        )
+    sites = header.get("sites")
+    if (
+        not isinstance(sites, list)
+        or not sites
+        or not all(isinstance(s, str) for s in sites)
+        or len(set(sites)) != len(sites)
+    ):
+        raise CheckpointError(f"{file}: 'sites' must be a non-empty list of names, got {sites!r}")
+    _site_map(header, "n_codes", lambda n: _is_int(n) and n >= 1, "an integer >= 1", file)
+    _site_map(header, "per_head", lambda b: isinstance(b, bool), "true or false", file)
+    _site_map(
+        header,
+        "shapes",
+        lambda sh: isinstance(sh, list) and len(sh) == 4 and all(_is_int(x) and x >= 0 for x in sh),
+        "[n_seq, pos, head, k] of integers",
+        file,
+    )
+    _site_map(header, "dtypes", lambda d: d in _DTYPES, f"one of {sorted(_DTYPES)}", file)
+    for key, ok, want in (
+        ("has_tokens", lambda b: isinstance(b, bool), "true or false"),
+        ("d_vocab", lambda d: d is None or (_is_int(d) and d >= 1), "null or an integer >= 1"),
+        ("n_shards", lambda n: _is_int(n) and 1 <= n <= 10**6, "an integer in [1, 10**6]"),
+        ("meta", lambda m: isinstance(m, dict), "an object"),
+    ):
+        if key == "meta" and key not in header:
+            continue
+        if not ok(header.get(key)):
+            raise CheckpointError(f"{file}: {key!r} must be {want}, got {header.get(key)!r}")
+    for s in sites:
+        if not header["per_head"][s] and header["shapes"][s][2] != 1:
+            raise CheckpointError(
+                f"{file}: {s} has per_head=false but {header['shapes'][s][2]} heads in 'shapes'; "
+                "the header contradicts itself"
+            )
+
+
+def _read_shards(header: dict[str, Any], data: Path) -> tuple[dict[str, Tensor], Tensor | None]:
+    parts: dict[str, list[Tensor]] = {s: [] for s in header["sites"]}
+    toks: list[Tensor] = []
+    for i in range(header["n_shards"]):
+        f = data / f"shard-{i:05d}.safetensors"
+        try:
+            shard = load_file(str(f))
+        except (FileNotFoundError, SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read shard {f}: {e}") from e
+        for s in parts:
+            key = f"codes.{s}"
+            if key not in shard:
+                raise CheckpointError(f"shard {f} lacks {key!r}")
+            c = shard[key]
+            if c.dim() != 4 or list(c.shape[1:]) != header["shapes"][s][1:]:
                 raise CheckpointError(
-                    f"codes of {s} in {path} have shape {list(c.shape)}, dtype {c.dtype}; the "
-                    f"header says {want}, {header['dtypes'][s]}"
+                    f"shard {f}: {key} has shape {list(c.shape)}; store.json says "
+                    f"[*, {', '.join(map(str, header['shapes'][s][1:]))}]"
                 )
-        return cls(
-            codes=codes,
-            n_codes={s: int(n) for s, n in header["n_codes"].items()},
-            per_head={s: bool(v) for s, v in header["per_head"].items()},
-            tokens=torch.cat(toks) if toks else None,
-            d_vocab=header.get("d_vocab"),
-            meta=header.get("meta", {}),
+            parts[s].append(c)
+        if header["has_tokens"]:
+            if "tokens" not in shard:
+                raise CheckpointError(f"shard {f} lacks 'tokens' (store.json says has_tokens)")
+            toks.append(shard["tokens"])
+    tokens = None
+    if toks:
+        if any(t.dim() != 2 or t.shape[1:] != toks[0].shape[1:] for t in toks):
+            raise CheckpointError(f"the shards in {data} hold tokens of different shapes")
+        tokens = torch.cat(toks)
+    return {s: torch.cat(p) for s, p in parts.items()}, tokens
+
+
+def _check_codes(site: str, c: Tensor, header: dict[str, Any], file: Path) -> None:
+    want, dtype = header["shapes"][site], header["dtypes"][site]
+    if list(c.shape) != want or str(c.dtype).removeprefix("torch.") != dtype:
+        raise CheckpointError(
+            f"codes of {site} have shape {list(c.shape)}, dtype {c.dtype}; {file} says "
+            f"{want}, {dtype}"
+        )
+    n = header["n_codes"][site]
+    if c.numel() and (int(c.min()) < -1 or int(c.max()) >= n):
+        raise CheckpointError(
+            f"codes of {site} lie in [{int(c.min())}, {int(c.max())}], outside [-1, {n}) "
+            f"({file} says n_codes={n}); the store is corrupt"
+        )
+
+
+def _check_tokens(tokens: Tensor, header: dict[str, Any], file: Path) -> None:
+    if tokens.is_floating_point() or tokens.dtype == torch.bool or tokens.is_complex():
+        raise CheckpointError(f"tokens next to {file} have dtype {tokens.dtype}; expected integers")
+    hi = header["d_vocab"]
+    if tokens.numel() and (int(tokens.min()) < 0 or (hi is not None and int(tokens.max()) >= hi)):
+        raise CheckpointError(
+            f"tokens next to {file} lie in [{int(tokens.min())}, {int(tokens.max())}], outside "
+            f"[0, d_vocab={hi})"
         )
 
 

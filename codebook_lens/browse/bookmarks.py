@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from codebook_lens.atomic import write_text
 from codebook_lens.browse.errors import BrowseError, bad_request, not_found
-from codebook_lens.io import atomic_write_text
 
 __all__ = ["Bookmarks", "MAX_NOTE_LEN", "MAX_BOOKMARKS"]
 
@@ -40,7 +40,7 @@ class Bookmarks:
         return list(data.get("bookmarks", []))
 
     def _write(self, items: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.path, json.dumps({"bookmarks": items}, indent=1))
+        write_text(self.path, json.dumps({"bookmarks": items}, indent=1))
 
     def add(self, site: str, head: int, code: int, note: str) -> dict[str, Any]:
         """Save a code with a note (an existing bookmark of the same code gets the new note)."""

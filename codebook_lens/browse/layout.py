@@ -20,16 +20,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from codebook_lens.analysis.store import CodeStore
-from codebook_lens.io import CheckpointError, atomic_write_dir, atomic_write_text
+from codebook_lens.atomic import CheckpointError, DirKind, open_dir, save_dir
 
-__all__ = ["BROWSE_FORMAT", "BrowseData", "write_browse_data", "load_browse_data", "inside"]
+__all__ = [
+    "BROWSE_FORMAT",
+    "BROWSE_KIND",
+    "BrowseData",
+    "write_browse_data",
+    "load_browse_data",
+    "inside",
+]
 
 BROWSE_FORMAT = "codebook_lens.browse"
 _VERSION = 1
+BROWSE_KIND = DirKind(
+    name="browse directory",
+    head="browse.json",
+    format=BROWSE_FORMAT,
+    tag="browse",
+    flat=("store", "labels.safetensors"),
+    saver="write_browse_data",
+)
+"""The on-disk kind of ``DIR/browse`` (for :mod:`codebook_lens.atomic`)."""
 
 
 def inside(root: Path, rel: str | os.PathLike[str]) -> Path:
@@ -98,13 +115,15 @@ def write_browse_data(
         "tokenizer": tokenizer,
         "fsm": fsm,
     }
-    with atomic_write_dir(out / "browse") as tmp:
+
+    def write(tmp: Path) -> None:
         store.save(tmp / "store")
         if labels is not None:
             save_file(
                 {"labels": labels.to(torch.int32).contiguous()}, str(tmp / "labels.safetensors")
             )
-        atomic_write_text(tmp / "browse.json", json.dumps(manifest))
+
+    save_dir(out / "browse", BROWSE_KIND, manifest, write)
     return out / "browse"
 
 
@@ -143,6 +162,23 @@ def _opt(root: Path, rel: str | None) -> Path | None:
     return None if rel is None else inside(root, rel)
 
 
+def _labels(file: Path, cs: CodeStore) -> Tensor | None:
+    """The stored labels ``[n_seq, pos]`` (long), checked, or None without a labels file."""
+    if not file.exists():
+        return None
+    try:
+        t = load_file(str(file)).get("labels")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from e
+    if t is None or t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+        raise CheckpointError(f"{file} needs an integer tensor 'labels'")
+    if tuple(t.shape) != (cs.n_seq, cs.seq_len):
+        raise CheckpointError(
+            f"{file}: labels have shape {tuple(t.shape)}, the store is {(cs.n_seq, cs.seq_len)}"
+        )
+    return t.long()
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -151,9 +187,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _vocab_from_tokenizer(path: Path | None, d_vocab: int) -> list[str] | None:
-    if path is None or not (path / "tokenizer.json").exists():
+    from codebook_lens.lm.tokenizer import TOKENIZER_KIND, load_tokenizer
+
+    if path is None or not any(
+        (path / f).exists() for f in ("tokenizer.json", TOKENIZER_KIND.head)
+    ):
         return None
-    from codebook_lens.lm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(path)
     return [tok.decode([i]) for i in range(d_vocab)]
@@ -184,14 +223,9 @@ def load_browse_data(
         d_vocab = int(cs.d_vocab or (int(cs.tokens.max()) + 1 if cs.tokens is not None else 0))
         vocab = _vocab_from_tokenizer(mp / "tokenizer" if mp else None, d_vocab)
         return BrowseData(root, cs, vocab or [str(i) for i in range(d_vocab)], model_path=mp)
-    man = _read_json(man_path)
-    if man.get("format") != BROWSE_FORMAT:
-        raise CheckpointError(f"{man_path} is not a browse manifest")
-    cs = CodeStore.load(root / "browse" / "store")
-    labels = None
-    lab_file = root / "browse" / "labels.safetensors"
-    if lab_file.exists():
-        labels = load_file(str(lab_file))["labels"].long()
+    with open_dir(root / "browse", BROWSE_KIND) as (man, data):
+        cs = CodeStore.load(data / "store")
+        labels = _labels(data / "labels.safetensors", cs)
     metrics = _read_json(root / "metrics.json") if (root / "metrics.json").exists() else {}
     mp = _opt(root, man.get("model"))
     return BrowseData(

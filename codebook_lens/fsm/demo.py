@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from codebook_lens.atomic import write_text
 from codebook_lens.browse import write_fsm_browse_data
 from codebook_lens.fsm.experiment import (
     ExperimentConfig,
@@ -26,7 +27,6 @@ from codebook_lens.fsm.experiment import (
     transition_accuracy_of,
 )
 from codebook_lens.fsm.machine import FSM
-from codebook_lens.io import atomic_write_text
 
 __all__ = ["run_demo", "default_cache_dir", "summary_rows"]
 
@@ -56,7 +56,7 @@ def _steal_fraction(start: tuple[int, int] | None) -> float | None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2))
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:

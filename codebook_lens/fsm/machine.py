@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from codebook_lens.atomic import write_file
 
 __all__ = ["FSM", "n_digits_for"]
 
@@ -229,20 +230,8 @@ class FSM:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the FSM as JSON, atomically (temporary file in the same folder, then replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Write the FSM as JSON, atomically (:func:`codebook_lens.atomic.write_file`)."""
+        write_file(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FSM:

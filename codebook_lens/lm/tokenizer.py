@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from codebook_lens.io import atomic_write_dir
+from codebook_lens.atomic import DirKind, open_dir, save_dir
 
 __all__ = [
     "SPECIAL_TOKEN",
@@ -22,7 +22,18 @@ __all__ = [
     "wrap_tokenizer",
     "save_tokenizer",
     "load_tokenizer",
+    "TOKENIZER_KIND",
 ]
+
+TOKENIZER_KIND = DirKind(
+    name="saved tokenizer",
+    head="codebook_lens_tokenizer.json",
+    format="codebook_lens.tokenizer",
+    tag="tok",
+    flat=("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
+    saver="save_tokenizer",
+)
+"""The on-disk kind of :func:`save_tokenizer` output (for :mod:`codebook_lens.atomic`)."""
 
 SPECIAL_TOKEN = "<|endoftext|>"
 """The one special token (id 0): BOS, EOS and padding, as in GPT-2."""
@@ -86,18 +97,33 @@ def train_bpe_tokenizer(
     return wrap_tokenizer(tok, special_token)
 
 
-def save_tokenizer(tokenizer: Any, path: str | os.PathLike[str]) -> None:
-    """Write ``tokenizer.json`` and ``tokenizer_config.json`` to directory ``path`` atomically."""
-    with atomic_write_dir(path) as tmp:
-        tokenizer.save_pretrained(str(tmp))
+def save_tokenizer(tokenizer: Any, path: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (``save_pretrained``) to directory
+    ``path`` in one atomic step (a version directory named by ``codebook_lens_tokenizer.json``).
+
+    A directory holding anything but a saved tokenizer is refused unless ``overwrite=True``; a
+    tokenizer saved flat by an earlier version is replaced."""
+    p = Path(path)
+    legacy = (p / "tokenizer.json").is_file() and not (p / TOKENIZER_KIND.head).exists()
+    head = {"format": TOKENIZER_KIND.format, "version": 1}
+    save_dir(
+        p,
+        TOKENIZER_KIND,
+        head,
+        lambda tmp: tokenizer.save_pretrained(str(tmp)),
+        overwrite=overwrite or legacy,
+    )
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """Load a tokenizer written by :func:`save_tokenizer` (or any local HF tokenizer dir)."""
+    """Load a tokenizer written by :func:`save_tokenizer` (or any local HF tokenizer dir, read
+    as data: no code, no network)."""
     from transformers import PreTrainedTokenizerFast
 
     path = Path(path)
+    if (path / TOKENIZER_KIND.head).exists():
+        with open_dir(path, TOKENIZER_KIND) as (_head, data):
+            return PreTrainedTokenizerFast.from_pretrained(str(data), local_files_only=True)
     if not (path / "tokenizer.json").exists():
         raise FileNotFoundError(f"{path} has no tokenizer.json; save one with save_tokenizer()")
-    tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
-    return tok
+    return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)

@@ -27,12 +27,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from codebook_lens.atomic import write_file
 
 __all__ = [
     "View",
@@ -49,24 +50,11 @@ __all__ = [
 
 
 def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
-    """Write ``data`` (text as UTF-8) to ``path`` through a temporary file and ``os.replace``.
-
-    The parent directory is created if needed. A crash leaves either the old file or the new one,
-    never a half-written page. Returns the path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``data`` (text as UTF-8) to ``path`` atomically and durably
+    (:func:`codebook_lens.atomic.write_file`: temporary file, fsync, ``os.replace``, fsync of
+    the folder). The parent directory is created if needed. A crash leaves either the old file
+    or the new one, never a half-written page. Returns the path."""
+    return write_file(path, data)
 
 
 @functools.lru_cache(maxsize=1)

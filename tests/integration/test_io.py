@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from codebook_lens import CheckpointError, CodebookModel
+from codebook_lens.atomic import data_path
+from codebook_lens.io import MODEL_KIND
 from tests.conftest import make_model
 
 
@@ -30,7 +32,7 @@ def test_round_trip_with_given_model(model, tokens, tmp_path, backend):
     meta = json.loads((tmp_path / "ck" / "cfg.json").read_text())
     assert meta["format"] == "codebook_lens" and meta["backend"] == backend
     assert [s["site"] for s in meta["sites"]] == cm.sites
-    assert not (tmp_path / "ck" / "model.safetensors").exists()
+    assert not (data_path(tmp_path / "ck", MODEL_KIND) / "model.safetensors").exists()
     cm2 = CodebookModel.load(tmp_path / "ck", make_model(backend))
     assert torch.equal(cm2(tokens), out)
     for site, cb in cm.codebooks.items():
@@ -69,7 +71,7 @@ def test_save_is_atomic_and_overwrites(model, tokens, tmp_path):
 def test_failed_save_leaves_old_checkpoint(model, tokens, tmp_path, monkeypatch):
     cm = _cm(model, tokens)
     cm.save(tmp_path / "ck")
-    before = (tmp_path / "ck" / "codebooks.safetensors").read_bytes()
+    before = (data_path(tmp_path / "ck", MODEL_KIND) / "codebooks.safetensors").read_bytes()
     import codebook_lens.io as io
 
     def broken(*a, **k):
@@ -78,8 +80,10 @@ def test_failed_save_leaves_old_checkpoint(model, tokens, tmp_path, monkeypatch)
     monkeypatch.setattr(io, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         cm.save(tmp_path / "ck")
-    assert (tmp_path / "ck" / "codebooks.safetensors").read_bytes() == before
+    assert (data_path(tmp_path / "ck", MODEL_KIND) / "codebooks.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    versions = [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith("v-")]
+    assert len(versions) == 1
 
 
 def test_bad_checkpoints_are_refused(model, tokens, tmp_path):
@@ -88,7 +92,7 @@ def test_bad_checkpoints_are_refused(model, tokens, tmp_path):
         CodebookModel.load(tmp_path / "nope", model)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "cfg.json").write_text(json.dumps({"architecture": "gpt2"}))
-    with pytest.raises(CheckpointError, match="not a codebook_lens checkpoint"):
+    with pytest.raises(CheckpointError, match="not a CodebookModel checkpoint"):
         CodebookModel.load(tmp_path / "foreign", model)
     (tmp_path / "foreign" / "cfg.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
@@ -99,7 +103,7 @@ def test_bad_checkpoints_are_refused(model, tokens, tmp_path):
     with pytest.raises(CheckpointError, match="saved without the base model"):
         CodebookModel.load(tmp_path / "ck")
     # truncated tensor file
-    f = tmp_path / "ck" / "codebooks.safetensors"
+    f = data_path(tmp_path / "ck", MODEL_KIND) / "codebooks.safetensors"
     good = f.read_bytes()
     f.write_bytes(good[: len(good) // 2])
     with pytest.raises(CheckpointError, match="not a readable safetensors"):

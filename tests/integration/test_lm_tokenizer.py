@@ -9,7 +9,13 @@ import torch
 
 from codebook_lens.backends import build_model
 from codebook_lens.data import BlockStream, encode_texts, hf_texts, pack_blocks, pydoc_texts
-from codebook_lens.lm.tokenizer import load_tokenizer, save_tokenizer, train_bpe_tokenizer
+from codebook_lens.atomic import data_path
+from codebook_lens.lm.tokenizer import (
+    TOKENIZER_KIND,
+    load_tokenizer,
+    save_tokenizer,
+    train_bpe_tokenizer,
+)
 
 ODD = ["", " ", "Ünïcode — ✓ 🐉", "tabs\tand  double  spaces\n\nnew para", "x" * 300]
 
@@ -31,7 +37,7 @@ def test_round_trip_on_pydoc_and_odd_strings(tok):
 def test_save_load_gives_the_same_tokenizer(tok, tmp_path):
     save_tokenizer(tok, tmp_path / "tok")
     again = load_tokenizer(tmp_path / "tok")
-    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == [
+    assert sorted(p.name for p in data_path(tmp_path / "tok", TOKENIZER_KIND).iterdir()) == [
         "tokenizer.json",
         "tokenizer_config.json",
     ]

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from codebook_lens.analysis import CodeStore, dedupe_slots, smallest_int_dtype
+from codebook_lens.analysis.store import STORE_KIND
+from codebook_lens.atomic import data_path
 from codebook_lens.io import CheckpointError
 
 
@@ -105,7 +107,7 @@ def test_load_errors(tmp_path):
         CodeStore.load(tmp_path)
     s = make_store()
     s.save(tmp_path / "st")
-    (tmp_path / "st" / "shard-00000.safetensors").write_bytes(b"garbage")
+    (data_path(tmp_path / "st", STORE_KIND) / "shard-00000.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read shard"):
         CodeStore.load(tmp_path / "st")
 
