@@ -24,6 +24,7 @@ from codebook_lens.backends import backend_of
 from codebook_lens.config import CodebookConfig
 from codebook_lens.init import init_from_activations
 from codebook_lens.quantizer import Codebook
+from codebook_lens.validation import check_tokens
 
 __all__ = ["CodebookModel", "codes_hook_name", "PER_HEAD_SUFFIXES"]
 
@@ -56,12 +57,30 @@ class CodebookModel(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        if isinstance(model, CodebookModel):
+            raise TypeError(
+                "CodebookModel wraps a TransformerLens model, got a CodebookModel; add codebooks "
+                "to that one with add_codebook(...)"
+            )
         self.backend = backend_of(model)
+        taken = sorted(n for n in model.hook_dict if n.endswith(".hook_codes"))
+        if taken:
+            raise ValueError(
+                f"this model already has codebooks attached by another CodebookModel (codes "
+                f"hooks {taken}); use that CodebookModel, or call its detach() first (two "
+                "CodebookModels on one model would chain their quantizers)"
+            )
         self.model = model
         self._cbs = nn.ModuleDict()
         self._att: dict[str, _Attachment] = {}
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self.enabled = True
+        # NaN/inf activations at a codebook raise ValueError when True; when False they get
+        # empty codes (-1) silently; None (default): raise in the analysis entry points
+        # (run_with_cache, run_with_hooks, init_codebooks; one host sync per codebook per
+        # forward), not in forward/generate/hooks (the training hot path).
+        self.check_finite: bool | None = None
+        self._check_now: bool | None = None
         self.train(model.training)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -109,6 +128,11 @@ class CodebookModel(nn.Module):
         return self._shapes
 
     def _check_site(self, site: str) -> None:
+        if not isinstance(site, str):
+            raise TypeError(
+                f"site must be a hook name (str) such as 'blocks.0.hook_mlp_out', got "
+                f"{site!r} of type {type(site).__name__}; see cm.hook_names()"
+            )
         names = [n for n in self.model.hook_dict if not n.endswith(".hook_codes")]
         if site not in names:
             close = difflib.get_close_matches(site, names, n=5, cutoff=0.5)
@@ -182,6 +206,11 @@ class CodebookModel(nn.Module):
         self._check_site(site)
         if site in self._att:
             raise ValueError(f"{site} already has a codebook; remove_codebook({site!r}) first")
+        if codes_hook_name(site) in self.model.hook_dict:
+            raise ValueError(
+                f"{site} already has a codebook attached by another CodebookModel; use that one "
+                "or call its detach() first"
+            )
         if isinstance(cfg_or_codebook, Codebook):
             if overrides:
                 raise TypeError("pass either a Codebook or config fields, not both")
@@ -193,7 +222,9 @@ class CodebookModel(nn.Module):
                 cfg = cfg_or_codebook.replace(**overrides) if overrides else cfg_or_codebook
             else:
                 raise TypeError(
-                    f"expected a CodebookConfig or Codebook, got {type(cfg_or_codebook).__name__}"
+                    f"add_codebook: cfg_or_codebook must be a CodebookConfig or a Codebook, got "
+                    f"{cfg_or_codebook!r} of type {type(cfg_or_codebook).__name__}; pass config "
+                    f"fields by name instead, e.g. add_codebook({site!r}, n_codes=...)"
                 )
             cb = Codebook(cfg)
         layout = self._layout(site, cb.cfg)
@@ -249,13 +280,13 @@ class CodebookModel(nn.Module):
             if not (self.enabled and cb.enabled):
                 return None
             layout = self._att[site].layout
+            check = self._check_now
             if layout == "flat" or layout == "heads":
-                return cb(act)
+                return cb(act, check)
             if layout == "split":
-                return cb(act.reshape(*act.shape[:-1], cb.cfg.n_groups, cb.cfg.d_in)).reshape(
-                    act.shape
-                )
-            return cb(act.flatten(-2)).reshape(act.shape)  # heads_flat
+                split = act.reshape(*act.shape[:-1], cb.cfg.n_groups, cb.cfg.d_in)
+                return cb(split, check).reshape(act.shape)
+            return cb(act.flatten(-2), check).reshape(act.shape)  # heads_flat
 
         return quantize
 
@@ -324,20 +355,39 @@ class CodebookModel(nn.Module):
             self.codebooks[s].enabled = flag
 
     # ------------------------------------------------------------------ running
+    @contextmanager
+    def _finite_checks(self, analysis: bool) -> Iterator[None]:
+        """Whether codebooks raise on NaN/inf for the duration (see :attr:`check_finite`)."""
+        prev = self._check_now
+        auto = True if analysis else None  # None: each codebook's own check_finite attribute
+        self._check_now = auto if self.check_finite is None else self.check_finite
+        try:
+            yield
+        finally:
+            self._check_now = prev
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped model (codebooks active); same arguments as the model's forward."""
         self._ensure_hooks()
-        return self.model(*args, **kwargs)
+        check_tokens(args, kwargs)
+        with self._finite_checks(False):
+            return self.model(*args, **kwargs)
 
     def run_with_cache(self, *args: Any, **kwargs: Any) -> Any:
-        """``model.run_with_cache``; codes are cached under ``f"{site}.hook_codes"``."""
+        """``model.run_with_cache``; codes are cached under ``f"{site}.hook_codes"``. NaN/inf
+        activations at a codebook raise (see :attr:`check_finite`)."""
         self._ensure_hooks()
-        return self.model.run_with_cache(*args, **kwargs)
+        check_tokens(args, kwargs)
+        with self._finite_checks(True):
+            return self.model.run_with_cache(*args, **kwargs)
 
     def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any:
-        """``model.run_with_hooks``; hooks on ``f"{site}.hook_codes"`` patch codes."""
+        """``model.run_with_hooks``; hooks on ``f"{site}.hook_codes"`` patch codes. NaN/inf
+        activations at a codebook raise (see :attr:`check_finite`)."""
         self._ensure_hooks()
-        return self.model.run_with_hooks(*args, **kwargs)
+        check_tokens(args, kwargs)
+        with self._finite_checks(True):
+            return self.model.run_with_hooks(*args, **kwargs)
 
     def hooks(self, *args: Any, **kwargs: Any) -> Any:
         """``model.hooks(...)`` context manager (temporary hooks, removed on exit)."""
@@ -353,6 +403,16 @@ class CodebookModel(nn.Module):
         """``model.reset_hooks``; codebook hooks survive (they are re-installed if removed)."""
         self.model.reset_hooks(*args, **kwargs)
         self._ensure_hooks()
+
+    def to(self, *args: Any, **kwargs: Any) -> CodebookModel:
+        """Move or cast the base model (through its own ``to``, which keeps TransformerLens's
+        ``cfg.dtype``/``cfg.device`` in step) and the codebooks, e.g. ``cm.to(torch.bfloat16)``.
+
+        Codebooks attached to a low-precision model keep float32 parameters (cast at use) unless
+        cast this way."""
+        self.model.to(*args, **kwargs)
+        self._cbs.to(*args, **kwargs)
+        return self
 
     def aux_loss(self) -> Tensor:
         """Sum of every enabled codebook's weighted reconstruction/commitment loss from the last
@@ -386,6 +446,12 @@ class CodebookModel(nn.Module):
 
             return grab
 
+        check_tokens((tokens,), {})
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            raise TypeError(
+                f"init_codebooks: tokens must be an integer tensor [batch, pos], got "
+                f"{getattr(tokens, 'shape', type(tokens).__name__)}"
+            )
         with self.disabled():
             for i in range(0, tokens.shape[0], batch_size):
                 self.model.run_with_hooks(
@@ -395,7 +461,11 @@ class CodebookModel(nn.Module):
         for s in sites:
             a = torch.cat(acts[s])
             if not torch.isfinite(a).all():
-                raise ValueError(f"activations at {s} contain NaN/inf; check the base model")
+                raise ValueError(
+                    f"activations at {s} contain NaN/inf; codes cannot be initialised from them. "
+                    "Check the base model and the tokens (a diverged checkpoint, or float16 "
+                    "overflow: run in bfloat16 or float32)"
+                )
             if a.shape[0] > max_rows:
                 a = a[torch.randperm(a.shape[0], generator=g)[:max_rows].to(a.device)]
             cb = self.codebooks[s]
@@ -408,11 +478,16 @@ class CodebookModel(nn.Module):
                 a = a.flatten(-2)
             init_from_activations(cb, a)
 
-    def save(self, path: str | os.PathLike, include_model: bool = False) -> None:
-        """Write ``cfg.json`` and safetensors files to directory ``path`` (atomically)."""
+    def save(
+        self, path: str | os.PathLike, include_model: bool = False, overwrite: bool = False
+    ) -> None:
+        """Write ``cfg.json`` and safetensors files to directory ``path`` in one atomic step.
+
+        A directory holding anything other than a CodebookModel checkpoint is refused unless
+        ``overwrite=True`` (which still replaces only codebook_lens's own files)."""
         from codebook_lens.io import save_codebook_model
 
-        save_codebook_model(self, path, include_model=include_model)
+        save_codebook_model(self, path, include_model=include_model, overwrite=overwrite)
 
     @classmethod
     def load(
