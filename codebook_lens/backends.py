@@ -34,8 +34,10 @@ __all__ = [
     "BackendError",
     "backend_of",
     "boot_hf",
+    "bridge_over_hf",
     "build_model",
     "has_hooked_transformer",
+    "hooked_over_hf",
     "hooked_to_native",
     "native_to_hooked",
     "resolve_backend",
@@ -465,3 +467,53 @@ def load_weights(model: nn.Module, sd: dict[str, Tensor], spec: Mapping[str, Any
             missing.remove(name)
     if missing:
         raise BackendError(f"the saved weights lack {missing[:5]} for this {target} model")
+
+
+# --------------------------------------------------------------------------- in-memory HF models
+def bridge_over_hf(hf_model: nn.Module, name: str, tokenizer: Any) -> nn.Module:
+    """A TransformerBridge over an in-memory Hugging Face model (raw HF numerics: no
+    compatibility mode, whose weight processing shifts the logits by a per-position constant).
+    ``tokenizer`` is needed: load it from a directory (``AutoTokenizer.from_pretrained``)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if tokenizer is None:
+        raise BackendError(
+            f"no tokenizer for the model {name!r}; pass tokenizer=... (a tokenizer loaded "
+            "from a directory with AutoTokenizer.from_pretrained)"
+        )
+    device = next(hf_model.parameters()).device
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(
+            name or "converted", hf_model=hf_model, tokenizer=tokenizer, device=device
+        )
+    return bridge.eval()
+
+
+def hooked_over_hf(hf_model: nn.Module, name: str, tokenizer: Any) -> nn.Module:
+    """A HookedTransformer (transformer-lens 3.x) over ``hf_model``'s weights, with no weight
+    processing (no LayerNorm folding or centering), so that activations and logits match HF.
+    ``name`` is the model's directory or official Hub name, from which TransformerLens reads the
+    config (``HookedTransformer.from_pretrained`` only takes official names). Raises
+    :class:`BackendError` when TransformerLens cannot build it."""
+    resolve_backend("hooked")
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+
+    device = next(hf_model.parameters()).device
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            cfg = loading.get_pretrained_model_config(name, device=device)
+            sd = loading.get_pretrained_state_dict(name, cfg, hf_model)
+            model = HookedTransformer(cfg, tokenizer)
+            model.load_and_process_state_dict(
+                sd, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                fold_value_biases=False, refactor_factored_attn_matrices=False,
+            )  # fmt: skip
+        except (ValueError, KeyError, NotImplementedError, OSError, RuntimeError) as e:
+            raise BackendError(
+                f"TransformerLens cannot load {name!r} as a HookedTransformer that fits these "
+                f"weights ({str(e)[:300]}); use backend='bridge'"
+            ) from e
+    return model.to(device).eval()

@@ -16,10 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from codebook_lens.backends import BackendError, bridge_over_hf, hooked_over_hf
 from codebook_lens.convert.base import (
     KNOWN_BASES,
-    boot_bridge,
-    boot_hooked,
     hf_base_model,
     load_base_weights,
 )
@@ -105,7 +104,11 @@ def _tl_model(base: Any, backend: str, ckpt: ReferenceCheckpoint, tokenizer: Any
     hf, name, tok = hf_base_model(base, _model_type(ckpt), rev)
     load_base_weights(hf, sd)
     tok = tokenizer if tokenizer is not None else tok
-    return boot_hooked(hf, name, tok) if backend == "hooked" else boot_bridge(hf, name, tok)
+    boot = hooked_over_hf if backend == "hooked" else bridge_over_hf
+    try:
+        return boot(hf, name, tok)
+    except BackendError as e:
+        raise CheckpointError(f"cannot build the base model {name!r}: {e}") from e
 
 
 def from_codebook_features(

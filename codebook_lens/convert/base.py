@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from codebook_lens.io import CheckpointError
 
-__all__ = ["KNOWN_BASES", "hf_base_model", "load_base_weights", "boot_bridge", "boot_hooked"]
+__all__ = ["KNOWN_BASES", "hf_base_model", "load_base_weights"]
 
 KNOWN_BASES = {
     "taufeeque/TinyStories-1Layer-21M-Codebook": "roneneldan/TinyStories-1Layer-21M",
@@ -133,64 +133,3 @@ def _renamed(sd: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]
 
 # buffers that transformers versions add or drop (causal masks, rotary frequencies)
 _BUFFERS = ("attn.bias", "attn.masked_bias", "attention.bias", "attention.masked_bias", "inv_freq")
-
-
-def boot_bridge(hf_model: nn.Module, name: str, tokenizer: Any) -> nn.Module:
-    """A TransformerBridge over ``hf_model`` (raw HF numerics: no compatibility mode, whose
-    weight processing would shift the logits by a per-position constant)."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    if tokenizer is None:
-        raise CheckpointError(
-            f"no tokenizer for the base model {name!r}; pass tokenizer=... (a tokenizer loaded "
-            "from a directory with AutoTokenizer.from_pretrained)"
-        )
-    device = next(hf_model.parameters()).device
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers(
-            name or "converted", hf_model=hf_model, tokenizer=tokenizer, device=device
-        )
-    return bridge.eval()
-
-
-def boot_hooked(hf_model: nn.Module, name: str, tokenizer: Any) -> nn.Module:
-    """A HookedTransformer (transformer-lens 3.x) over ``hf_model``'s weights, with no weight
-    processing (no LayerNorm folding or centering), so that activations and logits match HF.
-    ``name`` is the base's directory or official Hub name, from which TransformerLens reads the
-    config (``HookedTransformer.from_pretrained`` only takes official names)."""
-    try:
-        from transformer_lens import HookedTransformer
-        from transformer_lens import loading_from_pretrained as loading
-    except ImportError as e:
-        raise ValueError(
-            "backend='hooked' needs transformer-lens < 4 (4.x has only TransformerBridge); "
-            "use backend='bridge'"
-        ) from e
-    device = next(hf_model.parameters()).device
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            cfg = loading.get_pretrained_model_config(name, device=device)
-            sd = loading.get_pretrained_state_dict(name, cfg, hf_model)
-        except (ValueError, KeyError, NotImplementedError, OSError) as e:
-            raise CheckpointError(
-                f"TransformerLens cannot load {name!r} as a HookedTransformer "
-                f"({str(e)[:300]}); use backend='bridge'"
-            ) from e
-        model = HookedTransformer(cfg, tokenizer)
-        try:
-            model.load_and_process_state_dict(
-                sd,
-                fold_ln=False,
-                center_writing_weights=False,
-                center_unembed=False,
-                fold_value_biases=False,
-                refactor_factored_attn_matrices=False,
-            )
-        except RuntimeError as e:  # torch names both shapes
-            raise CheckpointError(
-                f"the HookedTransformer that TransformerLens builds for {name!r} does not fit "
-                f"the checkpoint: {e}"
-            ) from e
-    return model.to(device).eval()
