@@ -267,12 +267,13 @@ def load_train_state(
     if not path.exists() and not path.is_symlink():
         return None
     if path.is_dir() and not path.is_symlink() and not (path / TRAIN_KIND.head).exists():
-        if not holds_data(path):
-            return None  # only the leftovers of a first save that was interrupted
+        names = os.listdir(path)
+        if not holds_data(path) and not any(n.startswith(f"v-{TRAIN_KIND.tag}-") for n in names):
+            return None  # only lock files: no checkpoint was ever committed here
         raise CheckpointError(
-            f"{path} has no {TRAIN_KIND.head} but holds {sorted(os.listdir(path))[:5]}; the "
-            "checkpoint is incomplete or foreign. Move it away to restart, or pass another "
-            "checkpoint_dir"
+            f"{path} has no {TRAIN_KIND.head} but holds {sorted(names)[:5]}; the checkpoint is "
+            "incomplete (its head was deleted, or the first save was killed) or foreign. Move "
+            "it away to restart from step 0, or pass another checkpoint_dir"
         )
     with open_dir(path, TRAIN_KIND) as (meta, data):
         file = path / TRAIN_KIND.head

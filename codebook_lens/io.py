@@ -221,7 +221,7 @@ def load_base_model(path: str | os.PathLike, backend: str = "auto") -> nn.Module
 
 
 def _base_model(meta: dict[str, Any], data: Path, path: Path, backend: str) -> nn.Module:
-    spec = meta["model"]
+    spec = meta.get("model")
     if not spec:
         raise CheckpointError(
             f"{path} was saved without the base model; pass it: "

@@ -281,7 +281,7 @@ class CodeStore:
                 n_codes=dict(header["n_codes"]),
                 per_head=dict(header["per_head"]),
                 tokens=tokens,
-                d_vocab=header["d_vocab"],
+                d_vocab=header.get("d_vocab"),
                 meta=header.get("meta", {}),
             )
         except ValueError as e:
@@ -326,7 +326,13 @@ def _check_header(header: dict[str, Any], file: Path) -> None:
         "[n_seq, pos, head, k] of integers",
         file,
     )
-    _site_map(header, "dtypes", lambda d: d in _DTYPES, f"one of {sorted(_DTYPES)}", file)
+    _site_map(
+        header,
+        "dtypes",
+        lambda d: isinstance(d, str) and d in _DTYPES,
+        f"one of {sorted(_DTYPES)}",
+        file,
+    )
     for key, ok, want in (
         ("has_tokens", lambda b: isinstance(b, bool), "true or false"),
         ("d_vocab", lambda d: d is None or (_is_int(d) and d >= 1), "null or an integer >= 1"),
@@ -395,7 +401,7 @@ def _check_codes(site: str, c: Tensor, header: dict[str, Any], file: Path) -> No
 def _check_tokens(tokens: Tensor, header: dict[str, Any], file: Path) -> None:
     if tokens.is_floating_point() or tokens.dtype == torch.bool or tokens.is_complex():
         raise CheckpointError(f"tokens next to {file} have dtype {tokens.dtype}; expected integers")
-    hi = header["d_vocab"]
+    hi = header.get("d_vocab")
     if tokens.numel() and (int(tokens.min()) < 0 or (hi is not None and int(tokens.max()) >= hi)):
         raise CheckpointError(
             f"tokens next to {file} lie in [{int(tokens.min())}, {int(tokens.max())}], outside "
