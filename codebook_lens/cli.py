@@ -159,14 +159,41 @@ def _cmd_fsm_train_codebooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _converted_step(path: Path, backend: str) -> tuple[Any, Any, Any, Any]:
+    """A ``codebook-lens convert`` output of a TokFSM model (with its ``fsm.json``): the
+    experiment settings sized to the model's context, the FSM, the model and its base."""
+    from codebook_lens.fsm.experiment import ExperimentConfig
+    from codebook_lens.fsm.machine import FSM
+    from codebook_lens.model import CodebookModel
+
+    if not (path / "fsm.json").exists():
+        raise SystemExit(
+            f"codebook-lens fsm analyze: {path} has no fsm.json; convert a TokFSM checkpoint "
+            "whose directory holds the reference's fsm.npy"
+        )
+    fsm = FSM.load(path / "fsm.json")
+    cm = CodebookModel.load(path, backend=backend)
+    base = CodebookModel.load(path, backend=backend).detach()
+    max_states = (cm.cfg.n_ctx - 1) // fsm.n_digits
+    cfg = ExperimentConfig(n_states=fsm.n_states, n_edges=fsm.n_edges)
+    cfg.recovery_states = min(cfg.recovery_states, max_states - 1)
+    cfg.intervention_prompt_states = min(cfg.intervention_prompt_states, max_states - 3)
+    return cfg, fsm, cm, base
+
+
 def _cmd_fsm_analyze(args: argparse.Namespace) -> int:
     from codebook_lens.fsm.experiment import interventions, state_recovery
     from codebook_lens.model import CodebookModel
 
-    model_dir = Path(args.model)
-    cfg, fsm, _ = _load_step(model_dir)
-    cm = CodebookModel.load(model_dir / "model", backend=args.backend)
-    base = CodebookModel.load(Path(args.base) / "base", backend=args.backend).detach()
+    if args.converted:
+        cfg, fsm, cm, base = _converted_step(Path(args.converted), args.backend)
+    else:
+        if not (args.model and args.base):
+            raise SystemExit("codebook-lens fsm analyze: give --model and --base, or --converted")
+        model_dir = Path(args.model)
+        cfg, fsm, _ = _load_step(model_dir)
+        cm = CodebookModel.load(model_dir / "model", backend=args.backend)
+        base = CodebookModel.load(Path(args.base) / "base", backend=args.backend).detach()
     rec = state_recovery(cm, base, fsm, cfg)
     itv = interventions(cm, fsm, cfg)
     out = {"recovery": {k: v for k, v in rec.items() if not k.startswith("_")}, "intervention": itv}
@@ -275,8 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     backend(tc)
     tc.set_defaults(func=_cmd_fsm_train_codebooks)
     an = fsub.add_parser("analyze", help="state recovery + interventions -> DIR/analysis.json")
-    an.add_argument("--model", required=True, help="output directory of train-codebooks")
-    an.add_argument("--base", required=True, help="output directory of train-base")
+    an.add_argument("--model", help="output directory of train-codebooks")
+    an.add_argument("--base", help="output directory of train-base")
+    an.add_argument(
+        "--converted", help="instead: a `codebook-lens convert` output of a TokFSM model"
+    )
     an.add_argument("--out", required=True)
     backend(an)
     an.set_defaults(func=_cmd_fsm_analyze)

@@ -306,3 +306,26 @@ def test_base_given_as_a_hf_model_or_a_bridge():
     cm.detach().enable_compatibility_mode()
     with pytest.raises(ValueError, match="processed weights"):
         from_codebook_features(d / "checkpoint", cm.model)
+
+
+def test_cli_fsm_analyze_on_a_converted_tokfsm_model(tmp_path, capsys):
+    """`codebook-lens convert` carries the reference's fsm.npy over as fsm.json, and
+    `codebook-lens fsm analyze --converted` runs state recovery and interventions on it."""
+    from codebook_lens.cli import main
+
+    src = tmp_path / "ckpt"
+    shutil.copytree(ROOT / "neox_ip_k3" / "checkpoint", src)
+    shutil.copy(ROOT / "tokfsm" / "fsm.npy", src / "fsm.npy")
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--base", str(ROOT / "neox_ip_k3" / "base")]) == 0
+    assert FSM.load(out / "fsm.json").n_states == FSM.load_npy(src / "fsm.npy").n_states
+    capsys.readouterr()
+    assert main(["fsm", "analyze", "--converted", str(out), "--out", str(tmp_path / "a")]) == 0
+    assert "states recovered" in capsys.readouterr().out
+    res = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    fsm = FSM.load(out / "fsm.json")
+    assert 0 < res["recovery"]["states_present"] <= fsm.n_states
+    assert res["intervention"]["n_interventions"] == 5 * fsm.n_states
+    assert 0.0 <= res["intervention"]["success_rate"] <= 1.0
+    with pytest.raises(SystemExit, match="--converted"):
+        main(["fsm", "analyze", "--out", str(tmp_path / "b")])

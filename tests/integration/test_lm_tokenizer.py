@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
+from codebook_lens.atomic import data_path
 from codebook_lens.backends import build_model
 from codebook_lens.data import BlockStream, encode_texts, hf_texts, pack_blocks, pydoc_texts
-from codebook_lens.atomic import data_path
 from codebook_lens.lm.tokenizer import (
     TOKENIZER_KIND,
     load_tokenizer,
