@@ -36,6 +36,7 @@ __all__ = [
     "boot_hf",
     "bridge_over_hf",
     "build_model",
+    "estimated_params",
     "has_hooked_transformer",
     "hooked_over_hf",
     "hooked_to_native",
@@ -422,10 +423,59 @@ def write_hf_config(model: nn.Module, directory: Path) -> None:
         model.tokenizer.save_pretrained(str(directory))
 
 
-def rebuild_model(spec: Mapping[str, Any], path: Path, backend: str = "auto") -> nn.Module:
+def _positive_ints(cfg: Mapping[str, Any], *keys: str) -> list[int] | None:
+    """The first present value of each alias group ``"a|b"``, if all are positive ints."""
+    out = []
+    for group in keys:
+        value = next((cfg[k] for k in group.split("|") if cfg.get(k) is not None), None)
+        if type(value) is not int or value < 1:
+            return None
+        out.append(value)
+    return out
+
+
+def estimated_params(spec: Mapping[str, Any], path: Path) -> int | None:
+    """An upper-bound-style estimate of the parameter count that the saved config describes
+    (embeddings, attention and MLP weights), or None when its sizes are not plain ints."""
+    if spec.get("source", "native") == "hf":
+        try:
+            cfg = json.loads((path / HF_DIR / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        dims = _positive_ints(
+            cfg, "vocab_size", "hidden_size|n_embd|d_model", "num_hidden_layers|n_layer"
+        )
+        if dims is None or not isinstance(cfg, dict):
+            return None
+        vocab, d, layers = dims
+        inter = (_positive_ints(cfg, "intermediate_size|n_inner|ffn_dim") or [4 * d])[0]
+        pos = (_positive_ints(cfg, "max_position_embeddings|n_positions") or [0])[0]
+        return 2 * vocab * d + pos * d + layers * (4 * d * d + 3 * d * inter)
+    cfg = spec.get("config")
+    dims = None if not isinstance(cfg, Mapping) else _positive_ints(
+        cfg, "d_vocab", "d_model", "n_layers", "n_ctx", "n_heads", "d_head"
+    )  # fmt: skip
+    if dims is None:
+        return None
+    vocab, d, layers, ctx, heads, d_head = dims
+    d_mlp = (_positive_ints(cfg, "d_mlp") or [0])[0]
+    return 2 * vocab * d + ctx * d + layers * (4 * heads * d_head * d + 3 * d * d_mlp)
+
+
+def rebuild_model(
+    spec: Mapping[str, Any], path: Path, backend: str = "auto", n_saved: int | None = None
+) -> nn.Module:
     """A model with the architecture of :func:`model_spec` output (saved at ``path``) and
     random weights, on ``backend`` (a native model moves between backends; a Hugging Face one
-    is always a bridge). Never runs code from ``path`` nor reaches the network."""
+    is always a bridge). Never runs code from ``path`` nor reaches the network. With
+    ``n_saved`` (the number of saved weight elements), a config that describes a model far
+    larger than its weights is refused before anything is allocated."""
+    est = estimated_params(spec, path) if n_saved is not None else None
+    if est is not None and est > 4 * n_saved + 2**20:
+        raise BackendError(
+            f"the saved config describes a model of about {est:,} parameters, but the saved "
+            f"weights hold {n_saved:,} values; the config does not belong to these weights"
+        )
     if spec.get("source", "native") == "hf":
         if resolve_backend("bridge" if backend == "auto" else backend) != "bridge":
             raise BackendError(

@@ -316,6 +316,14 @@ def _is_int(v: Any) -> bool:
     return type(v) is int
 
 
+def _is_metric_row(row: Any) -> bool:
+    """A logged row: metric name -> number (bools are not numbers here)."""
+    return isinstance(row, dict) and all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        for k, v in row.items()
+    )
+
+
 def _check_meta(
     meta: dict[str, Any],
     file: Path,
@@ -338,8 +346,8 @@ def _check_meta(
         raise _bad(file, "seconds", "a finite number", sec)
     for key in ("history", "evals"):
         rows = meta.get(key)
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise _bad(file, key, "a list of objects", rows)
+        if not isinstance(rows, list) or not all(_is_metric_row(r) for r in rows):
+            raise _bad(file, key, "a list of objects mapping metric names to numbers", rows)
     for key, typ, want in (
         ("scalars", dict, "an object"),
         ("include_model", bool, "true or false"),

@@ -33,7 +33,6 @@ from torch import nn
 from codebook_lens.atomic import CheckpointError, DirKind, open_dir, save_dir
 from codebook_lens.backends import (
     HF_DIR,
-    BackendError,
     load_weights,
     model_spec,
     rebuild_model,
@@ -233,11 +232,11 @@ def _base_model(meta: dict[str, Any], data: Path, path: Path, backend: str) -> n
         if v.is_floating_point() and bool(torch.isnan(v).any()):
             raise CheckpointError(f"{file}: {k} holds NaN values; load an earlier checkpoint")
     try:
-        model = rebuild_model(spec, data, backend)
+        model = rebuild_model(spec, data, backend, n_saved=sum(v.numel() for v in sd.values()))
         load_weights(model, sd, spec)
     except CheckpointError:
         raise
-    except (BackendError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+    except Exception as e:  # the config is untrusted data: TransformerLens asserts, divides...
         raise CheckpointError(f"cannot rebuild the base model saved in {path}: {e}") from e
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):

@@ -68,3 +68,13 @@ def test_hooked_backend_on_tl4_names_the_fix():
         pytest.skip("transformer-lens 3.x has HookedTransformer")
     with pytest.raises(BackendError, match="transformer-lens<4"):
         CodebookModel.load(FIXTURES / "tl3_hooked", backend="hooked")
+
+
+def test_config_far_larger_than_its_weights_is_refused_before_building(tmp_path):
+    path = tmp_path / "ck"
+    shutil.copytree(FIXTURES / "tl4_bridge", path)
+    meta = json.loads((path / "cfg.json").read_text())
+    meta["model"]["config"]["n_layers"] = 10**6  # would allocate ~10^11 parameters
+    (path / "cfg.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not belong to these weights"):
+        CodebookModel.load(path)
