@@ -86,7 +86,7 @@ def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
     t = metrics["timings"]
     steal = t.get("cpu_steal_fraction")
     note = f" (host CPU steal {100 * steal:.0f}%)" if steal else ""
-    rows.append(("total time (s)", f"{t['total_s']:.0f}{note}", "<= 900"))
+    rows.append(("total time (s)", f"{t['total_s']:.0f}{note}", "<= 600"))
     return rows
 
 
