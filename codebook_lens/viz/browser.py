@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BrowserCheck", "check_page", "find_chromium", "CHROMIUM_NAMES"]
+__all__ = ["BrowserCheck", "DevToolsPipe", "check_page", "find_chromium", "CHROMIUM_NAMES"]
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 """Executable names :func:`find_chromium` looks for on ``PATH``, in order."""
@@ -98,8 +98,10 @@ class BrowserCheck:
         return not self.problems
 
 
-class _Pipe:
-    """The DevTools protocol over Chromium's pipe: JSON messages separated by NUL bytes."""
+class DevToolsPipe:
+    """The DevTools protocol over Chromium's ``--remote-debugging-pipe`` (fds 3 and 4 mapped to
+    the process's stdin/stdout): JSON messages separated by NUL bytes. Replies to :meth:`call`
+    are matched by id; every other message (an event) goes to :attr:`events`."""
 
     def __init__(self, proc: subprocess.Popen[bytes]):
         self.proc = proc
@@ -150,7 +152,7 @@ class _Pipe:
         return reply.get("result", {})
 
 
-def _evaluate(pipe: _Pipe, session: str, expression: str) -> Any:
+def _evaluate(pipe: DevToolsPipe, session: str, expression: str) -> Any:
     r = pipe.call(
         "Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=session
     )
@@ -211,7 +213,9 @@ def check_page(
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            _drive(_Pipe(proc), result, page, screenshot, width, max_height, settle_s, timeout_s)
+            _drive(
+                DevToolsPipe(proc), result, page, screenshot, width, max_height, settle_s, timeout_s
+            )
         finally:
             try:
                 assert proc.stdin is not None
@@ -224,7 +228,7 @@ def check_page(
 
 
 def _drive(
-    pipe: _Pipe, result: BrowserCheck, page: Path, screenshot: Any, width: int,
+    pipe: DevToolsPipe, result: BrowserCheck, page: Path, screenshot: Any, width: int,
     max_height: int, settle_s: float, timeout_s: float,
 ) -> None:  # fmt: skip
     deadline = time.monotonic() + timeout_s

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from codebook_lens.viz.browser import DevToolsPipe
+
 __all__ = ["tiny_dir", "LiveServer", "Page"]
 
 
@@ -85,12 +87,10 @@ class Page:
             ["sh", "-c", shell, "sh", *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        self.replies: dict[int, dict] = {}
-        self.requests: list[str] = []
-        self.exceptions: list[str] = []
-        self.cond = threading.Condition()
-        self.next_id = 0
-        threading.Thread(target=self._read, daemon=True).start()
+        self.pipe = DevToolsPipe(self.proc)
+        self.session: str | None = None
+        self._requests: list[str] = []
+        self._exceptions: list[str] = []
         target = None
         deadline = time.monotonic() + 30
         while target is None:
@@ -109,44 +109,30 @@ class Page:
         self.call("Emulation.setDeviceMetricsOverride", metrics, session=True)
         self.width = width
 
-    def _read(self) -> None:
-        buf = b""
-        assert self.proc.stdout is not None
-        while chunk := self.proc.stdout.read1(65536):
-            buf += chunk
-            *msgs, buf = buf.split(b"\0")
-            for raw in msgs:
-                msg = json.loads(raw)
-                with self.cond:
-                    if "id" in msg:
-                        self.replies[msg["id"]] = msg
-                    elif msg.get("method") == "Network.requestWillBeSent":
-                        self.requests.append(msg["params"]["request"]["url"])
-                    elif msg.get("method") == "Runtime.exceptionThrown":
-                        d = msg["params"]["exceptionDetails"]
-                        self.exceptions.append(d.get("exception", {}).get("description", ""))
-                    self.cond.notify_all()
+    def _drain(self) -> None:
+        """Record the page's requests and JavaScript exceptions from the pipe's events."""
+        while not self.pipe.events.empty():
+            msg = self.pipe.events.get_nowait()
+            if msg.get("method") == "Network.requestWillBeSent":
+                self._requests.append(msg["params"]["request"]["url"])
+            elif msg.get("method") == "Runtime.exceptionThrown":
+                d = msg["params"]["exceptionDetails"]
+                self._exceptions.append(d.get("exception", {}).get("description", ""))
+
+    @property
+    def requests(self) -> list[str]:
+        """Every URL the page requested so far."""
+        self._drain()
+        return self._requests
+
+    @property
+    def exceptions(self) -> list[str]:
+        """Every uncaught JavaScript exception so far."""
+        self._drain()
+        return self._exceptions
 
     def call(self, method: str, params: dict | None = None, session: bool = False) -> dict:
-        with self.cond:
-            self.next_id += 1
-            i = self.next_id
-        msg: dict[str, Any] = {"id": i, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = self.session
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(msg).encode() + b"\0")
-        self.proc.stdin.flush()
-        deadline = time.monotonic() + 30
-        with self.cond:
-            while i not in self.replies:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"chromium did not answer {method}")
-                self.cond.wait(0.1)
-            reply = self.replies.pop(i)
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
+        return self.pipe.call(method, params, session=self.session if session else None)
 
     def js(self, expr: str) -> Any:
         r = self.call("Runtime.evaluate", {"expression": expr, "returnByValue": True}, True)
