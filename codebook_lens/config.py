@@ -5,16 +5,30 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from codebook_lens.validation import ValidatedConfig
 
-__all__ = ["CodebookConfig", "SIMILARITIES", "COMBINES", "INPUT_NORMS", "INIT_METHODS"]
+__all__ = [
+    "CodebookConfig",
+    "SIMILARITIES",
+    "COMBINES",
+    "INPUT_NORMS",
+    "INIT_METHODS",
+    "Similarity",
+    "Combine",
+    "InputNorm",
+    "InitMethod",
+]
 
-SIMILARITIES = ("cosine", "dot", "euclidean")
-COMBINES = ("sum", "mean")
-INPUT_NORMS = ("none", "layernorm", "affine")
-INIT_METHODS = ("random", "sample", "kmeans")
+Similarity = Literal["cosine", "dot", "euclidean"]
+Combine = Literal["sum", "mean"]
+InputNorm = Literal["none", "layernorm", "affine"]
+InitMethod = Literal["random", "sample", "kmeans"]
+SIMILARITIES: tuple[str, ...] = get_args(Similarity)
+COMBINES: tuple[str, ...] = get_args(Combine)
+INPUT_NORMS: tuple[str, ...] = get_args(InputNorm)
+INIT_METHODS: tuple[str, ...] = get_args(InitMethod)
 
 
 @dataclass
@@ -35,20 +49,22 @@ class CodebookConfig(ValidatedConfig):
     ``n_heads`` for one codebook per attention head. With 1 at a per-head site, all heads share
     one codebook."""
 
-    similarity: str = "cosine"
-    """How activations are compared with codes when choosing the top k."""
+    similarity: Similarity = "cosine"
+    """How activations are compared with codes when choosing the top k: ``"cosine"`` (the
+    default), ``"dot"`` or ``"euclidean"``."""
 
-    combine: str = "sum"
+    combine: Combine = "sum"
     """How the k chosen code vectors are combined: ``"sum"`` (the paper) or ``"mean"`` (the
     reference implementation; divides by k, empty slots included)."""
 
-    input_norm: str = "none"
-    """Normalise the activation before comparing it with the codes. With ``"layernorm"`` the codes
-    live in the normalised space and are what the model receives (much more stable for large-norm
-    sites such as ``hook_mlp_out``). ``"affine"`` is a LayerNorm with a learned weight and bias
-    per group (``ln_weight``/``ln_bias`` ``[n_groups, d_in]``, initialised to 1 and 0), trained
-    with the codebook's parameters and saved with them: the reference implementation's choice
-    (``torch.nn.LayerNorm`` in each of its codebook layers)."""
+    input_norm: InputNorm = "none"
+    """Normalise the activation before comparing it with the codes (default ``"none"``). With
+    ``"layernorm"`` the codes live in the normalised space and are what the model receives
+    (much more stable for large-norm sites such as ``hook_mlp_out``). ``"affine"`` is a
+    LayerNorm with a learned weight and bias per group (``ln_weight``/``ln_bias``
+    ``[n_groups, d_in]``, initialised to 1 and 0), trained with the codebook's parameters and
+    saved with them: the reference implementation's choice (``torch.nn.LayerNorm`` in each of
+    its codebook layers)."""
 
     norm_eps: float = 1e-5
     """Epsilon of the input LayerNorm (``"layernorm"`` and ``"affine"``)."""
@@ -63,10 +79,10 @@ class CodebookConfig(ValidatedConfig):
     commit_coef: float = 0.0
     """Weight of the commitment loss that pulls the activation towards its codes (VQ-VAE)."""
 
-    init: str = "sample"
+    init: InitMethod = "sample"
     """Code initialisation: ``"random"`` (Gaussian, on the unit sphere for cosine), ``"sample"``
-    (random activations) or ``"kmeans"`` (k-means on activations). Data-driven methods run when
-    :meth:`CodebookModel.init_codebooks` is given tokens."""
+    (random activations; the default) or ``"kmeans"`` (k-means on activations). Data-driven
+    methods run when :meth:`CodebookModel.init_codebooks` is given tokens."""
 
     kmeans_iters: int = 10
     """Lloyd iterations for ``init="kmeans"``."""
@@ -98,8 +114,9 @@ class CodebookConfig(ValidatedConfig):
     """Free-form metadata saved with the codebook (not used by the library)."""
 
     def validate(self) -> None:
-        """Range and cross-field checks (types are checked against the annotations first, on
-        construction and on every later assignment; see :mod:`codebook_lens.validation`)."""
+        """Range and cross-field checks (types and the ``Literal`` choices are checked against
+        the annotations first, on construction and on every later assignment; see
+        :mod:`codebook_lens.validation`)."""
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -113,16 +130,6 @@ class CodebookConfig(ValidatedConfig):
             f"k={self.k} exceeds n_codes={self.n_codes}; choose k <= n_codes "
             "(the paper uses k << n_codes)",
         )
-        need(
-            self.similarity in SIMILARITIES,
-            f"similarity={self.similarity!r}; choose one of {SIMILARITIES}",
-        )
-        need(self.combine in COMBINES, f"combine={self.combine!r}; choose one of {COMBINES}")
-        need(
-            self.input_norm in INPUT_NORMS,
-            f"input_norm={self.input_norm!r}; choose one of {INPUT_NORMS}",
-        )
-        need(self.init in INIT_METHODS, f"init={self.init!r}; choose one of {INIT_METHODS}")
         for name in ("recon_coef", "commit_coef", "dead_code_threshold"):
             v = getattr(self, name)
             need(v >= 0, f"{name} must be >= 0, got {v!r}")
@@ -138,22 +145,6 @@ class CodebookConfig(ValidatedConfig):
             -(2**63) <= self.seed < 2**64,
             f"seed must lie in [-2**63, 2**64) (torch.Generator.manual_seed), got {self.seed!r}",
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CodebookConfig:
-        """Build from :meth:`to_dict` output; unknown keys raise with the valid names."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(
-                f"CodebookConfig: unknown field(s) {sorted(unknown)}; valid fields are "
-                f"{sorted(names)}"
-            )
-        return cls(**d)
 
     def replace(self, **changes: Any) -> CodebookConfig:
         """A copy with some fields changed (validated again)."""
