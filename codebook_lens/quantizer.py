@@ -2,8 +2,7 @@
 
 ``encode`` picks, per position (and per group), the k codes most similar to the activation;
 ``decode`` combines their vectors; ``forward`` is ``decode(encode(x))`` with a straight-through
-gradient to ``x``. Scoring streams over chunks of tokens (and codes) so the ``tokens x n_codes``
-score matrix never exists whole, and nothing is kept of it for backward.
+gradient to ``x``. The top-k selection itself is :func:`codebook_lens.topk.topk_codes`.
 """
 
 from __future__ import annotations
@@ -17,196 +16,10 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from codebook_lens.config import CodebookConfig
+from codebook_lens.topk import topk_codes
 
+# topk_codes lives in codebook_lens.topk; it is re-exported here for older imports
 __all__ = ["Codebook", "topk_codes"]
-
-
-# Tile geometry, tuned on a 2-core AVX-512 Xeon (docs/performance.md). A score tile is computed by
-# one batched GEMM and reduced right after. GEMM efficiency wants many tokens per call (MKL packs
-# operands on every call); few large tiles also mean few parallel regions, which matters when
-# the cores are shared. chunk_mb caps every tile.
-_TILE_BYTES = 16 * 2**20  # k=1 tiles, per group: codes x tokens
-_ROWS = 1024  # tokens per k=1 tile
-_TILE_BYTES_K = 64 * 2**20  # k>1 tiles, all groups: tokens x codes, whole codebook if it fits
-_MIN_ROWS_K = 64  # fewer tokens than this per k>1 tile: split the codebook instead
-# k=1 uses channels-last max pooling, a vectorized max-with-index (torch's max/argmax/topk over
-# a dim are scalar loops, ~10x slower than amax); pooling blocks of _POOL codes first keeps both
-# cores busy. k>1 narrows candidates in two vectorized block-max stages (blocks of _BLOCK codes,
-# then sub-blocks of _SUB) before an exact top-k over k * _SUB scores.
-_POOL = 128
-_BLOCK = 128
-_SUB = 8
-_INF = float("inf")
-
-
-def _prepare_codebook(codebook: Tensor, similarity: str) -> tuple[Tensor, Tensor | None]:
-    """Codes as compared (unit-norm for cosine) and an additive score bias (euclidean).
-
-    Done once per call, never per chunk. Activations are not normalised: a positive per-row scale
-    does not change a row's ranking.
-    """
-    if similarity == "cosine":
-        return F.normalize(codebook, dim=-1), None
-    if similarity == "euclidean":
-        # argmin |x-c|^2 == argmax x.c - |c|^2/2 (|x|^2 is constant per row)
-        return codebook, -0.5 * codebook.pow(2).sum(-1)
-    return codebook, None
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _budget(chunk_mb: float, tile_bytes: int, n_groups: int, elem: int) -> int:
-    """Score elements per group in one tile."""
-    return max(1, min(int(chunk_mb * 2**20), tile_bytes) // elem // n_groups)
-
-
-def _merge(bv: Tensor, bi: Tensor, v: Tensor, i: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Running top-k along the last axis; (v, i) are later codes, so earlier ones win ties."""
-    if k == 1:
-        take = v > bv
-        return torch.where(take, v, bv), torch.where(take, i, bi)
-    v, i = torch.cat([bv, v], dim=-1), torch.cat([bi, i], dim=-1)
-    v, sel = v.topk(min(k, v.shape[-1]), dim=-1)
-    return v, i.gather(-1, sel)
-
-
-def _pool_max(s: Tensor) -> tuple[Tensor, Tensor]:
-    """Max and first arg-max over codes of a contiguous tile ``[G, codes, tokens]`` -> [G, t]."""
-    g, c, r = s.shape
-    img = s.view(g, c, 1, r).permute(0, 3, 1, 2)  # channels-last: tokens are the channels
-    if c < 2 * _POOL or g >= torch.get_num_threads():  # pooling runs in parallel over G * blocks
-        m, i = F.max_pool2d(img, (c, 1), return_indices=True)
-        return m.view(g, r), i.view(g, r)
-    m1, i1 = F.max_pool2d(img, (_POOL, 1), ceil_mode=True, return_indices=True)
-    m, j = F.max_pool2d(m1, (m1.shape[2], 1), return_indices=True)  # best block
-    return m.view(g, r), i1.flatten(2).gather(2, j.flatten(2)).view(g, r)
-
-
-def _geometry_top1(n_tok: int, n_codes: int, per_group: int) -> tuple[int, int]:
-    """(tokens, codes) of a k=1 tile holding at most ``per_group`` scores per group."""
-    width = max(1, min(n_codes, per_group // max(1, min(n_tok, _ROWS))))
-    return max(1, min(n_tok, per_group // width)), width
-
-
-def _geometry_topk(n_tok: int, n_codes: int, k: int, per_group: int) -> tuple[int, int, int, bool]:
-    """(tokens, codes, padded row length, blocked) of a k>1 tile of <= ``per_group`` scores per
-    group: the whole codebook if that leaves enough tokens, else chunks of whole blocks."""
-    blocked = n_codes >= 4 * k * _BLOCK
-    width = padded = _round_up(n_codes, _BLOCK) if blocked else n_codes
-    if per_group // padded < min(n_tok, _MIN_ROWS_K):
-        width = max(1, per_group // max(1, min(n_tok, _MIN_ROWS_K)))
-        blocked = width >= 4 * k * _BLOCK
-        width = padded = width - width % _BLOCK if blocked else width
-    return max(1, min(n_tok, per_group // padded)), min(width, n_codes), padded, blocked
-
-
-def _top1(xs: Tensor, codes: Tensor, bias: Tensor | None, per_group: int) -> Tensor:
-    """Best code per token for ``xs`` [G, d, T] -> [G, T], in tiles of codes x tokens."""
-    n_groups, _, n_tok = xs.shape
-    n_codes = codes.shape[1]
-    rows, width = _geometry_top1(n_tok, n_codes, per_group)
-    buf = xs.new_empty(n_groups * width * rows)
-    out = torch.empty(n_groups, n_tok, dtype=torch.long, device=xs.device)
-    for t0 in range(0, n_tok, rows):
-        xt = xs[:, :, t0 : t0 + rows]
-        r = xt.shape[2]
-        best: tuple[Tensor, Tensor] | None = None
-        for c0 in range(0, n_codes, width):
-            c = min(width, n_codes - c0)
-            s = buf[: n_groups * c * r].view(n_groups, c, r)
-            if bias is None:
-                torch.bmm(codes[:, c0 : c0 + c], xt, out=s)
-            else:
-                torch.baddbmm(bias[:, c0 : c0 + c, None], codes[:, c0 : c0 + c], xt, out=s)
-            v, i = _pool_max(s)
-            best = (v, i) if best is None else _merge(*best, v, i + c0, 1)
-        assert best is not None
-        out[:, t0 : t0 + r] = best[1]
-    return out
-
-
-def _two_stage(tile: Tensor, rows: Tensor, first: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact top-k of a tile ``[G, r, blocks * _BLOCK]`` (pad scores -inf). The k blocks with
-    the largest maxima hold the k largest scores, and so on down to sub-blocks. ``rows`` views the
-    tile buffer as rows of one block; ``first`` [G, r, 1] is each token's first row there."""
-    g, r = tile.shape[:2]
-    nsub = _BLOCK // _SUB
-    blk = tile.unflatten(-1, (-1, _BLOCK)).amax(-1).topk(k, dim=-1).indices  # [G, r, k]
-    cand = rows.index_select(0, (blk + first).view(-1)).view(g * r * k * nsub, _SUB)
-    sub = cand.view(g, r, k * nsub, _SUB).amax(-1).topk(k, dim=-1).indices  # [G, r, k]
-    first2 = torch.arange(0, g * r * k * nsub, k * nsub, device=tile.device).view(g, r, 1)
-    v, j = cand.index_select(0, (sub + first2).view(-1)).view(g, r, k * _SUB).topk(k, dim=-1)
-    sub = sub.gather(-1, j // _SUB)
-    code = blk.gather(-1, sub // nsub) * _BLOCK + (sub % nsub) * _SUB + j % _SUB
-    return v, code
-
-
-def _topk_rows(xg: Tensor, codes_t: Tensor, bias: Tensor | None, k: int, per_group: int) -> Tensor:
-    """Top-k codes per token for ``xg`` [G, T, d] -> [G, T, k], in tiles of tokens x codes."""
-    n_groups, n_tok, _ = xg.shape
-    n_codes = codes_t.shape[2]
-    rows, width, padded, blocked = _geometry_topk(n_tok, n_codes, k, per_group)
-    # one tile buffer; pad columns hold -inf so that whole blocks can be reduced
-    buf = torch.full((n_groups, rows, padded), -_INF, dtype=xg.dtype, device=xg.device)
-    buf_rows = buf.view(-1, _BLOCK) if blocked else buf
-    first = torch.arange(n_groups * rows, device=xg.device).view(n_groups, rows, 1)
-    first = first * (padded // _BLOCK)
-    out = torch.empty(n_groups, n_tok, k, dtype=torch.long, device=xg.device)
-    for t0 in range(0, n_tok, rows):
-        xt = xg[:, t0 : t0 + rows]
-        r = xt.shape[1]
-        best: tuple[Tensor, Tensor] | None = None
-        for c0 in range(0, n_codes, width):
-            c = min(width, n_codes - c0)
-            s, ct = buf[:, :r, :c], codes_t[:, :, c0 : c0 + c]
-            if bias is None:
-                torch.bmm(xt, ct, out=s)
-            else:
-                torch.baddbmm(bias[:, None, c0 : c0 + c], xt, ct, out=s)
-            cb = _round_up(c, _BLOCK)
-            if blocked and cb >= k * _BLOCK:
-                if cb != c and n_codes > width:  # an earlier chunk overwrote the pad
-                    buf[:, :r, c:cb] = -_INF
-                v, i = _two_stage(buf[:, :r, :cb], buf_rows, first[:, :r], k)
-            else:
-                v, i = s.topk(min(k, c), dim=-1)
-            best = (v, i) if best is None else _merge(*best, v, i + c0, k)
-        assert best is not None
-        out[:, t0 : t0 + r] = best[1]
-    return out
-
-
-def topk_codes(
-    x: Float[Tensor, "n_tok n_groups d"],
-    codebook: Float[Tensor, "n_groups n_codes d"],
-    k: int,
-    similarity: str = "cosine",
-    chunk_mb: float = 256.0,
-) -> Int[Tensor, "n_tok n_groups k"]:
-    """Ids of the k most similar codes for each token and group, most similar first.
-
-    Scores are computed one cache-sized tile of tokens x codes at a time, for all groups in one
-    batched GEMM, and reduced at once; a running top-k is merged across code chunks. A tile never
-    exceeds ``chunk_mb`` MiB, and nothing is kept for backward. The result equals the unchunked
-    ``scores.topk(k)`` up to the order of exact ties (k=1 picks the first of tied codes, as
-    ``argmax`` does). Scores are computed in ``x``'s dtype (GEMMs accumulate in fp32), except
-    float16, which is scored in float32. Rows of ``x`` that are not finite get arbitrary ids;
-    :meth:`Codebook.encode` marks them empty (-1).
-    """
-    if x.dtype == torch.float16:  # fp16 scores overflow (max 65504) and fp16 GEMM is slow on CPU
-        x = x.float()
-    n_groups = x.shape[1]
-    codes, bias = _prepare_codebook(codebook.to(x.dtype), similarity)
-    elem = x.element_size()
-    if k == 1:
-        per_group = _budget(chunk_mb, _TILE_BYTES * n_groups, n_groups, elem)
-        ids = _top1(x.permute(1, 2, 0), codes, bias, per_group)  # [G, T]
-        return ids.t().unsqueeze(-1)
-    per_group = _budget(chunk_mb, _TILE_BYTES_K, n_groups, elem)
-    ids = _topk_rows(x.transpose(0, 1), codes.transpose(1, 2), bias, k, per_group)
-    return ids.transpose(0, 1)
 
 
 class Codebook(nn.Module):
@@ -270,7 +83,10 @@ class Codebook(nn.Module):
         name = self.hook_codes.name
         return f"codebook at {name.removesuffix('.hook_codes')}" if name else "codebook"
 
-    def _flatten(self, x: Tensor) -> Tensor:
+    def flatten_input(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "rows n_groups d_in"]:
+        """``x`` (``[..., d_in]``, or ``[..., n_groups, d_in]`` when grouped) as rows
+        ``[rows, n_groups, d_in]``, the layout the codes are scored in; raises ``ValueError``
+        naming the expected shape when ``x`` does not fit this codebook."""
         cfg = self.cfg
         if x.shape[-1] != cfg.d_in:
             raise ValueError(
@@ -373,7 +189,7 @@ class Codebook(nn.Module):
         return self._select(self.normalize_input(x), check_finite)
 
     def _select(self, x_n: Tensor, check_finite: bool | None = None) -> Tensor:
-        flat = self._flatten(x_n)
+        flat = self.flatten_input(x_n)
         with torch.no_grad():
             flat = flat.detach()
             ids = topk_codes(
@@ -473,8 +289,9 @@ class Codebook(nn.Module):
             self._count(codes)
             self._stash_recent(x_n)
         # Hooks may edit codes in place, so they get a copy; with no hooks there is nothing to
-        # check and no second decode.
-        is_patched = bool(self.hook_codes._forward_hooks)
+        # check and no second decode. HookPoint.add_hook (behind every TransformerLens hook API)
+        # records each forward hook, so has_hooks sees them all.
+        is_patched = self.hook_codes.has_hooks("fwd")
         patched = self.hook_codes(codes.clone() if is_patched else codes)
         if is_patched:
             self.check_codes(patched, like=codes)

@@ -34,7 +34,7 @@ from codebook_lens.checkpoint import (
     save_train_state,
 )
 from codebook_lens.data import shard_batch
-from codebook_lens.init import _replace_dead, merge_duplicate_codes
+from codebook_lens.maintenance import maintain_codebook, maintenance_due
 from codebook_lens.model import CodebookModel
 from codebook_lens.validation import ValidatedConfig
 
@@ -420,10 +420,10 @@ def train_codebooks(
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         step_opt.step()
         for cb in cbs.values():
-            if _maintenance_due(cb, step + 1):
+            if maintenance_due(cb, step + 1):
                 if dist.n > 1:
                     cb.window_counts.copy_(dist.sum(cb.window_counts))
-                changed = merge_duplicate_codes(cb) | _replace_dead(cb)
+                changed = maintain_codebook(cb)
                 _reset_moments(opt, cb.codebook, changed)
                 with torch.no_grad():
                     dist.broadcast_(cb.codebook.data)
@@ -539,11 +539,6 @@ def _metric_dtype(device: torch.device) -> torch.dtype:
     """Loss sums accumulate in float64 (exact enough to compare runs), float32 where the device
     has no float64 (Apple MPS)."""
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-def _maintenance_due(cb: Any, step: int) -> bool:
-    c = cb.cfg
-    return (c.dead_code_threshold > 0 or c.merge_threshold > 0) and step % c.replace_every == 0
 
 
 @torch.no_grad()

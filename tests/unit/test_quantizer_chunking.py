@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import codebook_lens.quantizer as q
+import codebook_lens.topk as kernel
 from codebook_lens import Codebook, CodebookConfig, topk_codes
 
 
@@ -44,7 +44,7 @@ def small_tiles(monkeypatch):
         ("_BLOCK", 8),
         ("_SUB", 2),
     ]:
-        monkeypatch.setattr(q, name, value)
+        monkeypatch.setattr(kernel, name, value)
 
 
 @pytest.mark.parametrize("similarity", ["cosine", "dot", "euclidean"])
@@ -110,11 +110,11 @@ def test_tile_never_exceeds_budget():
         for k in (1, 8):
             if k > codes:
                 continue
-            per_group = q._budget(mb, 2**40, groups, 4)
+            per_group = kernel._budget(mb, 2**40, groups, 4)
             assert per_group * groups * 4 <= max(mb * 2**20, groups * 4)
-            rows, width = q._geometry_top1(n_tok, codes, per_group)
+            rows, width = kernel._geometry_top1(n_tok, codes, per_group)
             assert rows * width <= per_group and 1 <= rows <= n_tok and 1 <= width <= codes
-            rows, width, padded, _ = q._geometry_topk(n_tok, codes, k, per_group)
+            rows, width, padded, _ = kernel._geometry_topk(n_tok, codes, k, per_group)
             assert rows * padded <= per_group or rows * padded == 1
             assert 1 <= rows <= n_tok and 1 <= width <= min(codes, padded)
 
