@@ -60,32 +60,6 @@ T0 = time.perf_counter()
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")  # TL 3.9 notice
 
 
-def in_notebook() -> bool:
-    """True inside Jupyter/IPython (figures and views are displayed), False as a script."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    return get_ipython() is not None
-
-
-def show(obj, name: str) -> None:
-    """Display a matplotlib figure or a codebook_lens view; as a script, save it under OUT."""
-    if in_notebook():
-        from IPython.display import Image, display
-
-        if hasattr(obj, "savefig"):  # a Figure built without pyplot: show it as a PNG
-            path = OUT / f"{name}.png"
-            obj.savefig(path, dpi=100)
-            display(Image(filename=str(path)))
-        else:
-            display(obj)
-        return
-    path = OUT / (f"{name}.png" if hasattr(obj, "savefig") else f"{name}.html")
-    obj.savefig(path, dpi=100) if hasattr(obj, "savefig") else obj.save(path)
-    print(f"[saved {path}]")
-
-
 print("size:", "small (CI)" if SMALL else "full", "| outputs in", OUT)
 
 # %% [markdown]
@@ -164,7 +138,7 @@ assert z_codes.min() >= 0 and z_codes.max() < attn_codes
 
 # %%
 toks = [f"t{int(t)}" for t in tokens[0, :24]]
-show(viz.which_code_view(toks, z_codes[0, :24]), "which_code_attn")
+viz.show(viz.which_code_view(toks, z_codes[0, :24]), "which_code_attn", OUT)
 
 # %% [markdown]
 # Over a whole dataset, `collect_codes` stores just the ids (small integers, no activations).
@@ -173,7 +147,7 @@ show(viz.which_code_view(toks, z_codes[0, :24]), "which_code_attn")
 
 # %%
 store = collect_codes(cm, tokens)
-show(viz.code_usage_histogram({s: store.code_counts(s) for s in cm.sites}), "code_usage")
+viz.show(viz.code_usage_histogram({s: store.code_counts(s) for s in cm.sites}), "code_usage", OUT)
 
 # %% [markdown]
 # ## How much does the bottleneck change the model?
@@ -237,7 +211,7 @@ result = train_codebooks(
 cm.eval()
 kl1 = kl_from_base(cm, held_out)
 print(f"after {train_steps} steps ({result.seconds:.0f} s): KL {kl1:.4f} nats/token")
-show(viz.training_curves(result.history), "training_curves")
+viz.show(viz.training_curves(result.history), "training_curves", OUT)
 if not SMALL:
     assert kl1 < kl0, "finetuning should bring the codebook model closer to the base model"
 

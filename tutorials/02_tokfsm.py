@@ -69,32 +69,6 @@ T0 = time.perf_counter()
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")  # TL 3.9 notice
 
 
-def in_notebook() -> bool:
-    """True inside Jupyter/IPython (figures and views are displayed), False as a script."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    return get_ipython() is not None
-
-
-def show(obj, name: str) -> None:
-    """Display a matplotlib figure or a codebook_lens view; as a script, save it under OUT."""
-    if in_notebook():
-        from IPython.display import Image, display
-
-        if hasattr(obj, "savefig"):  # a Figure built without pyplot: show it as a PNG
-            path = OUT / f"{name}.png"
-            obj.savefig(path, dpi=100)
-            display(Image(filename=str(path)))
-        else:
-            display(obj)
-        return
-    path = OUT / (f"{name}.png" if hasattr(obj, "savefig") else f"{name}.html")
-    obj.savefig(path, dpi=100) if hasattr(obj, "savefig") else obj.save(path)
-    print(f"[saved {path}]")
-
-
 cfg = ExperimentConfig.small() if SMALL else ExperimentConfig()
 CACHE = default_cache_dir()  # $CODEBOOK_LENS_CACHE or ~/.cache/codebook_lens
 print("size:", "small (CI)" if SMALL else "full", "| cache", CACHE, "| outputs in", OUT)
@@ -162,7 +136,7 @@ result = finetune_codebooks(cm, fsm, cfg)
 cm.eval()
 cb_acc, _ = transition_accuracy_of(cm, fsm, cfg)
 print(f"after {cfg.train.steps} steps ({result.seconds:.0f} s): transition accuracy {cb_acc:.3f}")
-show(viz.training_curves(result.history), "training_curves")
+viz.show(viz.training_curves(result.history), "training_curves", OUT)
 
 # %% [markdown]
 # Tutorials 3 and 4 start from this model; we cache it next to the base model, keyed by the
@@ -216,7 +190,9 @@ for site, head, code in dict.fromkeys(zip(best["site"], best["head"], best["code
     kind = "attn" if "attn" in site else "mlp"
     names.append(f"L{site.split('.')[1]} {kind} h{head} c{code}")
 precision = torch.stack(columns, dim=1)  # [n_states, n_columns]
-show(viz.state_code_precision_heatmap(precision, code_ids=list(range(len(names)))), "heatmap")
+viz.show(
+    viz.state_code_precision_heatmap(precision, code_ids=list(range(len(names)))), "heatmap", OUT
+)
 print("first columns:", names[:5])
 
 # %% [markdown]
@@ -233,7 +209,7 @@ print("first columns:", names[:5])
 present = results[cm.sites[0]].label_counts > 0
 code_p = torch.tensor(best["precision"])[present]
 neuron_p = torch.tensor(rec["best_neuron_precision"])[present]
-show(viz.codes_vs_neurons_bars(code_p, neuron_p), "codes_vs_neurons")
+viz.show(viz.codes_vs_neurons_bars(code_p, neuron_p), "codes_vs_neurons", OUT)
 print(f"codes beat neurons on {(code_p > neuron_p).sum()} of {int(present.sum())} states")
 
 # %% [markdown]
@@ -253,7 +229,7 @@ print(
 n_show = min(33, store.seq_len)
 toks = [vocab[t] for t in store.tokens[0, :n_show].long()]
 codes0 = store.get(site)[0, :n_show]  # [pos, head, k]
-show(viz.code_tokens_view(toks, codes0, code=code, head=head), "best_code_tokens")
+viz.show(viz.code_tokens_view(toks, codes0, code=code, head=head), "best_code_tokens", OUT)
 ex = top_examples(store, site, code, head=head, n=5, before=6, after=1)
 for seq, pos, row in zip(ex.seq.tolist(), ex.pos.tolist(), ex.context.tolist()):
     text = " ".join(
@@ -269,7 +245,7 @@ assert ex.n_total >= 1
 
 # %%
 attn_site = [s for s in cm.sites if "attn" in s][-1]
-show(viz.which_code_view(toks, store.get(attn_site)[0, :n_show]), "which_code")
+viz.show(viz.which_code_view(toks, store.get(attn_site)[0, :n_show]), "which_code", OUT)
 
 # %% [markdown]
 # ## What the numbers should be

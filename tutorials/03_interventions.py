@@ -43,7 +43,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from codebook_lens import CodebookModel, codes_hook_name, viz
@@ -73,32 +72,6 @@ OUT = Path(os.environ.get("CODEBOOK_LENS_TUTORIAL_OUT") or tempfile.mkdtemp(pref
 OUT.mkdir(parents=True, exist_ok=True)
 T0 = time.perf_counter()
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")  # TL 3.9 notice
-
-
-def in_notebook() -> bool:
-    """True inside Jupyter/IPython (figures and views are displayed), False as a script."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    return get_ipython() is not None
-
-
-def show(obj, name: str) -> None:
-    """Display a matplotlib figure or a codebook_lens view; as a script, save it under OUT."""
-    if in_notebook():
-        from IPython.display import Image, display
-
-        if hasattr(obj, "savefig"):  # a Figure built without pyplot: show it as a PNG
-            path = OUT / f"{name}.png"
-            obj.savefig(path, dpi=100)
-            display(Image(filename=str(path)))
-        else:
-            display(obj)
-        return
-    path = OUT / (f"{name}.png" if hasattr(obj, "savefig") else f"{name}.html")
-    obj.savefig(path, dpi=100) if hasattr(obj, "savefig") else obj.save(path)
-    print(f"[saved {path}]")
 
 
 def tokfsm_codebooks(fsm: FSM, cfg: ExperimentConfig, cache: Path):
@@ -212,8 +185,7 @@ assert not torch.allclose(p_clean, p_forced), "forcing codes must change the pre
 
 
 def one_prompt_figure() -> Figure:
-    fig = Figure(figsize=(11, 3.2), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = viz.new_figure(11, 3.2)
     ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 3])
     x = torch.arange(fsm.base)
     ax1.bar(x - 0.3, true_last, width=0.2, color="#d9d9d9", label=f"true after {last}")
@@ -236,7 +208,7 @@ def one_prompt_figure() -> Figure:
     return fig
 
 
-show(one_prompt_figure(), "one_prompt")
+viz.show(one_prompt_figure(), "one_prompt", OUT)
 
 # %% [markdown]
 # At full size the first digit follows the target almost exactly, but the full next state does
@@ -280,7 +252,7 @@ print(f"no intervention: success {baseline_rate:.2f}, JSD to target {baseline_js
 for name, sites in site_sets(cm).items():
     rates[name], j = first_digit_success(sites)
     print(f"  {name:8s} success {rates[name]:.2f}  JSD to target {j:.3f}")
-show(viz.intervention_success_bars(rates, baseline=baseline_rate), "success")
+viz.show(viz.intervention_success_bars(rates, baseline=baseline_rate), "success", OUT)
 assert set(rates) == set(site_sets(cm))
 
 # %% [markdown]

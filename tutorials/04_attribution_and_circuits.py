@@ -47,8 +47,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from codebook_lens import CodebookModel, codes_hook_name, viz
 from codebook_lens.analysis import (
@@ -79,38 +77,6 @@ OUT = Path(os.environ.get("CODEBOOK_LENS_TUTORIAL_OUT") or tempfile.mkdtemp(pref
 OUT.mkdir(parents=True, exist_ok=True)
 T0 = time.perf_counter()
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")  # TL 3.9 notice
-
-
-def in_notebook() -> bool:
-    """True inside Jupyter/IPython (figures and views are displayed), False as a script."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    return get_ipython() is not None
-
-
-def show(obj, name: str) -> None:
-    """Display a matplotlib figure or a codebook_lens view; as a script, save it under OUT."""
-    if in_notebook():
-        from IPython.display import Image, display
-
-        if hasattr(obj, "savefig"):  # a Figure built without pyplot: show it as a PNG
-            path = OUT / f"{name}.png"
-            obj.savefig(path, dpi=100)
-            display(Image(filename=str(path)))
-        else:
-            display(obj)
-        return
-    path = OUT / (f"{name}.png" if hasattr(obj, "savefig") else f"{name}.html")
-    obj.savefig(path, dpi=100) if hasattr(obj, "savefig") else obj.save(path)
-    print(f"[saved {path}]")
-
-
-def new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def tokfsm_codebooks(fsm: FSM, cfg: ExperimentConfig, cache: Path):
@@ -170,7 +136,9 @@ print(f"best: code {code} at {site}, head {head} (F1 {float(r.f1[0]):.2f})")
 # %%
 ex = top_examples(store, site, code, head=head, n=8, before=6, after=1)
 contexts, values = viz.contexts_from_windows(ex.context, ex.before, vocab)
-show(viz.top_contexts_view([contexts], [values], [f"code {code} (H{head})"], site), "top_ctx")
+viz.show(
+    viz.top_contexts_view([contexts], [values], [f"code {code} (H{head})"], site), "top_ctx", OUT
+)
 for offset in (0, -1):
     tab = code_token_table(store, site, top=3, offset=offset)
     toks = [vocab[t] if t >= 0 else "-" for t in tab.tokens[head, code].tolist()]
@@ -207,7 +175,7 @@ print(f"true first-digit distribution:  {first_digit.tolist()}")
 print(f"correlation {r_dla:.2f}")
 
 where = f"{site} H{head}" if store.get(site).dim() == 4 else site
-fig = new_figure(6, 4)
+fig = viz.new_figure(6, 4)
 ax, ax2 = fig.subplots(2, 1, sharex=True)
 ax.bar(range(fsm.base), dla_c.numpy(), color="#1f77b4")
 ax.axhline(0, color="grey", lw=0.5)
@@ -217,7 +185,7 @@ ax2.bar(range(fsm.base), first_digit.numpy(), color="#ff7f0e")
 ax2.set_ylabel(f"P(next first digit)\nafter state {state}")
 ax2.set_xticks(range(fsm.base))
 ax2.set_xlabel("digit token")
-show(fig, "dla")
+viz.show(fig, "dla", OUT)
 
 # %% [markdown]
 # **Attribution patching.** For a metric of the output, one forward and one backward pass give,
@@ -271,7 +239,7 @@ print(f"metric {attr[cm.sites[0]].metric:.3f}; estimate vs real ablation: r = {r
 for n_, e_, r_ in sorted(zip(names, est, real), key=lambda t: t[2])[:4]:
     print(f"  {n_:12s} estimated {e_:+.3f}  real {r_:+.3f}")
 
-fig = new_figure(4.5, 4)
+fig = viz.new_figure(4.5, 4)
 ax = fig.subplots()
 ax.scatter(real, est)
 for n_, x_, y_ in zip(names, real, est):
@@ -281,7 +249,7 @@ ax.plot([lo, hi], [lo, hi], color="grey", lw=0.5)
 ax.set_xlabel("real ablation effect")
 ax.set_ylabel("attribution-patching estimate")
 ax.set_title(f"ablating each unit at the last position (r = {r_ap:.2f})", fontsize=9)
-show(fig, "attribution_vs_ablation")
+viz.show(fig, "attribution_vs_ablation", OUT)
 
 # %% [markdown]
 # ## 3. Clean → corrupt patching sweep
@@ -343,7 +311,7 @@ for si, s in enumerate(res.sites):
         rows.append(frac[si, :, h])
         row_names.append(f"L{s.split('.')[1]} {kind}" + (f" H{h}" if n_h > 1 else ""))
 grid = torch.stack(rows).numpy()
-fig = new_figure(6, 0.35 * len(rows) + 1.5)
+fig = viz.new_figure(6, 0.35 * len(rows) + 1.5)
 ax = fig.subplots()
 lim = max(float(np.nanmax(np.abs(grid))), 1e-6)
 im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
@@ -354,7 +322,7 @@ ax.set_xticks(range(n_pos), [f"{p}\n{a}/{b}" for p, a, b in zip(positions, tok0,
 ax.set_xlabel("position (clean/corrupt token of prompt 0)")
 fig.colorbar(im, ax=ax, label="fraction of the gap restored")
 ax.set_title("patching clean codes into the corrupt run", fontsize=9)
-show(fig, "patch_sweep")
+viz.show(fig, "patch_sweep", OUT)
 same = frac[:, : n_pos - fsm.n_digits]
 assert torch.allclose(same[~torch.isnan(same)], torch.zeros(()), atol=1e-5)
 
@@ -378,13 +346,14 @@ print(
 attn_site = [s for s in cm.sites if "attn" in s][0]  # layer 0, where the state is assembled
 layer = attn_site.split(".")[1]
 toks = [vocab[t] for t in clean[0].tolist()]
-show(
+viz.show(
     viz.attention_with_codes_view(
         clean_cache[f"blocks.{layer}.attn.hook_pattern"][0],
         clean_cache[codes_hook_name(attn_site)][0],
         toks,
     ),
     "attention_with_codes",
+    OUT,
 )
 
 # %% [markdown]

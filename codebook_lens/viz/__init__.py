@@ -5,7 +5,10 @@
 - :mod:`~codebook_lens.viz.codes`: tokens coloured by a code / by which code fires, top
   contexts of codes, attention patterns next to per-head codes;
 - :mod:`~codebook_lens.viz.figures`: matplotlib ``Figure`` builders (no pyplot state);
-- :mod:`~codebook_lens.viz.report`: the self-contained ``report.html``;
+- :mod:`~codebook_lens.viz.report`: the self-contained ``report.html`` (its summary tables in
+  :mod:`~codebook_lens.viz.tables`, its offline check in :mod:`~codebook_lens.viz.external_refs`);
+- :mod:`~codebook_lens.viz.notebook`: :func:`show` a figure or view inline in a notebook, or
+  save it from a script;
 - :mod:`~codebook_lens.viz.browser`: load a page in headless Chromium and list what failed.
 """
 
@@ -21,22 +24,19 @@ from codebook_lens.viz.codes import (
     top_contexts_view,
     which_code_view,
 )
+from codebook_lens.viz.external_refs import external_refs
 from codebook_lens.viz.figures import (
     code_usage_histogram,
     codes_vs_neurons_bars,
     figure_to_data_uri,
     intervention_success_bars,
+    new_figure,
     state_code_precision_heatmap,
     training_curves,
 )
+from codebook_lens.viz.notebook import in_notebook, show
 from codebook_lens.viz.offline import View, circuitsvis_view, from_circuitsvis, html_view
-from codebook_lens.viz.report import (
-    build_report,
-    external_refs,
-    rebuild_report,
-    report_html,
-    save_report,
-)
+from codebook_lens.viz.report import build_report, rebuild_report, report_html, save_report
 
 __all__ = [
     "View",
@@ -57,6 +57,9 @@ __all__ = [
     "code_usage_histogram",
     "training_curves",
     "figure_to_data_uri",
+    "new_figure",
+    "show",
+    "in_notebook",
     "build_report",
     "report_html",
     "save_report",

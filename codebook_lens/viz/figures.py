@@ -29,6 +29,7 @@ __all__ = [
     "training_curves",
     "figure_to_data_uri",
     "diagonal_order",
+    "new_figure",
 ]
 
 CODE_COLOR = "#1f77b4"
@@ -36,7 +37,9 @@ NEURON_COLOR = "#9e9e9e"
 DEAD_COLOR = "#d62728"
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """An empty ``width`` x ``height`` inch ``Figure`` (constrained layout) on its own Agg
+    canvas, outside pyplot's global state."""
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -101,7 +104,7 @@ def state_code_precision_heatmap(
     if sort:
         cols = cols[diagonal_order(p[:, cols])]
     shown = p[:, cols]
-    fig = _new_figure(min(16.0, 3.0 + 0.12 * len(cols)), min(12.0, 2.5 + 0.09 * n_states))
+    fig = new_figure(min(16.0, 3.0 + 0.12 * len(cols)), min(12.0, 2.5 + 0.09 * n_states))
     ax = fig.add_subplot()
     cmap = _viridis_with_bad()
     im = ax.imshow(
@@ -150,7 +153,7 @@ def codes_vs_neurons_bars(
     order = np.argsort(-np.nan_to_num(c, nan=-1.0), kind="stable") if sort else np.arange(len(c))
     x = np.arange(len(c))
     w = 0.42
-    fig = _new_figure(min(16.0, 4.0 + 0.12 * len(c)), 3.6)
+    fig = new_figure(min(16.0, 4.0 + 0.12 * len(c)), 3.6)
     ax = fig.add_subplot()
     ax.bar(x - w / 2, c[order], w, color=CODE_COLOR, label=f"code (mean {np.nanmean(c):.3f})")
     ax.bar(x + w / 2, n[order], w, color=NEURON_COLOR, label=f"neuron (mean {np.nanmean(n):.3f})")
@@ -191,7 +194,7 @@ def intervention_success_bars(
                 f"errors has keys {sorted(map(str, errors))} but rates has {sorted(names)}"
             )
         err = np.array([float(errors[k]) for k in rates])
-    fig = _new_figure(max(4.0, 1.2 + 0.9 * len(names)), 3.6)
+    fig = new_figure(max(4.0, 1.2 + 0.9 * len(names)), 3.6)
     ax = fig.add_subplot()
     bars = ax.bar(range(len(names)), vals, yerr=err, color=CODE_COLOR, capsize=3)
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], padding=2, fontsize=8)
@@ -231,7 +234,7 @@ def code_usage_histogram(
     n = len(items)
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
-    fig = _new_figure(4.2 * ncols, 3.2 * nrows)
+    fig = new_figure(4.2 * ncols, 3.2 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (site, cnt) in zip(axes, items.items()):
         a = _np(cnt, f"counts[{site!r}]" if site else "counts", len(np.shape(cnt))).ravel()
@@ -292,7 +295,7 @@ def training_curves(
     n = len(keys)
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
-    fig = _new_figure(4.2 * ncols, 3.0 * nrows)
+    fig = new_figure(4.2 * ncols, 3.0 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, key in zip(axes, keys):
         y = np.array([float(r.get(key, np.nan)) for r in history])

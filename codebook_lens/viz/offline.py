@@ -2,7 +2,7 @@
 
 circuitsvis renders a React component into a ``<div>``. Its ``RenderedHTML`` holds two versions:
 ``cdn_src`` imports the JavaScript from unpkg.com (``str()`` and, when the machine is online,
-``_repr_html_`` return it) and ``local_src`` inlines the whole ~1.3 MB bundle in every view. Its
+``_repr_html_`` return it) and ``local_src`` inlines the whole bundle in every view. Its
 ``_repr_html_`` also probes ``http://google.com`` each time it is displayed, and its markup uses a
 self-closing ``<div/>``, which HTML parses as an *open* tag, so two views in one page nest and the
 first one's render wipes out the second.
@@ -64,7 +64,7 @@ def bundle_js() -> str:
     The bundle defines the global ``CircuitsVis`` (``CircuitsVis.render(id, Component, props)``).
     ``</script`` inside it is written ``<\\/script`` (the same JavaScript string, but it cannot
     close the element), and the ``sourceMappingURL`` comment is dropped so that no tool tries to
-    fetch the map. Read once per process (about 1.3 MB).
+    fetch the map. Read once per process.
     """
     import circuitsvis
 

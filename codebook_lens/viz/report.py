@@ -2,9 +2,10 @@
 
 The page holds everything it shows: figures are ``data:`` URIs, the circuitsvis bundle is
 inlined once, and a Content-Security-Policy forbids any network load, so it opens from a file,
-an e-mail attachment or an offline machine exactly as it was written. :func:`external_refs`
-lists anything in a page that would reach outside it; :func:`report_html` refuses to produce such
-a page.
+an e-mail attachment or an offline machine exactly as it was written.
+:func:`~codebook_lens.viz.external_refs.external_refs` lists anything in a page that would reach
+outside it; :func:`report_html` refuses to produce such a page. The summary tables come from
+:func:`~codebook_lens.viz.tables.summary_tables`.
 
 Two layers:
 
@@ -19,18 +20,18 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import os
 import re
-from collections.abc import Mapping, Sequence
-from html.parser import HTMLParser
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from matplotlib.figure import Figure
 
+from codebook_lens.viz.external_refs import external_refs
 from codebook_lens.viz.figures import figure_to_data_uri
 from codebook_lens.viz.offline import View, bundle_script, from_circuitsvis, write_atomic
+from codebook_lens.viz.tables import summary_tables
 
 __all__ = [
     "build_report",
@@ -55,188 +56,6 @@ MANIFEST = "report.json"
 
 FigureLike = Figure | str | os.PathLike
 ViewLike = Any  # View | str (trusted static HTML) | circuitsvis RenderedHTML
-
-# ----------------------------------------------------------------------------- external refs
-
-_URL_ATTRS = {
-    "src", "href", "srcset", "action", "formaction", "poster", "data", "background", "cite",
-    "longdesc", "manifest", "codebase", "ping", "xlink:href", "archive", "profile", "icon",
-}  # fmt: skip
-_CSS_URL = re.compile(r"url\(\s*(['\"]?)(?P<u>[^'\")]*)\1\s*\)|@import\s+(['\"])(?P<i>[^'\"]*)\3")
-_JS_IMPORT = re.compile(
-    r"""(?:\bfrom|\bimport\s*\(?|\bimportScripts\s*\()\s*(['"`])(?P<u>(?:[a-z][a-z0-9+.-]*:)?//[^'"`]*)\1""",
-    re.IGNORECASE,
-)
-
-
-def _is_local(url: str) -> bool:
-    u = url.strip()
-    return u == "" or u.startswith("#") or u.lower().startswith("data:")
-
-
-def _srcset_urls(value: str) -> list[str]:
-    """The URLs of a ``srcset`` (HTML spec: a URL is a run of non-space characters, possibly
-    with commas inside, as in ``data:`` URIs; descriptors follow it up to the next comma)."""
-    urls, i, n = [], 0, len(value)
-    while i < n:
-        while i < n and (value[i].isspace() or value[i] == ","):
-            i += 1
-        j = i
-        while j < n and not value[j].isspace():
-            j += 1
-        url = value[i:j]
-        if url.endswith(","):
-            url = url.rstrip(",")
-        else:
-            while j < n and value[j] != ",":
-                j += 1
-        if url:
-            urls.append(url)
-        i = j + 1
-    return urls
-
-
-class _RefFinder(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.refs: list[str] = []
-        self._in: str | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        for name, value in attrs:
-            if value is None:
-                continue
-            if name in _URL_ATTRS:
-                urls = [value]
-                if name == "srcset":
-                    urls = _srcset_urls(value)
-                self.refs += [f"<{tag} {name}={u!r}>" for u in urls if not _is_local(u)]
-            elif name == "style":
-                self._css(value, f"<{tag} style>")
-            elif name == "http-equiv" and value.lower() == "refresh":
-                self.refs.append(f"<{tag} http-equiv=refresh>")
-        self._in = tag if tag in ("script", "style") else None
-
-    def handle_endtag(self, tag: str) -> None:
-        self._in = None
-
-    def _css(self, text: str, where: str) -> None:
-        for m in _CSS_URL.finditer(text):
-            u = m.group("u") if m.group("u") is not None else m.group("i")
-            if not _is_local(u or ""):
-                self.refs.append(f"{where} url({u!r})")
-
-    def handle_data(self, data: str) -> None:
-        if self._in == "style":
-            self._css(data, "<style>")
-        elif self._in == "script":
-            self.refs += [f"<script> import {m.group('u')!r}" for m in _JS_IMPORT.finditer(data)]
-
-
-def external_refs(page: str) -> list[str]:
-    """Everything in an HTML page that would load from outside it: URL attributes (``src``,
-    ``href``, ...) that are not ``#anchors`` or ``data:`` URIs, CSS ``url()``/``@import``, and
-    JavaScript module imports from a URL (circuitsvis's CDN form). Text and JavaScript strings
-    that merely mention a URL are inert and not listed. Returns a description of each."""
-    finder = _RefFinder()
-    finder.feed(page)
-    finder.close()
-    return finder.refs
-
-
-# ----------------------------------------------------------------------------- summary tables
-
-
-def _fmt(v: Any) -> str:
-    if hasattr(v, "tolist") and not isinstance(v, str):
-        v = v.tolist()
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-    if isinstance(v, (list, tuple)):
-        return ", ".join(_fmt(x) for x in v)
-    return str(v)
-
-
-def _is_scalar(v: Any) -> bool:
-    if hasattr(v, "ndim") and not isinstance(v, str):
-        return v.ndim == 0 or v.ndim == 1 and len(v) <= 8
-    if isinstance(v, (list, tuple)):
-        return len(v) <= 8 and all(_is_scalar(x) and not isinstance(x, (list, tuple)) for x in v)
-    return not isinstance(v, Mapping)
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out += _flatten(v, key + " / ")
-        elif isinstance(v, (list, tuple)) and not _is_scalar(v):
-            out += _flatten({str(i): x for i, x in enumerate(v)}, key + " / ")
-        else:
-            out.append((key, v))
-    return out
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f"<th>{html.escape(str(c))}</th>" if j == 0 else f"<td>{html.escape(_fmt(c))}</td>"
-            for j, c in enumerate(r)
-        )
-        + "</tr>"
-        for r in rows
-    )
-    return f'<table class="cl-table"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _records_table(name_col: str, records: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
-    cols: list[str] = []
-    for _, rec in records:
-        cols += [k for k in rec if k not in cols]
-    rows = [[name] + [rec.get(c) for c in cols] for name, rec in records]
-    return _table([name_col, *cols], rows)
-
-
-def summary_tables(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """HTML tables for a nested metrics dict, as ``(heading, table_html)`` pairs.
-
-    Top-level scalars form an "Overview" key/value table. A top-level mapping whose values are
-    all flat mappings (e.g. ``{"attn": {"acc": .., "prec": ..}, "mlp": {..}}``), or a list of
-    flat mappings, becomes a table with one row per entry and one column per key. Any other
-    mapping becomes a key/value table with nested keys joined by ``" / "``.
-    """
-    if not isinstance(summary, Mapping):
-        raise TypeError(f"summary must be a mapping of metrics, got {type(summary).__name__}")
-    out: list[tuple[str, str]] = []
-    overview = [(k, v) for k, v in summary.items() if _is_scalar(v)]
-    if overview:
-        out.append(("Overview", _table(["metric", "value"], overview)))
-
-    def flat(m: Any) -> bool:
-        return isinstance(m, Mapping) and all(_is_scalar(x) for x in m.values())
-
-    for k, v in summary.items():
-        if _is_scalar(v):
-            continue
-        if isinstance(v, Mapping) and v and all(flat(x) for x in v.values()):
-            out.append((str(k), _records_table("", [(str(n), r) for n, r in v.items()])))
-        elif isinstance(v, (list, tuple)) and v and all(flat(x) for x in v):
-            out.append((str(k), _records_table("#", [(str(i), r) for i, r in enumerate(v)])))
-        elif isinstance(v, Mapping):
-            out.append((str(k), _table(["metric", "value"], _flatten(v))))
-        else:
-            out.append((str(k), _table(["index", "value"], _flatten({str(k): v}))))
-    return out
-
 
 # ----------------------------------------------------------------------------- the page
 
@@ -310,6 +129,56 @@ def _as_view(name: str, v: Any) -> View:
     )
 
 
+def _section(anchor: str, heading: str, parts: list[str]) -> tuple[str, list[str]]:
+    """A page section: its ``<nav>`` link and its HTML (an ``<h2>`` then ``parts``)."""
+    return f'<a href="#{anchor}">{heading}</a>', [f'<h2 id="{anchor}">{heading}</h2>', *parts]
+
+
+def _figure_parts(
+    figures: Mapping[str, FigureLike], figure_format: str, used: set[str]
+) -> list[str]:
+    parts = []
+    for name, fig in figures.items():
+        uri = _as_data_uri(name, fig, figure_format)
+        a = _slug(name, used, "fig-")
+        parts.append(
+            f'<figure id="{a}"><img src="{html.escape(uri)}" alt="{html.escape(name)}">'
+            f"<figcaption>{html.escape(name)}</figcaption></figure>"
+        )
+    return parts
+
+
+def _view_parts(views: Mapping[str, View], used: set[str]) -> list[str]:
+    """Each view's fragment under its heading; raises if any would load from outside the page."""
+    parts: list[str] = []
+    refs: list[str] = []
+    for i, (name, view) in enumerate(views.items()):
+        a = _slug(name, used, "view-")
+        frag = view.fragment(id_prefix=f"cv{i}")
+        refs += [f"view {name!r}: {r}" for r in external_refs(frag)]
+        parts.append(f'<h3 id="{a}">{html.escape(name)}</h3>{frag}')
+    if refs:
+        raise ValueError(
+            "the report would load from outside the page (it must work offline): " + "; ".join(refs)
+        )
+    return parts
+
+
+def _page(title: str, body: list[str], need_bundle: bool) -> str:
+    head = (
+        '<meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
+        + (bundle_script() if need_bundle else "")
+    )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head>{head}</head>\n<body><main>\n'
+        + "\n".join(body)
+        + "\n</main></body></html>\n"
+    )
+
+
 def report_html(
     title: str,
     summary: Mapping[str, Any] | None = None,
@@ -328,62 +197,26 @@ def report_html(
     views = {k: _as_view(k, v) for k, v in (views or {}).items()}
     tables = summary_tables(summary) if summary else []
     used: set[str] = set()
-    nav: list[str] = []
+    sections: list[tuple[str, list[str]]] = []
+    if tables:
+        parts = [f"<h3>{html.escape(heading)}</h3>{table}" for heading, table in tables]
+        sections.append(_section("summary", "Summary", parts))
+    if figures:
+        sections.append(_section("figures", "Figures", _figure_parts(figures, figure_format, used)))
+    if views:
+        sections.append(_section("views", "Interactive views", _view_parts(views, used)))
     body: list[str] = [f"<h1>{html.escape(title)}</h1>"]
     if notes:
         body.append(f'<div class="cl-notes">{html.escape(notes.strip())}</div>')
-    sections: list[str] = []
-    if tables:
-        nav.append('<a href="#summary">Summary</a>')
-        sections.append('<h2 id="summary">Summary</h2>')
-        for heading, table in tables:
-            sections.append(f"<h3>{html.escape(heading)}</h3>{table}")
-    if figures:
-        nav.append('<a href="#figures">Figures</a>')
-        sections.append('<h2 id="figures">Figures</h2>')
-        for name, fig in figures.items():
-            uri = _as_data_uri(name, fig, figure_format)
-            a = _slug(name, used, "fig-")
-            sections.append(
-                f'<figure id="{a}"><img src="{html.escape(uri)}" alt="{html.escape(name)}">'
-                f"<figcaption>{html.escape(name)}</figcaption></figure>"
-            )
-    view_refs: list[str] = []
-    if views:
-        nav.append('<a href="#views">Interactive views</a>')
-        sections.append('<h2 id="views">Interactive views</h2>')
-        for i, (name, view) in enumerate(views.items()):
-            a = _slug(name, used, "view-")
-            frag = view.fragment(id_prefix=f"cv{i}")
-            view_refs += [f"view {name!r}: {r}" for r in external_refs(frag)]
-            sections.append(f'<h3 id="{a}">{html.escape(name)}</h3>{frag}')
-    if view_refs:
-        raise ValueError(
-            "the report would load from outside the page (it must work offline): "
-            + "; ".join(view_refs)
-        )
-    if nav:
-        body.append("<nav>" + "".join(nav) + "</nav>")
-    body += sections
+    if sections:
+        body.append("<nav>" + "".join(link for link, _ in sections) + "</nav>")
+    body += [part for _, parts in sections for part in parts]
     if footer is None:
         from codebook_lens import __version__
 
         footer = f"Written by codebook_lens {__version__}. Self-contained: works offline."
     body.append(f"<footer>{html.escape(footer)}</footer>")
-    need_bundle = any(v.needs_bundle for v in views.values())
-    head = (
-        '<meta charset="utf-8">'
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
-        + (bundle_script() if need_bundle else "")
-    )
-    page = (
-        f'<!DOCTYPE html>\n<html lang="en"><head>{head}</head>\n<body><main>\n'
-        + "\n".join(body)
-        + "\n</main></body></html>\n"
-    )
-    return page
+    return _page(title, body, any(v.needs_bundle for v in views.values()))
 
 
 def build_report(
@@ -417,6 +250,35 @@ def build_report(
 # ----------------------------------------------------------------------------- report dirs
 
 
+def _save_figures(
+    out: Path, figures: Mapping[str, FigureLike], figure_format: str
+) -> list[dict[str, str]]:
+    """Write each figure to ``out/figures/<slug>.<ext>``; returns the manifest entries."""
+    used: set[str] = set()
+    entries = []
+    for name, fig in figures.items():
+        uri = _as_data_uri(name, fig, figure_format)
+        mime, b64 = uri[5:].split(";base64,", 1)
+        ext = {"image/png": ".png", "image/svg+xml": ".svg", "image/jpeg": ".jpg"}.get(mime)
+        if ext is None:
+            raise ValueError(f"figure {name!r}: unsupported image type {mime}")
+        rel = f"figures/{_slug(name, used)}{ext}"
+        write_atomic(out / rel, base64.b64decode(b64))
+        entries.append({"name": name, "file": rel})
+    return entries
+
+
+def _save_views(out: Path, views: Mapping[str, ViewLike]) -> list[dict[str, str]]:
+    """Write each view to ``out/views/<slug>.json``; returns the manifest entries."""
+    used: set[str] = set()
+    entries = []
+    for name, v in views.items():
+        rel = f"views/{_slug(name, used)}.json"
+        write_atomic(out / rel, json.dumps(_as_view(name, v).to_dict()))
+        entries.append({"name": name, "file": rel})
+    return entries
+
+
 def save_report(
     out_dir: str | os.PathLike[str],
     title: str,
@@ -436,22 +298,8 @@ def save_report(
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "views").mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
-    fig_entries, view_entries = [], []
-    for name, fig in (figures or {}).items():
-        uri = _as_data_uri(name, fig, figure_format)
-        mime, b64 = uri[5:].split(";base64,", 1)
-        ext = {"image/png": ".png", "image/svg+xml": ".svg", "image/jpeg": ".jpg"}.get(mime)
-        if ext is None:
-            raise ValueError(f"figure {name!r}: unsupported image type {mime}")
-        rel = f"figures/{_slug(name, used)}{ext}"
-        write_atomic(out / rel, base64.b64decode(b64))
-        fig_entries.append({"name": name, "file": rel})
-    used = set()
-    for name, v in (views or {}).items():
-        rel = f"views/{_slug(name, used)}.json"
-        write_atomic(out / rel, json.dumps(_as_view(name, v).to_dict()))
-        view_entries.append({"name": name, "file": rel})
+    fig_entries = _save_figures(out, figures or {}, figure_format)
+    view_entries = _save_views(out, views or {})
     manifest = {
         "format": "codebook_lens.report/1",
         "title": title,
