@@ -4,16 +4,16 @@ Attach codebooks at hook points of a ``HookedTransformer`` or ``TransformerBridg
 them, read their discrete codes from ``run_with_cache`` and patch them with ordinary hooks.
 """
 
-from codebook_lens.backends import BackendError, backend_of, boot_hf, build_model
+from codebook_lens.backends import backend_of, boot_hf, build_model
 from codebook_lens.config import CodebookConfig
 from codebook_lens.convert import from_codebook_features
+from codebook_lens.errors import BackendError, CheckpointError
 from codebook_lens.init import (
     init_from_activations,
     kmeans,
     merge_duplicate_codes,
     replace_dead_codes,
 )
-from codebook_lens.io import CheckpointError
 from codebook_lens.model import CodebookModel, codes_hook_name
 from codebook_lens.quantizer import Codebook, topk_codes
 

@@ -43,13 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from codebook_lens.errors import CheckpointError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
-    "CheckpointError",
     "DirKind",
     "WRITE_LOCK",
     "READ_LOCK",
@@ -68,10 +69,6 @@ READ_LOCK = ".cbl-read.lock"
 """Lock file held shared by readers, exclusively by a writer while it deletes old versions."""
 
 _HEX = re.compile(r"[0-9a-f]{32}")
-
-
-class CheckpointError(ValueError):
-    """A saved directory is missing, corrupt, foreign, or does not fit the model given."""
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,11 @@ import einops
 import torch
 from torch import Tensor, nn
 
+from codebook_lens.errors import BackendError
+
 __all__ = [
     "BACKENDS",
     "Backend",
-    "BackendError",
     "backend_of",
     "boot_hf",
     "bridge_over_hf",
@@ -47,11 +48,6 @@ __all__ = [
 
 Backend = Literal["auto", "hooked", "bridge"]
 BACKENDS: tuple[str, ...] = ("auto", "hooked", "bridge")
-
-
-class BackendError(ValueError):
-    """A backend was asked for that this transformer-lens cannot provide, or a model cannot be
-    moved between backends."""
 
 
 def tl_version() -> str:

@@ -25,18 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from codebook_lens.atomic import (
-    CheckpointError,
     DirKind,
     check_save_target,
     holds_data,
     open_dir,
     save_dir,
 )
+from codebook_lens.errors import CheckpointError
+from codebook_lens.model import CodebookModel
+from codebook_lens.tensor_files import read_tensors, untie, write_tensors
 
 __all__ = [
     "TrainState",
@@ -123,17 +123,6 @@ def check_checkpoint_dir(checkpoint_dir: str | os.PathLike[str]) -> None:
     # else: a checkpoint (or a corrupt one, which load_train_state then names precisely)
 
 
-def _untie(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    seen: set[int] = set()
-    out = {}
-    for k, v in tensors.items():
-        v = v.detach().contiguous().cpu()
-        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
-        out[k] = v.clone() if ptr in seen and ptr != -1 else v
-        seen.add(ptr)
-    return out
-
-
 def first_nonfinite(tensors: dict[str, Tensor]) -> str | None:
     """The name of the first floating tensor holding NaN or inf, or None; one host sync."""
     named = [(k, t) for k, t in tensors.items() if t.is_floating_point() and t.numel()]
@@ -157,7 +146,7 @@ def _rng_tensors() -> dict[str, Tensor]:
 
 
 def _state_tensors(
-    cm: Any, optimizer: torch.optim.Optimizer, state: TrainState, include_model: bool
+    cm: CodebookModel, optimizer: torch.optim.Optimizer, state: TrainState, include_model: bool
 ) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]], list[dict[str, Any]]]:
     tensors: dict[str, Tensor] = {}
     if include_model:
@@ -184,7 +173,7 @@ def _state_tensors(
     return tensors, opt_scalars, sd["param_groups"]
 
 
-def _must_be_finite(cm: Any, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def _must_be_finite(cm: CodebookModel, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """The tensors whose finiteness a resumable state needs: parameters (not buffers such as
     attention masks, which may hold -inf), codebooks, optimizer moments, accumulators."""
     params = {f"model.{n}" for n, _ in cm.model.named_parameters()}
@@ -193,7 +182,7 @@ def _must_be_finite(cm: Any, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def save_train_state(
     checkpoint_dir: str | os.PathLike[str],
-    cm: Any,
+    cm: CodebookModel,
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     config: dict[str, Any],
@@ -234,10 +223,10 @@ def save_train_state(
         "config": config,
     }
     path = checkpoint_path(checkpoint_dir)
-    ready = _untie(tensors)
+    ready = untie(tensors)  # copied to the CPU now: the model may train on while it is written
 
     def write(tmp: Path) -> None:
-        save_file(ready, str(tmp / "state.safetensors"), metadata={"format": CKPT_FORMAT})
+        write_tensors(ready, tmp / "state.safetensors", CKPT_FORMAT)
 
     save_dir(path, TRAIN_KIND, meta, write)
     return path
@@ -249,7 +238,7 @@ _STRUCTURAL = ("freeze_model", "grad_accum", "split_batches", "allow_no_codebook
 
 def load_train_state(
     checkpoint_dir: str | os.PathLike[str],
-    cm: Any,
+    cm: CodebookModel,
     optimizer: torch.optim.Optimizer,
     set_rng: bool = True,
     steps: int | None = None,
@@ -278,7 +267,7 @@ def load_train_state(
     with open_dir(path, TRAIN_KIND) as (meta, data):
         file = path / TRAIN_KIND.head
         _check_meta(meta, file, cm, steps, config)
-        tensors = _load(data / "state.safetensors")
+        tensors = read_tensors(data / "state.safetensors", "delete the checkpoint to restart")
     plan = _Plan(meta, tensors, data / "state.safetensors", cm, optimizer)
     plan.check()
     plan.apply()
@@ -295,15 +284,6 @@ def load_train_state(
     if set_rng:
         restore_rng(out)
     return out
-
-
-def _load(file: Path) -> dict[str, Tensor]:
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint file {file} is unreadable ({e}); delete it to restart"
-        ) from e
 
 
 def _bad(file: Path, key: str, want: str, got: Any) -> CheckpointError:
@@ -327,7 +307,7 @@ def _is_metric_row(row: Any) -> bool:
 def _check_meta(
     meta: dict[str, Any],
     file: Path,
-    cm: Any,
+    cm: CodebookModel,
     steps: int | None,
     config: dict[str, Any] | None,
 ) -> None:

@@ -1,4 +1,8 @@
-"""Save and load codebook models: ``cfg.json`` plus safetensors, written atomically, no pickle.
+"""Read and write CodebookModel checkpoints: ``cfg.json`` plus safetensors, atomically, no pickle.
+
+Loading is one-way, as in SAELens's ``loading/``: :func:`read_codebooks` returns configs and
+checked tensors and never builds a :class:`~codebook_lens.model.CodebookModel` (that is
+``CodebookModel.load``'s job), so this module does not import the model class.
 
 Layout of a saved directory (see :mod:`codebook_lens.atomic` for the versioning and locks)::
 
@@ -22,15 +26,15 @@ ignored).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
-from codebook_lens.atomic import CheckpointError, DirKind, open_dir, save_dir
+from codebook_lens.atomic import DirKind, open_dir, save_dir
 from codebook_lens.backends import (
     HF_DIR,
     load_weights,
@@ -40,17 +44,19 @@ from codebook_lens.backends import (
     write_hf_config,
 )
 from codebook_lens.config import CodebookConfig
+from codebook_lens.errors import CheckpointError
 from codebook_lens.quantizer import Codebook
+from codebook_lens.tensor_files import check_tensor, read_tensors, write_tensors
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "MODEL_KIND",
     "CheckpointError",
-    "save_codebook_model",
+    "SavedCodebooks",
+    "write_codebooks",
+    "read_codebooks",
     "load_base_model",
-    "load_codebook_model",
-    "check_tensor",
 ]
 
 FORMAT = "codebook_lens"
@@ -67,52 +73,59 @@ MODEL_KIND = DirKind(
 """The on-disk kind of a saved CodebookModel (for :mod:`codebook_lens.atomic`)."""
 
 
-def save_codebook_model(
-    cm: Any, path: str | os.PathLike, include_model: bool = False, overwrite: bool = False
+@dataclass(frozen=True)
+class SavedCodebooks:
+    """A CodebookModel checkpoint as read from disk, every field and tensor checked."""
+
+    configs: dict[str, CodebookConfig]
+    """The config of each site's codebook, in attachment order."""
+    tensors: dict[str, dict[str, Tensor]]
+    """Per site: ``"codebook"`` [n_groups, n_codes, d_in], ``"code_counts"`` [n_groups,
+    n_codes] (when saved) and, for ``input_norm="affine"``, ``"ln_weight"``/``"ln_bias"``
+    [n_groups, d_in]."""
+    model: nn.Module | None
+    """The saved base model, rebuilt (when asked for and saved with ``include_model=True``)."""
+
+
+def write_codebooks(
+    path: str | os.PathLike,
+    codebooks: Mapping[str, Codebook],
+    backend: str,
+    model: nn.Module | None = None,
+    overwrite: bool = False,
 ) -> None:
-    """Save a :class:`CodebookModel` to directory ``path`` in one atomic step.
+    """Save ``codebooks`` (site -> codebook, in attachment order) and, if given, the base
+    ``model`` to directory ``path`` in one atomic step.
 
     Refuses ``""``/``"."``, a file, a symlink, or a directory holding anything but a
     CodebookModel checkpoint (``overwrite=True`` allows the latter; only our own files are
     replaced). A kill at any moment leaves the old or the new checkpoint.
     """
-    from codebook_lens import __version__
+    from codebook_lens import __version__  # the package imports this module
 
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
-        "backend": cm.backend,
-        "sites": [{"site": s, "config": cb.cfg.to_dict()} for s, cb in cm.codebooks.items()],
-        "model": model_spec(cm.model) if include_model else None,
+        "backend": backend,
+        "sites": [{"site": s, "config": cb.cfg.to_dict()} for s, cb in codebooks.items()],
+        "model": None if model is None else model_spec(model),
     }
     tensors = {}
-    for site, cb in cm.codebooks.items():
-        tensors[f"{site}.codebook"] = cb.codebook.detach().contiguous().cpu()
-        tensors[f"{site}.code_counts"] = cb.code_counts.detach().contiguous().cpu()
+    for site, cb in codebooks.items():
+        tensors[f"{site}.codebook"] = cb.codebook
+        tensors[f"{site}.code_counts"] = cb.code_counts
         for name, t in cb.extra_tensors().items():  # e.g. the affine input LayerNorm
-            tensors[f"{site}.{name}"] = t.detach().contiguous().cpu()
+            tensors[f"{site}.{name}"] = t
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "codebooks.safetensors"), metadata={"format": FORMAT})
-        if include_model:
+        write_tensors(tensors, tmp / "codebooks.safetensors", FORMAT)
+        if model is not None:
             if meta["model"]["source"] == "hf":
-                write_hf_config(cm.model, tmp / HF_DIR)
-            sd = {k: v.detach().contiguous().cpu() for k, v in cm.model.state_dict().items()}
-            save_file(_untie(sd), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+                write_hf_config(model, tmp / HF_DIR)
+            write_tensors(model.state_dict(), tmp / "model.safetensors", FORMAT)
 
     save_dir(path, MODEL_KIND, meta, write, overwrite=overwrite)
-
-
-def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses shared storage; copy tensors that alias another."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in sd.items():
-        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
-        out[k] = v.clone() if ptr in seen else v
-        seen.add(ptr)
-    return out
 
 
 def _check_meta(meta: dict[str, Any], file: Path) -> None:
@@ -164,46 +177,6 @@ def _site_config(entry: dict[str, Any], file: Path) -> CodebookConfig:
         ) from e
 
 
-def check_tensor(
-    t: torch.Tensor, name: str, file: Path, shape: tuple[int, ...] | None, kind: str
-) -> torch.Tensor:
-    """``t`` if it has ``shape`` and is a finite ``kind`` tensor (``"float"``: floating point;
-    ``"count"``: integer or floating, >= 0; ``"int"``: integer), else a CheckpointError naming
-    ``name`` in ``file``."""
-    ok = {
-        "float": t.is_floating_point(),
-        "count": (t.is_floating_point() or _is_int(t)),
-        "int": _is_int(t),
-    }[kind]
-    if not ok:
-        raise CheckpointError(f"{file}: {name} has dtype {t.dtype}; expected a {kind} tensor")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise CheckpointError(
-            f"{file}: {name} has shape {tuple(t.shape)}, but its config says {tuple(shape)}"
-        )
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-        raise CheckpointError(
-            f"{file}: {name} holds NaN or inf values; the checkpoint was saved from a diverged "
-            "model. Load an earlier checkpoint"
-        )
-    if kind == "count" and t.numel() and bool((t < 0).any()):
-        raise CheckpointError(f"{file}: {name} holds negative counts; the checkpoint is corrupt")
-    return t
-
-
-def _is_int(t: torch.Tensor) -> bool:
-    return not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
-
-
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
-    if not file.exists():
-        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
-    try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from e
-
-
 def load_base_model(path: str | os.PathLike, backend: str = "auto") -> nn.Module:
     """The base model saved in ``path`` with ``include_model=True``, on ``backend``.
 
@@ -227,7 +200,7 @@ def _base_model(meta: dict[str, Any], data: Path, path: Path, backend: str) -> n
             "CodebookModel.load(path, model), or save with include_model=True"
         )
     file = data / "model.safetensors"
-    sd = _load_tensors(file)
+    sd = read_tensors(file)
     for k, v in sd.items():  # buffers may hold -inf (attention masks); NaN is never valid
         if v.is_floating_point() and bool(torch.isnan(v).any()):
             raise CheckpointError(f"{file}: {k} holds NaN values; load an earlier checkpoint")
@@ -265,13 +238,13 @@ def _site_tensors(
     return out
 
 
-def load_codebook_model(
-    path: str | os.PathLike, model: nn.Module | None = None, backend: str = "auto"
-) -> Any:
-    """Rebuild a saved :class:`CodebookModel` on ``model`` (or the saved base model, on
-    ``backend``). Every field and tensor is checked before ``model`` is touched; a bad file
-    raises :class:`CheckpointError` naming it."""
-    if model is None:
+def read_codebooks(
+    path: str | os.PathLike, with_model: bool = False, backend: str = "auto"
+) -> SavedCodebooks:
+    """Read the CodebookModel checkpoint in directory ``path``: configs and checked tensors,
+    and (``with_model=True``) the saved base model rebuilt on ``backend``. Nothing is attached
+    anywhere; a bad file raises :class:`CheckpointError` naming it."""
+    if with_model:
         resolve_backend(backend)  # an argument error, before any file is read
     path = Path(path)
     with open_dir(path, MODEL_KIND) as (meta, data):
@@ -279,36 +252,7 @@ def load_codebook_model(
         _check_meta(meta, head)
         configs = {e["site"]: _site_config(e, head) for e in meta["sites"]}
         file = data / "codebooks.safetensors"
-        tensors = _load_tensors(file)
+        tensors = read_tensors(file)
         checked = {s: _site_tensors(s, c, tensors, file) for s, c in configs.items()}
-        if model is None:
-            model = _base_model(meta, data, path, backend)
-    return _attach(model, configs, checked)
-
-
-def _attach(
-    model: nn.Module,
-    configs: dict[str, CodebookConfig],
-    checked: dict[str, dict[str, torch.Tensor]],
-) -> Any:
-    from codebook_lens.model import CodebookModel
-
-    cm = CodebookModel(model)
-    try:
-        for site, cfg in configs.items():
-            try:
-                cb = cm.add_codebook(site, Codebook(cfg))
-            except (KeyError, ValueError, TypeError) as e:
-                raise CheckpointError(f"saved codebook does not fit this model: {e}") from e
-            t = checked[site]
-            with torch.no_grad():
-                cb.codebook.copy_(t["codebook"])
-                if "code_counts" in t:
-                    cb.code_counts.copy_(t["code_counts"])
-            extra = {n: t[n] for n in ("ln_weight", "ln_bias") if n in t}
-            if extra:
-                cb.load_extra_tensors(extra)
-    except BaseException:
-        cm.detach()  # leave the caller's model as it was
-        raise
-    return cm
+        model = _base_model(meta, data, path, backend) if with_model else None
+    return SavedCodebooks(configs, checked, model)

@@ -8,25 +8,29 @@ pass through a hook point registered on the model as ``f"{site}.hook_codes"``.
 
 from __future__ import annotations
 
-import difflib
 import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+import einops
 import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from codebook_lens.backends import backend_of
 from codebook_lens.config import CodebookConfig
+from codebook_lens.errors import CheckpointError
+from codebook_lens.hub import resolve_dir
 from codebook_lens.init import init_from_activations
+from codebook_lens.io import SavedCodebooks, read_codebooks, write_codebooks
 from codebook_lens.quantizer import Codebook
+from codebook_lens.suggest import did_you_mean, unknown_site_error
 from codebook_lens.validation import check_tokens
 
-__all__ = ["CodebookModel", "codes_hook_name", "PER_HEAD_SUFFIXES"]
+__all__ = ["CodebookModel", "codes_hook_name", "PER_HEAD_SUFFIXES", "Layout"]
 
 PER_HEAD_SUFFIXES = ("attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_result")
 _UNQUANTIZABLE = ("hook_pattern", "hook_attn_scores", "hook_codes", "hook_tokens")
@@ -37,12 +41,19 @@ def codes_hook_name(site: str) -> str:
     return f"{site}.hook_codes"
 
 
+Layout = Literal["flat", "split", "heads", "heads_flat"]
+"""How a codebook sits at its site (:meth:`CodebookModel.site_layout`): ``flat``, a ``[b, p, d]``
+site with one codebook; ``split``, a ``[b, p, d]`` site cut into ``n_groups`` groups of ``d_in``;
+``heads``, a per-head ``[b, p, head, d_head]`` site, one codebook per head (or one shared);
+``heads_flat``, a per-head site quantized as one ``[b, p, head * d_head]`` vector."""
+
+
 @dataclass
 class _Attachment:
     """How one codebook sits at its site."""
 
     site: str
-    layout: str  # "flat" | "split" (flat site, grouped) | "heads" | "heads_flat"
+    layout: Layout
     handle: Any  # TL LensHandle of the permanent hook
 
 
@@ -103,6 +114,18 @@ class CodebookModel(nn.Module):
         """The wrapped model's config."""
         return self.model.cfg
 
+    def codebook(self, site: str) -> Codebook:
+        """The codebook attached at ``site``; a KeyError naming close matches otherwise."""
+        if site not in self._att:
+            raise unknown_site_error(site, self.sites)
+        return self._cbs[self._key(site)]
+
+    def site_layout(self, site: str) -> Layout:
+        """How the codebook at ``site`` sits there (see :data:`Layout`), read off the site's
+        activation shape when it was attached."""
+        self.codebook(site)  # the KeyError for an unknown site
+        return self._att[site].layout
+
     def codebook_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the codebooks only (not of the base model)."""
         return self._cbs.parameters()
@@ -135,8 +158,7 @@ class CodebookModel(nn.Module):
             )
         names = [n for n in self.model.hook_dict if not n.endswith(".hook_codes")]
         if site not in names:
-            close = difflib.get_close_matches(site, names, n=5, cutoff=0.5)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            hint = did_you_mean(site, names, n=5)
             raise KeyError(
                 f"unknown hook point {site!r} on this {self.backend} model.{hint} "
                 "See cm.hook_names() for all names."
@@ -147,7 +169,7 @@ class CodebookModel(nn.Module):
                 "per-head site such as blocks.0.attn.hook_z or blocks.0.hook_mlp_out"
             )
 
-    def _layout(self, site: str, cfg: CodebookConfig) -> str:
+    def _layout(self, site: str, cfg: CodebookConfig) -> Layout:
         shape = self._site_shapes().get(site)
         if shape is None:
             raise ValueError(f"{site!r} did not fire on a forward pass; it cannot be quantized")
@@ -239,8 +261,7 @@ class CodebookModel(nn.Module):
 
     def remove_codebook(self, site: str) -> Codebook:
         """Detach the codebook at ``site`` and return it; the site is a plain activation again."""
-        if site not in self._att:
-            raise KeyError(f"no codebook at {site!r}; attached sites: {self.sites}")
+        self.codebook(site)  # the KeyError for an unknown site
         att = self._att.pop(site)
         self._uninstall(att)
         self._unregister_codes_hook(site)
@@ -284,9 +305,11 @@ class CodebookModel(nn.Module):
             if layout == "flat" or layout == "heads":
                 return cb(act, check)
             if layout == "split":
-                split = act.reshape(*act.shape[:-1], cb.cfg.n_groups, cb.cfg.d_in)
-                return cb(split, check).reshape(act.shape)
-            return cb(act.flatten(-2), check).reshape(act.shape)  # heads_flat
+                split = einops.rearrange(act, "... (g d) -> ... g d", g=cb.cfg.n_groups)
+                return einops.rearrange(cb(split, check), "... g d -> ... (g d)")
+            h = act.shape[-2]  # heads_flat
+            flat = einops.rearrange(act, "... h d -> ... (h d)")
+            return einops.rearrange(cb(flat, check), "... (h d) -> ... h d", h=h)
 
         return quantize
 
@@ -317,8 +340,7 @@ class CodebookModel(nn.Module):
     def disabled(self, *sites: str) -> Iterator[CodebookModel]:
         """Temporarily run the base activations at ``sites`` (all sites if none given)."""
         for s in sites:
-            if s not in self._att:
-                raise KeyError(f"no codebook at {s!r}; attached sites: {self.sites}")
+            self.codebook(s)  # the KeyError for an unknown site
         if not sites:
             prev = self.enabled
             self.enabled = False
@@ -327,7 +349,7 @@ class CodebookModel(nn.Module):
             finally:
                 self.enabled = prev
             return
-        cbs = [self.codebooks[s] for s in sites]
+        cbs = [self.codebook(s) for s in sites]
         prev_flags = [cb.enabled for cb in cbs]
         for cb in cbs:
             cb.enabled = False
@@ -352,7 +374,7 @@ class CodebookModel(nn.Module):
                 cb.enabled = True
             return
         for s in sites:
-            self.codebooks[s].enabled = flag
+            self.codebook(s).enabled = flag
 
     # ------------------------------------------------------------------ running
     @contextmanager
@@ -468,26 +490,26 @@ class CodebookModel(nn.Module):
                 )
             if a.shape[0] > max_rows:
                 a = a[torch.randperm(a.shape[0], generator=g)[:max_rows].to(a.device)]
-            cb = self.codebooks[s]
+            cb = self.codebook(s)
             layout = self._att[s].layout
             if layout == "split":
-                a = a.reshape(-1, cb.cfg.n_groups, cb.cfg.d_in)
+                a = einops.rearrange(a, "n (g d) -> n g d", g=cb.cfg.n_groups)
             elif layout == "heads" and not cb.grouped:
-                a = a.reshape(-1, cb.cfg.d_in)
+                a = einops.rearrange(a, "n h d -> (n h) d")
             elif layout == "heads_flat":
-                a = a.flatten(-2)
+                a = einops.rearrange(a, "n h d -> n (h d)")
             init_from_activations(cb, a)
 
     def save(
         self, path: str | os.PathLike, include_model: bool = False, overwrite: bool = False
     ) -> None:
-        """Write ``cfg.json`` and safetensors files to directory ``path`` in one atomic step.
+        """Write ``cfg.json`` and safetensors files to directory ``path`` in one atomic step
+        (the layout is described in :mod:`codebook_lens.io`).
 
         A directory holding anything other than a CodebookModel checkpoint is refused unless
         ``overwrite=True`` (which still replaces only codebook_lens's own files)."""
-        from codebook_lens.io import save_codebook_model
-
-        save_codebook_model(self, path, include_model=include_model, overwrite=overwrite)
+        base = self.model if include_model else None
+        write_codebooks(path, self.codebooks, self.backend, base, overwrite=overwrite)
 
     @classmethod
     def load(
@@ -495,10 +517,33 @@ class CodebookModel(nn.Module):
     ) -> CodebookModel:
         """Rebuild a saved CodebookModel on ``model``, or on the base model saved with
         ``include_model=True``, built on ``backend`` (``"auto"``, ``"hooked"``, ``"bridge"``;
-        a checkpoint from either transformer-lens generation loads on the other)."""
-        from codebook_lens.io import load_codebook_model
+        a checkpoint from either transformer-lens generation loads on the other). Every field
+        and tensor is checked before ``model`` is touched; a bad file raises
+        :class:`~codebook_lens.errors.CheckpointError` naming it."""
+        saved = read_codebooks(path, with_model=model is None, backend=backend)
+        return cls._attach_saved(model if model is not None else saved.model, saved)
 
-        return load_codebook_model(path, model, backend)
+    @classmethod
+    def _attach_saved(cls, model: nn.Module, saved: SavedCodebooks) -> CodebookModel:
+        cm = cls(model)
+        try:
+            for site, cfg in saved.configs.items():
+                try:
+                    cb = cm.add_codebook(site, Codebook(cfg))
+                except (KeyError, ValueError, TypeError) as e:
+                    raise CheckpointError(f"saved codebook does not fit this model: {e}") from e
+                t = saved.tensors[site]
+                with torch.no_grad():
+                    cb.codebook.copy_(t["codebook"])
+                    if "code_counts" in t:
+                        cb.code_counts.copy_(t["code_counts"])
+                extra = {n: t[n] for n in ("ln_weight", "ln_bias") if n in t}
+                if extra:
+                    cb.load_extra_tensors(extra)
+        except BaseException:
+            cm.detach()  # leave the caller's model as it was
+            raise
+        return cm
 
     @classmethod
     def from_pretrained(
@@ -510,9 +555,7 @@ class CodebookModel(nn.Module):
     ) -> CodebookModel:
         """:meth:`load` from a local directory or a Hugging Face Hub repo id (through
         huggingface_hub's cache; offline with ``HF_HUB_OFFLINE=1`` once cached)."""
-        from codebook_lens.convert.files import resolve_dir
-
-        return cls.load(resolve_dir(repo_id_or_dir, revision, None), model, backend)
+        return cls.load(resolve_dir(repo_id_or_dir, revision), model, backend)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}, sites={self.sites}"

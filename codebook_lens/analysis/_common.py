@@ -1,48 +1,17 @@
-"""Private helpers shared by the analysis modules: argument checks, label encoding, layouts."""
+"""Helpers shared by the analysis modules: position/head selections and label encoding."""
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from codebook_lens.model import PER_HEAD_SUFFIXES
-
 __all__: list[str] = []
 
 PositionSpec = int | slice | Sequence[int] | Tensor | None
 HeadSpec = int | Sequence[int] | Tensor | None
-
-
-def unknown_site_error(site: str, known: Iterable[str], what: str = "codebook") -> KeyError:
-    """A KeyError naming close matches and the valid choices."""
-    known = list(known)
-    close = difflib.get_close_matches(site, known, n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    return KeyError(f"no {what} at site {site!r}.{hint} Available sites: {known}")
-
-
-def get_codebook(cm: Any, site: str) -> Any:
-    """The codebook attached at ``site`` of a CodebookModel, or a clear KeyError."""
-    cbs = cm.codebooks
-    if site not in cbs:
-        raise unknown_site_error(site, cbs, "codebook attached")
-    return cbs[site]
-
-
-def site_layout(cm: Any, site: str) -> str:
-    """How a codebook sits at its site: ``flat`` | ``split`` | ``heads`` | ``heads_flat``.
-
-    Inferred from public facts (site name, config, model dims), matching CodebookModel's logic.
-    """
-    cb = get_codebook(cm, site)
-    if site.endswith(PER_HEAD_SUFFIXES):
-        d_head = cm.cfg.d_head
-        return "heads" if cb.cfg.d_in == d_head else "heads_flat"
-    return "split" if cb.cfg.n_groups > 1 else "flat"
 
 
 def encode_labels(labels: Tensor, n_labels: int | None) -> tuple[Tensor, int]:

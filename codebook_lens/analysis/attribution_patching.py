@@ -24,7 +24,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from codebook_lens.analysis._common import get_codebook
 from codebook_lens.model import codes_hook_name
 
 __all__ = ["CodeAttribution", "code_attribution_patching"]
@@ -76,7 +75,7 @@ def code_attribution_patching(
         Site -> :class:`CodeAttribution`.
     """
     sites = list(cm.sites if sites is None else sites)
-    cbs = {s: get_codebook(cm, s) for s in sites}
+    cbs = {s: cm.codebook(s) for s in sites}
     if through not in ("frozen", "straight_through"):
         raise ValueError(f"through={through!r}; choose 'frozen' or 'straight_through'")
     deltas: dict[str, Tensor] = {}

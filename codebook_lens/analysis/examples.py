@@ -79,8 +79,7 @@ def top_examples(
     Codes are on or off, so "top" means: lowest slot first (slot 0 is the most similar code),
     then dataset order; ``order="random"`` samples uniformly instead (seeded).
     """
-    store.check_site(site)
-    store._check_code(site, code)
+    store.check_code(site, code)
     tokens = store.require_tokens()
     c = store.codes[site]
     if head is not None:

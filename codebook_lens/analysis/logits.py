@@ -20,8 +20,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from codebook_lens.analysis._common import get_codebook, site_layout
-
 __all__ = ["code_residual_vectors", "code_logit_attribution", "apply_final_ln"]
 
 _RESID_SUFFIXES = (
@@ -49,8 +47,8 @@ def code_residual_vectors(cm: Any, site: str) -> Float[Tensor, "head n_codes d_m
     that head's ``W_O`` at ``attn.hook_z``); grouped flat sites place each group's code in its
     slice of the vector.
     """
-    cb = get_codebook(cm, site)
-    layout = site_layout(cm, site)
+    cb = cm.codebook(site)
+    layout = cm.site_layout(site)
     book = cb.codebook.detach()  # [G, N, d_in]
     if cb.cfg.combine == "mean":
         book = book / cb.cfg.k

@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from codebook_lens.analysis._common import encode_labels
+from codebook_lens.suggest import did_you_mean
 
 __all__ = ["NeuronBaselineResult", "neuron_baseline", "collect_activations"]
 
@@ -197,10 +198,8 @@ def collect_activations(
     you need. With ``disable_codebooks`` a CodebookModel runs its base model."""
     names = getattr(model, "hook_dict", {})
     if hook_name not in names:
-        import difflib
-
-        close = difflib.get_close_matches(hook_name, list(names), n=3, cutoff=0.5)
-        raise KeyError(f"unknown hook point {hook_name!r}; close matches: {close}")
+        hint = did_you_mean(hook_name, names)
+        raise KeyError(f"unknown hook point {hook_name!r}.{hint} See model.hook_dict for all names")
     out: list[Tensor] = []
 
     def grab(act: Tensor, hook: Any) -> None:

@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-from codebook_lens.analysis._common import HeadSpec, PositionSpec, get_codebook
+from codebook_lens.analysis._common import HeadSpec, PositionSpec
 from codebook_lens.analysis.patching import force_codes
 from codebook_lens.model import codes_hook_name
 
@@ -56,7 +56,7 @@ def steering_hooks(
 ) -> list[tuple[str, Callable[..., Tensor]]]:
     """``fwd_hooks`` that force ``code`` at ``site`` (see :func:`force_codes`); every position by
     default, which also covers new tokens during generation."""
-    cb = get_codebook(cm, site)
+    cb = cm.codebook(site)
     ids = torch.as_tensor(code).reshape(-1)
     if ids.numel() and (int(ids.max()) >= cb.cfg.n_codes or int(ids.min()) < 0):
         raise IndexError(f"code ids must lie in [0, {cb.cfg.n_codes}) at {site}")

@@ -22,9 +22,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from codebook_lens.analysis._common import get_codebook, unknown_site_error
-from codebook_lens.atomic import CheckpointError, DirKind, open_dir, save_dir
+from codebook_lens.atomic import DirKind, open_dir, save_dir
+from codebook_lens.errors import CheckpointError
 from codebook_lens.model import codes_hook_name
+from codebook_lens.suggest import unknown_site_error
 
 __all__ = ["CodeStore", "collect_codes", "smallest_int_dtype", "STORE_FORMAT", "STORE_KIND"]
 
@@ -206,8 +207,7 @@ class CodeStore:
 
     def fires(self, site: str, code: int, head: int | None = None) -> Bool[Tensor, "seq pos"]:
         """Where ``code`` fires at ``site`` (in any slot; at ``head``, or at any head if None)."""
-        self.check_site(site)
-        self._check_code(site, code)
+        self.check_code(site, code)
         c = self.codes[site]
         if head is not None:
             h = c.shape[2]
@@ -220,7 +220,9 @@ class CodeStore:
         """``(seq, pos)`` rows of every position where ``code`` fires (see :meth:`fires`)."""
         return self.fires(site, code, head).nonzero()
 
-    def _check_code(self, site: str, code: int) -> None:
+    def check_code(self, site: str, code: int) -> None:
+        """An IndexError naming the valid range when ``code`` is not a code id of ``site``."""
+        self.check_site(site)
         n = self.n_codes[site]
         if not 0 <= int(code) < n:
             raise IndexError(f"code {code} out of range; {site} has codes 0..{n - 1}")
@@ -482,7 +484,7 @@ def collect_codes(
     sites = list(cm.sites if sites is None else sites)
     if not sites:
         raise ValueError("the model has no codebooks; attach one with cm.add_codebook(...)")
-    cbs = {s: get_codebook(cm, s) for s in sites}
+    cbs = {s: cm.codebook(s) for s in sites}
     n_codes = {s: cb.cfg.n_codes for s, cb in cbs.items()}
     dtypes = {s: smallest_int_dtype(n - 1) for s, n in n_codes.items()}
     d_vocab = int(cm.cfg.d_vocab)

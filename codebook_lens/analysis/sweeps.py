@@ -18,7 +18,6 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from codebook_lens.analysis._common import get_codebook
 from codebook_lens.model import codes_hook_name
 
 __all__ = ["SweepResult", "ablation_sweep", "patch_sweep"]
@@ -132,7 +131,7 @@ def _run_sweep(
 def _sites(cm: Any, sites: Sequence[str] | None) -> list[str]:
     sites = list(cm.sites if sites is None else sites)
     for s in sites:
-        get_codebook(cm, s)
+        cm.codebook(s)
     if not sites:
         raise ValueError("no sites to sweep; attach a codebook first")
     return sites

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from codebook_lens.analysis import CodeExamples, top_examples
-from codebook_lens.analysis._common import unknown_site_error
 from codebook_lens.analysis.store import CodeStore
 from codebook_lens.browse.errors import not_found
 from codebook_lens.browse.search import SearchIndex
@@ -24,13 +23,13 @@ __all__ = ["check_code", "examples_json", "code_stats", "nearest_codes", "contex
 
 def check_code(store: CodeStore, site: str, head: int, code: int) -> None:
     """A 404 naming the valid range unless (site, head, code) exists in the store."""
-    if site not in store.codes:
-        raise not_found(str(unknown_site_error(site, store.codes, "stored codes")).strip("'\""))
-    h, n = store.n_heads(site), store.n_codes[site]
+    try:
+        store.check_code(site, code)
+    except (KeyError, IndexError) as e:
+        raise not_found(str(e.args[0])) from e
+    h = store.n_heads(site)
     if not 0 <= head < h:
         raise not_found(f"head {head} out of range; {site} has heads 0..{h - 1}")
-    if not 0 <= code < n:
-        raise not_found(f"code {code} out of range; {site} has codes 0..{n - 1}")
 
 
 def examples_json(

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from codebook_lens.analysis.store import CodeStore
-from codebook_lens.atomic import CheckpointError, DirKind, open_dir, save_dir
+from codebook_lens.atomic import DirKind, open_dir, save_dir
+from codebook_lens.errors import CheckpointError
 
 __all__ = [
     "BROWSE_FORMAT",

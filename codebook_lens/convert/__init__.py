@@ -16,16 +16,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from codebook_lens.backends import BackendError, bridge_over_hf, hooked_over_hf
+from codebook_lens.backends import bridge_over_hf, hooked_over_hf
 from codebook_lens.convert.base import (
     KNOWN_BASES,
     hf_base_model,
     load_base_weights,
 )
 from codebook_lens.convert.files import (
+    REFERENCE_FILES,
     ReferenceCheckpoint,
     read_reference_checkpoint,
-    resolve_dir,
 )
 from codebook_lens.convert.placements import (
     ARCHITECTURES,
@@ -35,7 +35,8 @@ from codebook_lens.convert.placements import (
     base_state_dict,
     converted_sites,
 )
-from codebook_lens.io import CheckpointError
+from codebook_lens.errors import BackendError, CheckpointError
+from codebook_lens.hub import resolve_dir
 from codebook_lens.model import CodebookModel
 from codebook_lens.quantizer import Codebook
 
@@ -182,7 +183,7 @@ def convert_checkpoint(
     from codebook_lens.fsm.machine import FSM
 
     cm = from_codebook_features(checkpoint, base_model, **kwargs)
-    src = resolve_dir(checkpoint, kwargs.get("revision"))
+    src = resolve_dir(checkpoint, kwargs.get("revision"), REFERENCE_FILES)
     cm.save(out, include_model=True)
     if (src / "fsm.npy").exists():
         FSM.load_npy(src / "fsm.npy").save(os.path.join(out, "fsm.json"))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from codebook_lens.io import CheckpointError
+from codebook_lens.errors import CheckpointError
 
 __all__ = ["KNOWN_BASES", "hf_base_model", "load_base_weights"]
 

@@ -20,11 +20,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from codebook_lens.io import CheckpointError
+from codebook_lens.errors import CheckpointError
+from codebook_lens.hub import resolve_dir
 
-__all__ = ["ReferenceCheckpoint", "read_reference_checkpoint", "resolve_dir"]
+__all__ = ["ReferenceCheckpoint", "read_reference_checkpoint", "REFERENCE_FILES"]
 
-_ALLOW = ["*.json", "*.safetensors", "*.bin", "fsm.npy"]
+REFERENCE_FILES = ["*.json", "*.safetensors", "*.bin", "fsm.npy"]
+"""Hub file patterns of a reference checkpoint (config, weights, a TokFSM ``fsm.npy``)."""
 
 
 @dataclass
@@ -39,31 +41,6 @@ class ReferenceCheckpoint:
 
     state_dict: dict[str, Tensor]
     """Every tensor of the wrapped model, keys as saved (``model.transformer.h.0....``)."""
-
-
-def resolve_dir(
-    src: str | os.PathLike, revision: str | None = None, allow_patterns: list[str] | None = _ALLOW
-) -> Path:
-    """A local directory as is, else a Hub repo id fetched into (or read from, with
-    ``HF_HUB_OFFLINE=1``) huggingface_hub's cache: the files matching ``allow_patterns`` (those
-    of a reference checkpoint by default; ``None`` for all)."""
-    path = Path(src)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the checkpoint's directory or a Hub id")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError
-
-    try:
-        return Path(snapshot_download(str(src), revision=revision, allow_patterns=allow_patterns))
-    except HFValidationError as e:
-        raise CheckpointError(f"{src!r} is neither a local directory nor a Hub repo id") from e
-    except Exception as e:  # network, missing repo, offline with an empty cache
-        raise CheckpointError(
-            f"could not get {src!r} from the Hugging Face Hub ({type(e).__name__}: {e}); pass a "
-            "local directory, or run once online so that it is cached"
-        ) from e
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -126,7 +103,7 @@ def read_reference_checkpoint(
     src: str | os.PathLike, revision: str | None = None
 ) -> ReferenceCheckpoint:
     """Read a codebook-features checkpoint from a directory or a Hub repo id."""
-    path = resolve_dir(src, revision)
+    path = resolve_dir(src, revision, REFERENCE_FILES)
     config = _read_config(path)
     sd: dict[str, Tensor] = {}
     for file in _weight_files(path):

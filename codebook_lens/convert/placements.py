@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from codebook_lens.config import CodebookConfig
-from codebook_lens.io import CheckpointError
+from codebook_lens.errors import CheckpointError
 
 __all__ = [
     "ARCHITECTURES",

@@ -72,12 +72,12 @@ def test_failed_save_leaves_old_checkpoint(model, tokens, tmp_path, monkeypatch)
     cm = _cm(model, tokens)
     cm.save(tmp_path / "ck")
     before = (data_path(tmp_path / "ck", MODEL_KIND) / "codebooks.safetensors").read_bytes()
-    import codebook_lens.io as io
+    import codebook_lens.tensor_files as tensor_files
 
     def broken(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(io, "save_file", broken)
+    monkeypatch.setattr(tensor_files, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         cm.save(tmp_path / "ck")
     assert (data_path(tmp_path / "ck", MODEL_KIND) / "codebooks.safetensors").read_bytes() == before

@@ -141,11 +141,11 @@ def test_resume_gives_the_state_of_an_uninterrupted_run(tmp_path):
 
 
 def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import codebook_lens.checkpoint as ckpt
+    import codebook_lens.tensor_files as tensor_files
 
     cm = _cm()
     cfg = _cfg(steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)
-    real = ckpt.save_file
+    real = tensor_files.save_file
     n = {"calls": 0}
 
     def failing_save(*a, **k):
@@ -154,7 +154,7 @@ def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch
             raise OSError("disk full")
         return real(*a, **k)
 
-    monkeypatch.setattr(ckpt, "save_file", failing_save)
+    monkeypatch.setattr(tensor_files, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         train_codebooks(cm, _batches(8), cfg)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]  # no temp dirs left

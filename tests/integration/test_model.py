@@ -163,7 +163,7 @@ def test_shared_and_flat_head_layouts(model, tokens):
 
 def test_bad_inputs_give_clear_errors(model):
     cm = CodebookModel(model)
-    with pytest.raises(KeyError, match=r"Did you mean: .*blocks\.0\.hook_mlp_out"):
+    with pytest.raises(KeyError, match=r"Did you mean .*blocks\.0\.hook_mlp_out"):
         cm.add_codebook("blocks.0.hook_mlp_outt", n_codes=4)
     with pytest.raises(ValueError, match="activations of size 32.*d_in=31"):
         cm.add_codebook("blocks.0.hook_mlp_out", CodebookConfig(d_in=31, n_codes=4))
