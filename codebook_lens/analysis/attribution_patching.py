@@ -24,7 +24,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from codebook_lens.model import codes_hook_name
+from codebook_lens.model import CodebookModel, codes_hook_name
+from codebook_lens.quantizer import Codebook
 
 __all__ = ["CodeAttribution", "code_attribution_patching"]
 
@@ -51,7 +52,7 @@ class CodeAttribution:
 
 
 def code_attribution_patching(
-    cm: Any,
+    cm: CodebookModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Callable[[Tensor], Tensor],
     sites: Sequence[str] | None = None,
@@ -108,22 +109,27 @@ def code_attribution_patching(
         grads = torch.autograd.grad(m, [deltas[s] for s in sites], allow_unused=True)
     out = {}
     for s, g in zip(sites, grads):
-        cb = cbs[s]
         c = codes[s]
-        if g is None:
-            g = torch.zeros_like(deltas[s])
-        g = g.reshape(*c.shape[:-1], cb.cfg.d_in)  # the codebook's own layout
-        book = cb.codebook.detach()  # [G, N, d]
-        if c.dim() == 4 and cb.cfg.n_groups == c.shape[2]:
-            gid = torch.arange(c.shape[2], device=c.device).view(1, 1, -1, 1).expand_as(c)
-        elif c.dim() == 4 or cb.cfg.n_groups == 1:
-            gid = torch.zeros_like(c)
-        else:
-            raise RuntimeError(f"unexpected codes shape {tuple(c.shape)} at {s}")
-        vec = book[gid, c.clamp_min(0)]  # [..., k, d]
-        eff = -(g.unsqueeze(-2) * vec).sum(-1)
-        if cb.cfg.combine == "mean":
-            eff = eff / cb.cfg.k
-        eff = eff.masked_fill(c < 0, 0.0)
+        g = (torch.zeros_like(deltas[s]) if g is None else g).reshape(
+            *c.shape[:-1], cbs[s].cfg.d_in
+        )  # the codebook's own layout
+        eff = _ablation_effects(cbs[s], c, g, s)
         out[s] = CodeAttribution(s, c, eff.detach(), g.detach(), float(m.detach()))
     return out
+
+
+def _ablation_effects(cb: Codebook, c: Tensor, g: Tensor, site: str) -> Tensor:
+    """First-order metric change of removing each chosen code: ``-grad . code vector``
+    (``/ k`` under ``combine="mean"``), 0 at empty slots; ``c`` [..., k], ``g`` [..., d_in]."""
+    book = cb.codebook.detach()  # [G, N, d]
+    if c.dim() == 4 and cb.cfg.n_groups == c.shape[2]:
+        gid = torch.arange(c.shape[2], device=c.device).view(1, 1, -1, 1).expand_as(c)
+    elif c.dim() == 4 or cb.cfg.n_groups == 1:
+        gid = torch.zeros_like(c)
+    else:
+        raise RuntimeError(f"unexpected codes shape {tuple(c.shape)} at {site}")
+    vec = book[gid, c.clamp_min(0)]  # [..., k, d]
+    eff = -(g.unsqueeze(-2) * vec).sum(-1)
+    if cb.cfg.combine == "mean":
+        eff = eff / cb.cfg.k
+    return eff.masked_fill(c < 0, 0.0)

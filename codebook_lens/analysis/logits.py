@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from codebook_lens.model import CodebookModel
 
 __all__ = ["code_residual_vectors", "code_logit_attribution", "apply_final_ln"]
 
@@ -40,7 +41,7 @@ def _layer(site: str) -> int:
 
 
 @torch.no_grad()
-def code_residual_vectors(cm: Any, site: str) -> Float[Tensor, "head n_codes d_model"]:
+def code_residual_vectors(cm: CodebookModel, site: str) -> Float[Tensor, "head n_codes d_model"]:
     """What each code at ``site`` writes directly into the residual stream, per head/group.
 
     Includes the ``1/k`` of ``combine="mean"``. Per-head sites give one row per head (through
@@ -87,7 +88,7 @@ def code_residual_vectors(cm: Any, site: str) -> Float[Tensor, "head n_codes d_m
 
 
 def apply_final_ln(
-    cm: Any, vectors: Float[Tensor, "... d_model"], scale: float | Tensor = 1.0
+    cm: CodebookModel, vectors: Float[Tensor, "... d_model"], scale: float | Tensor = 1.0
 ) -> Float[Tensor, "... d_model"]:
     """Residual vectors through the final normalisation with a frozen ``scale``: centre (LN),
     divide by ``scale``, multiply by the norm's weight (if any). No bias, as in TL's DLA."""
@@ -107,7 +108,7 @@ def apply_final_ln(
 
 @torch.no_grad()
 def code_logit_attribution(
-    cm: Any,
+    cm: CodebookModel,
     site: str,
     tokens: int | Sequence[int] | Int[Tensor, " n_tokens"] | None = None,
     scale: float | Tensor = 1.0,

@@ -126,33 +126,10 @@ def neuron_baseline(
     A target of 0 still asks for one true positive. Thresholds are the activations themselves,
     so precision is exact, ties included.
     """
-    acts = torch.as_tensor(acts)
-    labels = torch.as_tensor(labels)
-    if acts.shape[:-1] != labels.shape:
-        raise ValueError(
-            f"acts {tuple(acts.shape)} must be labels' shape {tuple(labels.shape)} plus a "
-            "neuron axis"
-        )
-    acts = acts.reshape(-1, acts.shape[-1]).float().cpu()
-    lab, n_lab = encode_labels(labels.reshape(-1).cpu(), n_labels)
-    keep = lab >= 0
-    acts, lab = acts[keep], lab[keep]
-    if not torch.isfinite(acts).all():
-        raise ValueError("activations contain NaN/inf")
+    acts, lab, n_lab = _rows(acts, labels, n_labels)
     n, n_neur = acts.shape
     label_tot = torch.bincount(lab, minlength=n_lab + 1)[:n_lab]
-    tr = torch.as_tensor(target_recall, dtype=torch.float64).reshape(-1)
-    if tr.numel() == 1:
-        tr = tr.expand(n_lab)
-    if tr.numel() != n_lab:
-        raise ValueError(f"target_recall has {tr.numel()} values for {n_lab} labels")
-    if ((tr < 0) | (tr > 1)).any():
-        raise ValueError("target_recall must lie in [0, 1]")
-    # least true positives meeting the target; the slack absorbs float32 rounding of a recall
-    # such as a code's tp / count (a real shortfall is a whole count, never below 0.49)
-    cnt = label_tot.double()
-    slack = (cnt * 1e-6).clamp(max=0.49) + 1e-9
-    needed = torch.ceil(tr * cnt - slack).clamp_min(1).to(torch.int32)
+    tr, needed = _needed_true_positives(target_recall, label_tot)
     per_neuron = max(1, n * 160)  # about twenty [N] int64 / float64 work arrays
     chunk = max(1, min(n_neur, int(chunk_mb * 2**20) // per_neuron))
     signs = (1, -1) if both_signs else (1,)
@@ -182,6 +159,45 @@ def neuron_baseline(
         target_recall=tr.float(),
         precision_per_neuron=best_p.clamp_min(0).float(),
     )
+
+
+def _rows(
+    acts: Tensor, labels: Tensor, n_labels: int | None
+) -> tuple[Float[Tensor, "n n_neurons"], Int[Tensor, " n"], int]:
+    """Activations and encoded labels one row per labelled position (ignored ones dropped)."""
+    acts = torch.as_tensor(acts)
+    labels = torch.as_tensor(labels)
+    if acts.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"acts {tuple(acts.shape)} must be labels' shape {tuple(labels.shape)} plus a "
+            "neuron axis"
+        )
+    acts = acts.reshape(-1, acts.shape[-1]).float().cpu()
+    lab, n_lab = encode_labels(labels.reshape(-1).cpu(), n_labels)
+    keep = lab >= 0
+    acts, lab = acts[keep], lab[keep]
+    if not torch.isfinite(acts).all():
+        raise ValueError("activations contain NaN/inf")
+    return acts, lab, n_lab
+
+
+def _needed_true_positives(
+    target_recall: float | Sequence[float] | Tensor, label_tot: Int[Tensor, " n_labels"]
+) -> tuple[Float[Tensor, " n_labels"], Int[Tensor, " n_labels"]]:
+    """Per label: the target recall and the least true positives that meet it (at least 1)."""
+    n_lab = label_tot.shape[0]
+    tr = torch.as_tensor(target_recall, dtype=torch.float64).reshape(-1)
+    if tr.numel() == 1:
+        tr = tr.expand(n_lab)
+    if tr.numel() != n_lab:
+        raise ValueError(f"target_recall has {tr.numel()} values for {n_lab} labels")
+    if ((tr < 0) | (tr > 1)).any():
+        raise ValueError("target_recall must lie in [0, 1]")
+    # the slack absorbs float32 rounding of a recall such as a code's tp / count (a real
+    # shortfall is a whole count, never below 0.49)
+    cnt = label_tot.double()
+    slack = (cnt * 1e-6).clamp(max=0.49) + 1e-9
+    return tr, torch.ceil(tr * cnt - slack).clamp_min(1).to(torch.int32)
 
 
 @torch.no_grad()

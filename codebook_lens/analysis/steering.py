@@ -13,7 +13,7 @@ from torch import Tensor
 
 from codebook_lens.analysis._common import HeadSpec, PositionSpec
 from codebook_lens.analysis.patching import force_codes
-from codebook_lens.model import codes_hook_name
+from codebook_lens.model import CodebookModel, codes_hook_name
 
 __all__ = ["SteeringResult", "steer", "steering_hooks"]
 
@@ -47,7 +47,7 @@ class SteeringResult:
 
 
 def steering_hooks(
-    cm: Any,
+    cm: CodebookModel,
     site: str,
     code: int | Sequence[int] | Tensor,
     positions: PositionSpec = None,
@@ -78,7 +78,7 @@ def _hits(feature: Feature, gen: Tensor) -> Tensor:
 
 @torch.no_grad()
 def steer(
-    cm: Any,
+    cm: CodebookModel,
     prompt: Int[Tensor, "batch pos"],
     fwd_hooks: Sequence[tuple[str, Callable[..., Any]]],
     feature: Feature,

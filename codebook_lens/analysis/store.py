@@ -17,15 +17,14 @@ from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from codebook_lens.atomic import DirKind, open_dir, save_dir
 from codebook_lens.errors import CheckpointError
-from codebook_lens.model import codes_hook_name
+from codebook_lens.model import CodebookModel, codes_hook_name
 from codebook_lens.suggest import unknown_site_error
+from codebook_lens.tensor_files import read_tensors, write_tensors
 
 __all__ = ["CodeStore", "collect_codes", "smallest_int_dtype", "STORE_FORMAT", "STORE_KIND"]
 
@@ -256,10 +255,10 @@ class CodeStore:
         def write(tmp: Path) -> None:
             for i in range(n_shards):
                 sl = slice(i * seqs_per_shard, (i + 1) * seqs_per_shard)
-                tensors = {f"codes.{s}": c[sl].contiguous() for s, c in self.codes.items()}
+                tensors = {f"codes.{s}": c[sl] for s, c in self.codes.items()}
                 if self.tokens is not None:
-                    tensors["tokens"] = self.tokens[sl].contiguous()
-                save_file(tensors, str(tmp / f"shard-{i:05d}.safetensors"))
+                    tensors["tokens"] = self.tokens[sl]
+                write_tensors(tensors, tmp / f"shard-{i:05d}.safetensors", STORE_FORMAT)
 
         save_dir(path, STORE_KIND, header, write, overwrite=overwrite)
 
@@ -358,10 +357,7 @@ def _read_shards(header: dict[str, Any], data: Path) -> tuple[dict[str, Tensor],
     toks: list[Tensor] = []
     for i in range(header["n_shards"]):
         f = data / f"shard-{i:05d}.safetensors"
-        try:
-            shard = load_file(str(f))
-        except (FileNotFoundError, SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read shard {f}: {e}") from e
+        shard = read_tensors(f)
         for s in parts:
             key = f"codes.{s}"
             if key not in shard:
@@ -458,7 +454,7 @@ def _as_batches(
 
 @torch.no_grad()
 def collect_codes(
-    cm: Any,
+    cm: CodebookModel,
     data: Int[Tensor, "seq pos"] | Iterable[Any],
     sites: Sequence[str] | None = None,
     batch_size: int = 32,
@@ -484,16 +480,13 @@ def collect_codes(
     sites = list(cm.sites if sites is None else sites)
     if not sites:
         raise ValueError("the model has no codebooks; attach one with cm.add_codebook(...)")
-    cbs = {s: cm.codebook(s) for s in sites}
-    n_codes = {s: cb.cfg.n_codes for s, cb in cbs.items()}
+    n_codes = {s: cm.codebook(s).cfg.n_codes for s in sites}
     dtypes = {s: smallest_int_dtype(n - 1) for s, n in n_codes.items()}
     d_vocab = int(cm.cfg.d_vocab)
-    tok_dtype = smallest_int_dtype(max(d_vocab - 1, 0))
     batches, n_batches = _as_batches(data, batch_size)
-    prealloc = isinstance(data, Tensor)
-    n_total = data.shape[0] if isinstance(data, Tensor) else 0
-    out: dict[str, Any] = {s: None if prealloc else [] for s in sites}
-    toks: Any = None if prealloc else []
+    n_total = data.shape[0] if isinstance(data, Tensor) else None
+    rows = {s: _Rows(n_total, dtypes[s]) for s in sites}
+    toks = _Rows(n_total, smallest_int_dtype(max(d_vocab - 1, 0)))
     per_head: dict[str, bool] = {}
     got: dict[str, Tensor] = {}
 
@@ -504,7 +497,7 @@ def collect_codes(
         return hook
 
     fwd_hooks = [(codes_hook_name(s), grab(s)) for s in sites]
-    start, seq_len = 0, None
+    seq_len = None
     bar = tqdm(total=n_batches, desc="collecting codes", unit="batch", disable=not progress)
     device = next(cm.parameters()).device
     for batch in batches:
@@ -518,34 +511,44 @@ def collect_codes(
             )
         got.clear()
         cm.run_with_hooks(batch, return_type=None, fwd_hooks=fwd_hooks)
-        b = batch.shape[0]
         for s in sites:
             if s not in got:
                 raise RuntimeError(
                     f"{codes_hook_name(s)} did not fire; is the codebook at {s} disabled?"
                 )
-            c = got[s]
-            per_head[s] = c.dim() == 4
-            c = c if per_head[s] else c[:, :, None]
-            if prealloc:
-                if out[s] is None:
-                    out[s] = torch.empty((n_total, *c.shape[1:]), dtype=dtypes[s])
-                out[s][start : start + b] = c
-            else:
-                out[s].append(c)
+            per_head[s] = got[s].dim() == 4
+            rows[s].add(got[s] if per_head[s] else got[s][:, :, None])
         if keep_tokens:
-            t = batch.to("cpu", tok_dtype)
-            if prealloc:
-                if toks is None:
-                    toks = torch.empty((n_total, seq_len), dtype=tok_dtype)
-                toks[start : start + b] = t
-            else:
-                toks.append(t)
-        start += b
+            toks.add(batch.cpu())
         bar.update(1)
     bar.close()
-    if start == 0:
+    if seq_len is None:
         raise ValueError("the dataset is empty")
-    codes = out if prealloc else {s: torch.cat(v) for s, v in out.items()}
-    tokens = (toks if prealloc else torch.cat(toks)) if keep_tokens else None
+    codes = {s: r.result() for s, r in rows.items()}
+    tokens = toks.result() if keep_tokens else None
     return CodeStore(codes, n_codes, per_head, tokens, d_vocab)
+
+
+class _Rows:
+    """Batches ``[b, ...]`` stacked along the first axis: copied into one preallocated
+    ``[n_total, ...]`` tensor when ``n_total`` is known (no second copy at the end), else
+    concatenated at the end."""
+
+    def __init__(self, n_total: int | None, dtype: torch.dtype):
+        self.n_total, self.dtype = n_total, dtype
+        self.parts: list[Tensor] = []
+        self.full: Tensor | None = None
+        self.n = 0
+
+    def add(self, t: Tensor) -> None:
+        t = t.to(self.dtype)
+        if self.n_total is None:
+            self.parts.append(t)
+        else:
+            if self.full is None:
+                self.full = torch.empty((self.n_total, *t.shape[1:]), dtype=self.dtype)
+            self.full[self.n : self.n + t.shape[0]] = t
+        self.n += t.shape[0]
+
+    def result(self) -> Tensor:
+        return self.full if self.full is not None else torch.cat(self.parts)

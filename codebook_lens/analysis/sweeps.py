@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from codebook_lens.model import codes_hook_name
+from codebook_lens.model import CodebookModel, codes_hook_name
 
 __all__ = ["SweepResult", "ablation_sweep", "patch_sweep"]
 
@@ -46,7 +46,7 @@ class SweepResult:
     """Whether each head was intervened on separately."""
 
 
-def _capture_codes(cm: Any, tokens: Tensor, sites: Sequence[str]) -> tuple[Tensor, dict]:
+def _capture_codes(cm: CodebookModel, tokens: Tensor, sites: Sequence[str]) -> tuple[Tensor, dict]:
     got: dict[str, Tensor] = {}
 
     def grab(site: str):
@@ -84,7 +84,7 @@ def _unit_hook(
 
 
 def _run_sweep(
-    cm: Any,
+    cm: CodebookModel,
     tokens: Tensor,
     metric: Metric,
     sites: Sequence[str] | None,
@@ -128,7 +128,7 @@ def _run_sweep(
     return SweepResult(effects, list(sites), pos, baseline, per_head)
 
 
-def _sites(cm: Any, sites: Sequence[str] | None) -> list[str]:
+def _sites(cm: CodebookModel, sites: Sequence[str] | None) -> list[str]:
     sites = list(cm.sites if sites is None else sites)
     for s in sites:
         cm.codebook(s)
@@ -139,7 +139,7 @@ def _sites(cm: Any, sites: Sequence[str] | None) -> list[str]:
 
 @torch.no_grad()
 def ablation_sweep(
-    cm: Any,
+    cm: CodebookModel,
     tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     sites: Sequence[str] | None = None,
@@ -181,7 +181,7 @@ def ablation_sweep(
 
 @torch.no_grad()
 def patch_sweep(
-    cm: Any,
+    cm: CodebookModel,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupt_tokens: Int[Tensor, "batch pos"],
     metric: Metric,

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from codebook_lens.analysis import ablate_codes, code_logit_attribution, force_codes
 from codebook_lens.browse.errors import BrowseError, bad_request
-from codebook_lens.model import codes_hook_name
+from codebook_lens.model import CodebookModel, codes_hook_name
 
 __all__ = ["Intervention", "ModelRunner", "MAX_NEW_TOKENS"]
 
@@ -50,7 +50,7 @@ class ModelRunner:
         self.model_path, self.kind = model_path, kind
         self.tokenizer_path, self.fsm_path = tokenizer_path, fsm_path
         self.lock = threading.Lock()
-        self._cm: Any = None
+        self._cm: CodebookModel | None = None
         self._tok: Any = None
         self._fsm: Any = None
         self.error: str | None = None if model_path else "this DIR names no model"
@@ -58,12 +58,10 @@ class ModelRunner:
         """Site -> number of heads at per-head sites, None at sites without a head axis."""
 
     # ------------------------------------------------------------------ loading
-    def model(self) -> Any:
+    def model(self) -> CodebookModel:
         """The CodebookModel, or a 409 saying why there is none."""
         if self._cm is None and self.error is None:
             try:
-                from codebook_lens.model import CodebookModel
-
                 self._cm = CodebookModel.load(self.model_path).eval()
                 if self.kind == "fsm" and self.fsm_path is not None:
                     from codebook_lens.fsm.machine import FSM

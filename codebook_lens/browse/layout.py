@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from codebook_lens.analysis.store import CodeStore
 from codebook_lens.atomic import DirKind, open_dir, save_dir
 from codebook_lens.errors import CheckpointError
+from codebook_lens.tensor_files import read_tensors, write_tensors
 
 __all__ = [
     "BROWSE_FORMAT",
@@ -92,18 +91,7 @@ def write_browse_data(
     if kind not in ("fsm", "lm", "generic"):
         raise ValueError(f"kind={kind!r}; choose 'fsm', 'lm' or 'generic'")
     out = Path(out_dir)
-    n_labels = 0
-    if labels is not None:
-        labels = torch.as_tensor(labels).long()
-        if tuple(labels.shape) != (store.n_seq, store.seq_len):
-            raise ValueError(
-                f"labels {tuple(labels.shape)} must be [n_seq, pos] = "
-                f"{[store.n_seq, store.seq_len]} like the store"
-            )
-        n_labels = int(labels.max()) + 1 if labels.numel() else 0
-    names = list(label_names) if label_names is not None else [str(i) for i in range(n_labels)]
-    if len(names) < n_labels:
-        raise ValueError(f"{len(names)} label names for labels up to {n_labels - 1}")
+    labels, names = _checked_labels(store, labels, label_names)
     d_vocab = int(store.d_vocab or int(store.tokens.max()) + 1)
     vocab = list(vocab) if vocab is not None else [str(i) for i in range(d_vocab)]
     manifest = {
@@ -120,12 +108,31 @@ def write_browse_data(
     def write(tmp: Path) -> None:
         store.save(tmp / "store")
         if labels is not None:
-            save_file(
-                {"labels": labels.to(torch.int32).contiguous()}, str(tmp / "labels.safetensors")
+            write_tensors(
+                {"labels": labels.to(torch.int32)}, tmp / "labels.safetensors", BROWSE_FORMAT
             )
 
     save_dir(out / "browse", BROWSE_KIND, manifest, write)
     return out / "browse"
+
+
+def _checked_labels(
+    store: CodeStore, labels: Tensor | None, label_names: Sequence[str] | None
+) -> tuple[Tensor | None, list[str]]:
+    """``labels`` as long ``[n_seq, pos]`` like the store, and a name per label id."""
+    n_labels = 0
+    if labels is not None:
+        labels = torch.as_tensor(labels).long()
+        if tuple(labels.shape) != (store.n_seq, store.seq_len):
+            raise ValueError(
+                f"labels {tuple(labels.shape)} must be [n_seq, pos] = "
+                f"{[store.n_seq, store.seq_len]} like the store"
+            )
+        n_labels = int(labels.max()) + 1 if labels.numel() else 0
+    names = list(label_names) if label_names is not None else [str(i) for i in range(n_labels)]
+    if len(names) < n_labels:
+        raise ValueError(f"{len(names)} label names for labels up to {n_labels - 1}")
+    return labels, names
 
 
 @dataclass
@@ -167,10 +174,7 @@ def _labels(file: Path, cs: CodeStore) -> Tensor | None:
     """The stored labels ``[n_seq, pos]`` (long), checked, or None without a labels file."""
     if not file.exists():
         return None
-    try:
-        t = load_file(str(file)).get("labels")
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from e
+    t = read_tensors(file).get("labels")
     if t is None or t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
         raise CheckpointError(f"{file} needs an integer tensor 'labels'")
     if tuple(t.shape) != (cs.n_seq, cs.seq_len):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from codebook_lens.analysis.store import CodeStore, smallest_int_dtype
 from codebook_lens.browse.layout import write_browse_data
+from codebook_lens.model import CodebookModel
 
 __all__ = ["random_store", "tiny_model", "make_browse_dir", "model_sites"]
 
@@ -60,10 +60,9 @@ def tiny_model(
     n_codes: int = 16,
     k: int = 1,
     seed: int = 0,
-) -> Any:
+) -> CodebookModel:
     """A random native TransformerBridge with codebooks at :func:`model_sites`."""
     from codebook_lens.backends import build_model
-    from codebook_lens.model import CodebookModel
 
     cfg = dict(
         n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_model // n_heads,
@@ -81,7 +80,7 @@ def tiny_model(
 def make_browse_dir(
     path: str | os.PathLike[str],
     store: CodeStore,
-    cm: Any = None,
+    cm: CodebookModel | None = None,
     labels: torch.Tensor | None = None,
     label_names: list[str] | None = None,
     vocab: list[str] | None = None,

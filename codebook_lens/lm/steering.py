@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from codebook_lens.analysis import AttributionResult, steering_hooks
+from codebook_lens.model import CodebookModel
 
 __all__ = ["TopicCodes", "topic_codes", "topic_steering_hooks", "sample_texts"]
 
@@ -132,7 +133,9 @@ def topic_codes(
     )
 
 
-def topic_steering_hooks(cm: Any, chosen: TopicCodes) -> list[tuple[str, Callable[..., Tensor]]]:
+def topic_steering_hooks(
+    cm: CodebookModel, chosen: TopicCodes
+) -> list[tuple[str, Callable[..., Tensor]]]:
     """``fwd_hooks`` writing each chosen head's codes into its lowest-ranked slots, everywhere.
 
     The j-th most precise code of a head replaces the head's slot ``k - 1 - j`` at every
@@ -158,7 +161,7 @@ def topic_steering_hooks(cm: Any, chosen: TopicCodes) -> list[tuple[str, Callabl
 
 @torch.no_grad()
 def sample_texts(
-    cm: Any,
+    cm: CodebookModel,
     prompt: str,
     n: int,
     max_new_tokens: int,
