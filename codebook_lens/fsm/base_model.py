@@ -6,7 +6,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -18,7 +18,7 @@ from codebook_lens.fsm.machine import FSM
 from codebook_lens.fsm.metrics import evaluate_transition_accuracy
 from codebook_lens.model import CodebookModel
 from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
-from codebook_lens.validation import ValidatedConfig
+from codebook_lens.validation import ValidatedConfig, renamed
 
 __all__ = [
     "BaseTrainConfig",
@@ -33,19 +33,14 @@ History = dict[str, list[int | float]]
 """Training history: metric name -> values (see :func:`train_base_model`)."""
 
 
+@renamed(min_lr_ratio="min_lr_frac")
 @dataclass
 class BaseTrainConfig(ValidatedConfig):
-    """Architecture and training defaults for the TokFSM base model (tuned on a 2-core CPU).
+    """Architecture and training of the TokFSM base model (the defaults are the tuned ones).
 
     The defaults train on full 64-state walks (129 tokens), so the model is valid over its
-    whole context. A model works only at positions it was trained on: one trained on 32-state
-    walks scores ~0.14 transition accuracy on 64-state sequences, even with ``n_ctx=129``.
-    Training needs to get past an early plateau (loss ~2.25, accuracy ~0.12, about 400 steps
-    here) while the attention learns to read the previous state's digits; sinusoidal
-    positional initialisation shortens it (accuracy 0.87 vs 0.31 at step 500 with random
-    initialisation, in otherwise identical runs at lr 3e-3).
-
-    Measured transition accuracy of the defaults: see the README's TokFSM section.
+    whole context: a model works only at positions it was trained on. Tuning notes and
+    measured figures: ``docs/results/tokfsm.md``.
     """
 
     n_layers: int = 2
@@ -70,14 +65,17 @@ class BaseTrainConfig(ValidatedConfig):
     """AdamW weight decay."""
     warmup_steps: int = 50
     """Linear warmup steps before the cosine decay."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of ``lr`` at the end of the cosine decay."""
+    min_lr_frac: float = 0.1
+    """Final learning rate as a fraction of ``lr`` at the end of the cosine decay (as
+    :attr:`TrainConfig.min_lr_frac <codebook_lens.training.TrainConfig.min_lr_frac>`; the old
+    name ``min_lr_ratio`` still works, with a ``DeprecationWarning``)."""
     grad_clip: float = 1.0
     """Max global gradient norm (``0`` disables clipping)."""
-    pos_init: str = "sinusoidal"
-    """Initial positional embeddings: ``"sinusoidal"`` (periods from 2 to ``2 * n_ctx``,
-    rescaled to the random init's norm; the period-2 component marks the digit's place in its
-    state, which shortens the early loss plateau) or ``"random"`` (TransformerLens's init)."""
+    pos_init: Literal["sinusoidal", "random"] = "sinusoidal"
+    """Initial positional embeddings: ``"sinusoidal"`` (the default; periods from 2 to
+    ``2 * n_ctx``, rescaled to the random init's norm; the period-2 component marks the digit's
+    place in its state, which shortens the early loss plateau while the attention learns to
+    read the previous state's digits) or ``"random"`` (TransformerLens's init)."""
     seed: int = 0
     """Seed of the model initialisation and of the training stream."""
     eval_every: int = 0
@@ -101,8 +99,6 @@ class BaseTrainConfig(ValidatedConfig):
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_steps_per_walk < 1 or self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError("need n_steps_per_walk >= 1, lr > 0 and warmup_steps >= 0")
-        if self.pos_init not in ("sinusoidal", "random"):
-            raise ValueError(f"pos_init must be 'sinusoidal' or 'random', got {self.pos_init!r}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
 
@@ -178,7 +174,7 @@ def train_base_model(
     :func:`~codebook_lens.training.train_codebooks` (the package's one training loop).
 
     Every position predicts the next token (BOS predicts the first digit, and so on). AdamW,
-    linear warm-up then cosine decay to ``min_lr_ratio * lr``, global-norm gradient clipping.
+    linear warm-up then cosine decay to ``min_lr_frac * lr``, global-norm gradient clipping.
     Arguments left as ``None`` come from ``train_cfg`` (default :class:`BaseTrainConfig`).
 
     Args:
@@ -205,6 +201,26 @@ def train_base_model(
     tc = dataclasses.replace(
         train_cfg or BaseTrainConfig(), **{k: v for k, v in overrides.items() if v is not None}
     )
+    model = _initial_model(fsm, cfg, tc, backend)
+    device = next(model.parameters()).device
+    stream = TokFSMStream(fsm, tc.batch_size, tc.n_steps_per_walk, seed=tc.seed, device=device)
+    held_out = eval_set(fsm, tc.eval_prompts, tc.n_steps_per_walk, seed=tc.eval_seed).to(device)
+    t0 = time.perf_counter()
+
+    def eval_fn(cm: CodebookModel) -> dict[str, float]:
+        return {**_evaluate(cm, fsm, tc, held_out), "time_s": time.perf_counter() - t0}
+
+    result = train_codebooks(
+        CodebookModel(model), stream, _loop_config(tc, progress), eval_fn=eval_fn
+    )
+    return model.eval(), _history(result, loss_floor(fsm, tc.n_steps_per_walk))
+
+
+def _initial_model(
+    fsm: FSM, cfg: dict[str, Any] | None, tc: BaseTrainConfig, backend: str
+) -> nn.Module:
+    """The untrained model: ``cfg`` (default from ``tc``'s architecture), checked against the
+    walk lengths, with sinusoidal positions when ``tc.pos_init`` asks for them."""
     if cfg is None:
         cfg = base_model_config(
             fsm, tc.n_layers, tc.d_model, tc.n_heads, tc.d_mlp, tc.n_ctx, seed=tc.seed
@@ -216,32 +232,23 @@ def train_base_model(
         and cfg.get("positional_embedding_type", "standard") == "standard"
     ):
         _init_positions(model)
-    device = next(model.parameters()).device
-    stream = TokFSMStream(fsm, tc.batch_size, tc.n_steps_per_walk, seed=tc.seed, device=device)
-    held_out = eval_set(fsm, tc.eval_prompts, tc.n_steps_per_walk, seed=tc.eval_seed).to(device)
-    t0 = time.perf_counter()
+    return model
 
-    def eval_fn(cm: CodebookModel) -> dict[str, float]:
-        return {**_evaluate(cm, fsm, tc, held_out), "time_s": time.perf_counter() - t0}
 
-    result = train_codebooks(
-        CodebookModel(model),
-        stream,
-        TrainConfig(
-            steps=tc.steps,
-            lr=tc.lr,
-            weight_decay=tc.weight_decay,
-            warmup_steps=tc.warmup_steps,
-            min_lr_frac=tc.min_lr_ratio,
-            grad_clip=tc.grad_clip,
-            log_every=tc.log_every,
-            eval_every=tc.eval_every,
-            progress=progress,
-            allow_no_codebooks=True,
-        ),  # fmt: skip
-        eval_fn=eval_fn,
+def _loop_config(tc: BaseTrainConfig, progress: bool) -> TrainConfig:
+    """The :class:`TrainConfig` of base-model training: ``tc``'s optimizer and schedule."""
+    return TrainConfig(
+        steps=tc.steps,
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        warmup_steps=tc.warmup_steps,
+        min_lr_frac=tc.min_lr_frac,
+        grad_clip=tc.grad_clip,
+        log_every=tc.log_every,
+        eval_every=tc.eval_every,
+        progress=progress,
+        allow_no_codebooks=True,
     )
-    return model.eval(), _history(result, loss_floor(fsm, tc.n_steps_per_walk))
 
 
 def _check_lengths(fsm: FSM, cfg: dict[str, Any], tc: BaseTrainConfig) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from codebook_lens.atomic import write_text
 from codebook_lens.browse import write_fsm_browse_data
 from codebook_lens.fsm.experiment import (
     ExperimentConfig,
+    StateRecovery,
     attach_codebooks,
     clone_model,
     finetune_codebooks,
@@ -27,6 +30,9 @@ from codebook_lens.fsm.experiment import (
     transition_accuracy_of,
 )
 from codebook_lens.fsm.machine import FSM
+from codebook_lens.fsm.report import summary_rows, write_report
+from codebook_lens.model import CodebookModel
+from codebook_lens.training import TrainResult
 
 __all__ = ["run_demo", "default_cache_dir", "summary_rows"]
 
@@ -59,35 +65,42 @@ def _write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2))
 
 
-def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """``(metric, value, goal)`` rows of the headline numbers."""
-    rec, itv = metrics["recovery"], metrics["intervention"]
-    rows = [
-        ("base transition accuracy", f"{metrics['base']['transition_accuracy']:.3f}", ">= 0.96"),
-        ("codebook transition accuracy at attach",
-         f"{metrics['codebook']['transition_accuracy_at_attach']:.3f}", ""),
-        ("codebook transition accuracy", f"{metrics['codebook']['transition_accuracy']:.3f}",
-         ">= 0.95"),
-        ("states recovered (P, R >= 0.9)",
-         f"{rec['states_recovered']} / {rec['states_present']}", ">= 90"),
-        ("mean best-code precision", f"{rec['mean_best_code_precision']:.3f}", "paper ~0.97"),
-        ("mean best-neuron precision (same recall)",
-         f"{rec['mean_best_neuron_precision']:.3f}", "paper ~0.70"),
-        ("intervention success (all sites)", f"{itv['success_rate']:.3f}", ">= 0.9"),
-        ("intervention success (all, last position only)",
-         f"{itv['last_position_only_success_rate']:.3f}", ""),
-        ("intervention baseline (no patch)", f"{itv['baseline_success_rate']:.3f}", ""),
-    ]  # fmt: skip
-    rows += [
-        (f"intervention success ({name})", f"{v['success_rate']:.3f}", "")
-        for name, v in itv["per_site_set"].items()
-        if name != "all"
-    ]
-    t = metrics["timings"]
-    steal = t.get("cpu_steal_fraction")
-    note = f" (host CPU steal {100 * steal:.0f}%)" if steal else ""
-    rows.append(("total time (s)", f"{t['total_s']:.0f}{note}", "<= 600"))
-    return rows
+class _Clock:
+    """Wall time of each stage (``lap``) and of the whole run, plus CPU time and steal."""
+
+    def __init__(self) -> None:
+        self.start, self.cpu, self.ticks = time.perf_counter(), time.process_time(), _cpu_ticks()
+        self.last = self.start
+        self.timings: dict[str, Any] = {}
+
+    def lap(self, name: str) -> None:
+        self.timings[name] = round(time.perf_counter() - self.last, 2)
+        self.last = time.perf_counter()
+
+    def finish(self) -> dict[str, Any]:
+        self.timings["total_s"] = round(time.perf_counter() - self.start, 2)
+        self.timings["process_cpu_s"] = round(time.process_time() - self.cpu, 2)
+        # on a shared VM the host can take CPU time ("steal"): wall time then overstates the cost
+        self.timings["cpu_steal_fraction"] = _steal_fraction(self.ticks)
+        return self.timings
+
+
+@dataclass
+class _Run:
+    """What the steps of :func:`run_demo` produce, for the metrics and the artefacts."""
+
+    fsm: FSM
+    base: Any = None
+    base_info: dict[str, Any] = field(default_factory=dict)
+    base_acc: float = 0.0
+    base_samples: Any = None
+    cm: CodebookModel | None = None
+    attach_acc: float = 0.0
+    result: TrainResult | None = None
+    cb_acc: float = 0.0
+    cb_samples: Any = None
+    recovery: StateRecovery | None = None
+    itv: dict[str, Any] = field(default_factory=dict)
 
 
 def run_demo(
@@ -95,7 +108,7 @@ def run_demo(
     cfg: ExperimentConfig | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
-    log: Any = print,
+    log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
     """Run the TokFSM experiment and write its artefacts to ``out_dir``; return the metrics.
 
@@ -106,79 +119,87 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    t_start, cpu_start, ticks_start = time.perf_counter(), time.process_time(), _cpu_ticks()
-    timings: dict[str, Any] = {}
-
-    def lap(name: str, t0: float) -> float:
-        timings[name] = round(time.perf_counter() - t0, 2)
-        return time.perf_counter()
-
-    t = time.perf_counter()
-    fsm = FSM(cfg.n_states, cfg.n_edges, seed=cfg.fsm_seed)
-    fsm.save(out / "fsm.json")
-    log(f"[1/6] base model ({cfg.base.n_layers} layers, d_model={cfg.base.d_model})")
-    base, base_info = get_base_model(fsm, cfg, cache, progress=progress)
-    base_acc, base_samples = transition_accuracy_of(base, fsm, cfg)
-    log(f"      transition accuracy {base_acc:.3f} (cached: {base_info['cached']})")
-    t = lap("base_model_s", t)
-
-    log(f"[2/6] codebooks ({cfg.plan.placement}, k={cfg.plan.k})")
-    cm = attach_codebooks(clone_model(base), cfg.plan, seed=cfg.seed)
-    init_codebooks(cm, fsm, cfg)
-    attach_acc, _ = transition_accuracy_of(cm, fsm, cfg)
-    log(f"      transition accuracy at attach {attach_acc:.3f}")
-    log(f"[3/6] finetuning {cfg.train.steps} steps")
-    result = finetune_codebooks(cm, fsm, cfg)
-    t = lap("finetune_s", t)
-    cb_acc, cb_samples = transition_accuracy_of(cm, fsm, cfg)
-    log(f"      transition accuracy {cb_acc:.3f}")
-
-    log("[4/6] state recovery")
-    recovery = state_recovery(cm, base, fsm, cfg)
-    log(
-        f"      {recovery['states_recovered']} states recovered; best-code precision "
-        f"{recovery['mean_best_code_precision']:.3f} vs neuron "
-        f"{recovery['mean_best_neuron_precision']:.3f}"
-    )
-    t = lap("recovery_s", t)
-    log("[5/6] interventions")
-    itv = interventions(cm, fsm, cfg)
-    log(f"      success rate (all sites) {itv['success_rate']:.3f}")
-    t = lap("interventions_s", t)
-
+    clock = _Clock()
+    run = _Run(FSM(cfg.n_states, cfg.n_edges, seed=cfg.fsm_seed))
+    run.fsm.save(out / "fsm.json")
+    _base_step(run, cfg, cache, progress, log)
+    clock.lap("base_model_s")
+    _codebook_step(run, cfg, log)
+    clock.lap("finetune_s")
+    _analysis_step(run, cfg, clock, log)
     log("[6/6] writing artefacts")
+    return _write_artefacts(out, run, cfg, clock)
+
+
+def _base_step(
+    run: _Run, cfg: ExperimentConfig, cache: Path, progress: bool, log: Callable[[str], Any]
+) -> None:
+    """Step 1: the (cached) base model and its transition accuracy."""
+    log(f"[1/6] base model ({cfg.base.n_layers} layers, d_model={cfg.base.d_model})")
+    run.base, run.base_info = get_base_model(run.fsm, cfg, cache, progress=progress)
+    run.base_acc, run.base_samples = transition_accuracy_of(run.base, run.fsm, cfg)
+    log(f"      transition accuracy {run.base_acc:.3f} (cached: {run.base_info['cached']})")
+
+
+def _codebook_step(run: _Run, cfg: ExperimentConfig, log: Callable[[str], Any]) -> None:
+    """Steps 2 and 3: codebooks on a copy of the base model, initialised and finetuned."""
+    log(f"[2/6] codebooks ({cfg.plan.placement}, k={cfg.plan.k})")
+    run.cm = attach_codebooks(clone_model(run.base), cfg.plan, seed=cfg.seed)
+    init_codebooks(run.cm, run.fsm, cfg)
+    run.attach_acc, _ = transition_accuracy_of(run.cm, run.fsm, cfg)
+    log(f"      transition accuracy at attach {run.attach_acc:.3f}")
+    log(f"[3/6] finetuning {cfg.train.steps} steps")
+    run.result = finetune_codebooks(run.cm, run.fsm, cfg)
+
+
+def _analysis_step(
+    run: _Run, cfg: ExperimentConfig, clock: _Clock, log: Callable[[str], Any]
+) -> None:
+    """Steps 4 and 5: transition accuracy with codebooks, state recovery, interventions."""
+    assert run.cm is not None
+    run.cb_acc, run.cb_samples = transition_accuracy_of(run.cm, run.fsm, cfg)
+    log(f"      transition accuracy {run.cb_acc:.3f}")
+    log("[4/6] state recovery")
+    rec = run.recovery = state_recovery(run.cm, run.base, run.fsm, cfg)
+    log(
+        f"      {rec.states_recovered} states recovered; best-code precision "
+        f"{rec.mean_best_code_precision:.3f} vs neuron {rec.mean_best_neuron_precision:.3f}"
+    )
+    clock.lap("recovery_s")
+    log("[5/6] interventions")
+    run.itv = interventions(run.cm, run.fsm, cfg)
+    log(f"      success rate (all sites) {run.itv['success_rate']:.3f}")
+    clock.lap("interventions_s")
+
+
+def _write_artefacts(out: Path, run: _Run, cfg: ExperimentConfig, clock: _Clock) -> dict[str, Any]:
+    """Step 6: the model, browse data, samples, history, ``metrics.json`` and the report."""
+    cm, rec, result = run.cm, run.recovery, run.result
+    assert cm is not None and rec is not None and result is not None
     cm.save(out / "model", include_model=True)
-    write_fsm_browse_data(out, recovery["_store"], recovery["_labels"], fsm)  # for `browse`
-    _write_json(
-        out / "samples.json", {"base": base_samples.tolist(), "codebook": cb_samples.tolist()}
-    )
-    _write_json(
-        out / "history.json", {"base": base_info.get("history"), "codebook": result.history}
-    )
+    write_fsm_browse_data(out, rec.store, rec.labels, run.fsm)  # for `browse`
+    samples = {"base": run.base_samples.tolist(), "codebook": run.cb_samples.tolist()}
+    _write_json(out / "samples.json", samples)
+    history = {"base": run.base_info.get("history"), "codebook": result.history}
+    _write_json(out / "history.json", history)
     metrics = {
         "base": {
-            "transition_accuracy": base_acc,
-            "cached": base_info["cached"],
-            "train_seconds": base_info.get("train_seconds"),
+            "transition_accuracy": run.base_acc,
+            "cached": run.base_info["cached"],
+            "train_seconds": run.base_info.get("train_seconds"),
         },
         "codebook": {
-            "transition_accuracy": cb_acc,
-            "transition_accuracy_at_attach": attach_acc,
+            "transition_accuracy": run.cb_acc,
+            "transition_accuracy_at_attach": run.attach_acc,
             "placement": cfg.plan.placement,
             "sites": cm.sites,
             "final_train_metrics": result.history[-1] if result.history else {},
         },
-        "recovery": {k: v for k, v in recovery.items() if not k.startswith("_")},
-        "intervention": itv,
+        "recovery": rec.metrics(),
+        "intervention": run.itv,
         "config": cfg.to_dict(),
     }
-    timings["total_s"] = round(time.perf_counter() - t_start, 2)
-    timings["process_cpu_s"] = round(time.process_time() - cpu_start, 2)
-    # on a shared VM the host can take CPU time ("steal"): wall time then overstates the cost
-    timings["cpu_steal_fraction"] = _steal_fraction(ticks_start)
-    metrics["timings"] = timings
+    metrics["timings"] = clock.finish()
     _write_json(out / "metrics.json", metrics)
-    from codebook_lens.fsm.report import write_report
-
-    write_report(out, metrics, cm, recovery, fsm, history=result.history)
+    write_report(out, metrics, cm, rec, run.fsm, history=result.history)
     return metrics

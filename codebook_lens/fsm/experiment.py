@@ -16,13 +16,15 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
 from codebook_lens.analysis import (
+    AttributionResult,
+    CodeStore,
     best_codes_per_label,
     collect_activations,
     collect_codes,
@@ -30,7 +32,8 @@ from codebook_lens.analysis import (
     neuron_baseline,
     recovered_labels,
 )
-from codebook_lens.config import CodebookConfig
+from codebook_lens.backends import Backend
+from codebook_lens.config import CodebookConfig, InputNorm
 from codebook_lens.fsm.base_model import BaseTrainConfig, base_model_config, train_base_model
 from codebook_lens.fsm.data import (
     TokFSMStream,
@@ -54,6 +57,8 @@ from codebook_lens.validation import ValidatedConfig
 __all__ = [
     "CodebookPlan",
     "ExperimentConfig",
+    "Placement",
+    "StateRecovery",
     "attach_codebooks",
     "clone_model",
     "finetune_codebooks",
@@ -66,13 +71,18 @@ __all__ = [
 ]
 
 
+Placement = Literal["attn", "mlp", "attn+mlp"]
+"""Where :func:`attach_codebooks` puts codebooks."""
+
+
 @dataclass
 class CodebookPlan(ValidatedConfig):
-    """Where codebooks go in the TokFSM model and how they are trained."""
+    """Where codebooks go in the TokFSM model and how they are trained (tuning notes:
+    ``docs/results/tokfsm.md``)."""
 
-    placement: str = "attn+mlp"
+    placement: Placement = "attn+mlp"
     """``"attn"`` (per-head codebooks at every ``attn.hook_z``), ``"mlp"`` (every
-    ``hook_mlp_out``) or ``"attn+mlp"`` (both; the shipped default)."""
+    ``hook_mlp_out``) or ``"attn+mlp"`` (both; the default)."""
 
     attn_codes: int = 1000
     """Codes per head at ``attn.hook_z``."""
@@ -83,27 +93,23 @@ class CodebookPlan(ValidatedConfig):
     k: int = 1
     """Active codes per position (and head)."""
 
-    attn_input_norm: str = "none"
+    attn_input_norm: InputNorm = "none"
     """``input_norm`` of the attention codebooks."""
 
-    mlp_input_norm: str = "layernorm"
+    mlp_input_norm: InputNorm = "layernorm"
     """``input_norm`` of the MLP codebooks: normalising keeps their training stable (without
     it code norms grow unchecked under cosine selection and finetuning diverges)."""
 
     dead_code_threshold: float = 0.0
     """Re-seed codes used fewer times than this per ``replace_every`` steps (0: never, the
     default). Re-seeding puts new codes where activations are dense, which splits a state over
-    several codes: measured at 1000 steps, 44 states recovered with re-seeding (threshold 1)
-    against 70 without, for transition accuracy 0.946 against 0.930."""
+    several codes."""
 
     mlp_merge_threshold: float = 0.85
     """``merge_threshold`` of the MLP codebooks: every ``replace_every`` steps, a used code whose
     cosine similarity to a more-used code exceeds this is parked, so its positions join that
-    code (0: never). Without merging, a state's activations, stretched along position, stay
-    split between two codes with precision ~1 and recall < 0.9 each (measured: the two codes'
-    cosine similarity 0.83-0.94 at the layer-0 MLP, against at most 0.82 to any other state's
-    code). States recovered on one base model, counted every 250 steps: 66-81 without merging,
-    93-98 with it at every count from step 200 on (three runs)."""
+    code (0: never). Without merging, a state's activations, stretched along position, can stay
+    split between two codes of high precision and lower recall each."""
 
     attn_merge_threshold: float = 0.0
     """``merge_threshold`` of the attention codebooks (0: never, the default)."""
@@ -114,7 +120,8 @@ class CodebookPlan(ValidatedConfig):
 
 @dataclass
 class ExperimentConfig(ValidatedConfig):
-    """Every setting of the TokFSM demo (the defaults are the tuned, shipped ones)."""
+    """Every setting of the TokFSM demo (the defaults are the tuned, shipped ones; measured
+    results: ``docs/results/tokfsm.md``)."""
 
     n_states: int = 100
     """FSM states."""
@@ -132,12 +139,9 @@ class ExperimentConfig(ValidatedConfig):
         )
     )
     """Codebook finetuning (the base model is finetuned along with the codes, at a third of the
-    codes' learning rate). Measured on one base model, 64-walk batches, no merging: 0.979
-    transition accuracy with codebook lr 3e-3 against 0.959 with 1e-3; 0.930 after 1000 steps
-    at 1e-3. With merging and 32-walk batches: 0.960 after 1000 steps."""
+    codes' learning rate): 1500 steps, ``lr=1e-3``, ``codebook_lr=3e-3``, 50 warm-up steps."""
     batch_size: int = 32
-    """Walks per finetuning batch. 32 learns as much per step as 64 at half the cost (with
-    merging, 1000 steps: 0.960 accuracy and 98 states at 32; 0.970 and 96 at 64)."""
+    """Walks per finetuning batch."""
     walk_states: int = 32
     """States per finetuning walk."""
     eval_prompts: int = 256
@@ -156,13 +160,9 @@ class ExperimentConfig(ValidatedConfig):
     """States per intervention prompt."""
     seed: int = 0
     """Seed of codebook initialisation and data streams."""
-    backend: str = "auto"
-    """TransformerLens backend of the base model: ``"auto"``, ``"hooked"`` or ``"bridge"``
-    (:func:`~codebook_lens.backends.resolve_backend`)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return dataclasses.asdict(self)
+    backend: Backend = "auto"
+    """TransformerLens backend of the base model: ``"auto"`` (the default), ``"hooked"`` or
+    ``"bridge"`` (:func:`~codebook_lens.backends.resolve_backend`)."""
 
     @classmethod
     def small(cls) -> ExperimentConfig:
@@ -202,13 +202,16 @@ class ExperimentConfig(ValidatedConfig):
 # ---------------------------------------------------------------------------- base model
 def _base_key(cfg: ExperimentConfig) -> str:
     spec = {"n_states": cfg.n_states, "n_edges": cfg.n_edges, "fsm_seed": cfg.fsm_seed}
-    spec["base"] = dataclasses.asdict(cfg.base)
+    base = cfg.base.to_dict()
+    for old, new in BaseTrainConfig.RENAMED.items():  # the key of models cached before renames
+        base[old] = base.pop(new)
+    spec["base"] = base
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def get_base_model(
     fsm: FSM, cfg: ExperimentConfig, cache_dir: Path | None = None, progress: bool = True
-) -> tuple[Any, dict[str, Any]]:
+) -> tuple[nn.Module, dict[str, Any]]:
     """The trained base model for ``cfg``, from ``cache_dir`` when a matching one is there.
 
     Returns ``(model, info)``; ``info`` has ``cached``, ``train_seconds`` and the training
@@ -235,7 +238,7 @@ def get_base_model(
 
 
 # ---------------------------------------------------------------------------- codebooks
-def attach_codebooks(model: Any, plan: CodebookPlan, seed: int = 0) -> CodebookModel:
+def attach_codebooks(model: nn.Module, plan: CodebookPlan, seed: int = 0) -> CodebookModel:
     """A :class:`CodebookModel` on ``model`` with codebooks at the sites of ``plan``."""
     if plan.placement not in ("attn", "mlp", "attn+mlp"):
         raise ValueError(f"placement={plan.placement!r}; choose 'attn', 'mlp' or 'attn+mlp'")
@@ -272,7 +275,9 @@ def attach_codebooks(model: Any, plan: CodebookPlan, seed: int = 0) -> CodebookM
     return cm
 
 
-def transition_accuracy_of(model: Any, fsm: FSM, cfg: ExperimentConfig) -> tuple[float, Tensor]:
+def transition_accuracy_of(
+    model: nn.Module, fsm: FSM, cfg: ExperimentConfig
+) -> tuple[float, Int[Tensor, "batch pos"]]:
     """Transition accuracy of sampled continuations (and the sampled tokens)."""
     return evaluate_transition_accuracy(
         model, fsm, cfg.eval_prompts, cfg.eval_prompt_states, cfg.eval_new_states,
@@ -299,9 +304,67 @@ def finetune_codebooks(cm: CodebookModel, fsm: FSM, cfg: ExperimentConfig) -> Tr
 
 
 # ---------------------------------------------------------------------------- recovery
+@dataclass
+class StateRecovery:
+    """What :func:`state_recovery` found: the metrics (:meth:`metrics`, the JSON part) and the
+    attribution results, code store and state labels behind them."""
+
+    states_recovered: int
+    """States with some code at precision and recall >= 0.9."""
+    states_present: int
+    """States that occur in the recovery walks."""
+    mean_best_code_precision: float
+    """Mean over present states of the precision of the state's best code (by F1)."""
+    mean_best_code_recall: float
+    """Mean over present states of the recall of the state's best code."""
+    mean_best_neuron_precision: float
+    """Mean over present states of the best single neuron's precision at that recall."""
+    mean_best_neuron_recall: float
+    """Mean over present states of the best neuron's recall."""
+    states_recovered_per_site: dict[str, int]
+    """``states_recovered`` counted at each site alone."""
+    best_code: dict[str, list[Any]]
+    """Per state: ``site``, ``head``, ``code``, ``precision`` and ``recall`` of its best code."""
+    best_neuron_precision: list[float]
+    """Per state: the best neuron's precision at the best code's recall."""
+    results: dict[str, AttributionResult]
+    """Per site: precision and recall of every (head, code) for every state."""
+    store: CodeStore
+    """The codes of the recovery walks."""
+    labels: Int[Tensor, "walks pos"]
+    """The state at each state's last digit, -1 elsewhere."""
+
+    def metrics(self) -> dict[str, Any]:
+        """The JSON-ready metrics (every field but ``results``, ``store`` and ``labels``)."""
+        skip = ("results", "store", "labels")
+        return {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
+        }
+
+    to_dict = metrics
+
+    def __getitem__(self, key: str) -> Any:
+        """Deprecated dict access (``rec["states_recovered"]``, ``rec["_store"]``, ...) from
+        when :func:`state_recovery` returned a dict; use the attributes."""
+        warnings.warn(
+            f"StateRecovery[{key!r}] is deprecated; use the attribute "
+            f"{key.lstrip('_')!r} (or .metrics() for the JSON part)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        name = key.lstrip("_") if key in ("_results", "_store", "_labels") else key
+        if name not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, name)
+
+
 def state_recovery(
-    cm: CodebookModel, base_model: Any, fsm: FSM, cfg: ExperimentConfig, progress: bool = False
-) -> dict[str, Any]:
+    cm: CodebookModel,
+    base_model: nn.Module,
+    fsm: FSM,
+    cfg: ExperimentConfig,
+    progress: bool = False,
+) -> StateRecovery:
     """Codes as detectors of the current FSM state, against the best single neuron.
 
     Positions are each state's last digit. For every site, head and code: precision and recall
@@ -324,27 +387,26 @@ def state_recovery(
     )
     neurons = neuron_baseline(acts, labels, best.recall, n_labels=fsm.n_states)
     present = results[cm.sites[0]].label_counts > 0
-    per_site = {s: int(recovered_labels(r).sum()) for s, r in results.items()}
-    return {
-        "states_recovered": int(recovered.sum()),
-        "states_present": int(present.sum()),
-        "mean_best_code_precision": float(best.precision[present].mean()),
-        "mean_best_code_recall": float(best.recall[present].mean()),
-        "mean_best_neuron_precision": float(neurons.precision[present].mean()),
-        "mean_best_neuron_recall": float(neurons.recall[present].mean()),
-        "states_recovered_per_site": per_site,
-        "best_code": {
+    return StateRecovery(
+        states_recovered=int(recovered.sum()),
+        states_present=int(present.sum()),
+        mean_best_code_precision=float(best.precision[present].mean()),
+        mean_best_code_recall=float(best.recall[present].mean()),
+        mean_best_neuron_precision=float(neurons.precision[present].mean()),
+        mean_best_neuron_recall=float(neurons.recall[present].mean()),
+        states_recovered_per_site={s: int(recovered_labels(r).sum()) for s, r in results.items()},
+        best_code={
             "site": best.site,
             "head": best.head.tolist(),
             "code": best.code.tolist(),
             "precision": best.precision.tolist(),
             "recall": best.recall.tolist(),
         },
-        "best_neuron_precision": neurons.precision.tolist(),
-        "_results": results,
-        "_store": store,
-        "_labels": labels,
-    }
+        best_neuron_precision=neurons.precision.tolist(),
+        results=results,
+        store=store,
+        labels=labels,
+    )
 
 
 # ---------------------------------------------------------------------------- interventions
@@ -449,16 +511,8 @@ def interventions(
     targets = torch.arange(fsm.n_states).repeat_interleave(n_per)
     last = fsm.tokens_to_states(prompts[:, 1:])[:, -1]
     targets = torch.where(targets == last, (targets + 1) % fsm.n_states, targets)
-    gen = torch.Generator().manual_seed(cfg.seed + 5)
-    donors = walks_to_tokens(
-        fsm, sample_walks_ending_in(fsm, targets, cfg.intervention_prompt_states, gen)
-    )
     pos = prompts.shape[1] - 1
-    device = next(cm.model.parameters()).device
-    donor_runs = [
-        append_digit_prefixes(donors, fsm.base, j).to(device) for j in range(fsm.n_digits)
-    ]
-    donor_codes = [_codes_from(cm, d, cm.sites, pos) for d in donor_runs]  # [rows, 1 + j, ...]
+    donor_codes = _donor_codes(cm, fsm, cfg, targets, pos)
     true = true_next_state_distribution(fsm, targets)
     clean = next_state_distribution(cm, fsm, prompts)
     out: dict[str, Any] = {
@@ -481,15 +535,30 @@ def interventions(
             }
             res.update(r) if variant == "state_positions" else res.update({variant: r})
         out["per_site_set"][name] = res
-    out["success_rate"] = out["per_site_set"]["all"]["success_rate"]
-    out["jsd"] = out["per_site_set"]["all"]["jsd"]
-    out["last_position_only_success_rate"] = out["per_site_set"]["all"]["last_position_only"][
-        "success_rate"
-    ]
+    every = out["per_site_set"]["all"]
+    out["success_rate"], out["jsd"] = every["success_rate"], every["jsd"]
+    out["last_position_only_success_rate"] = every["last_position_only"]["success_rate"]
     return out
 
 
-def clone_model(model: Any) -> Any:
+def _donor_codes(
+    cm: CodebookModel, fsm: FSM, cfg: ExperimentConfig, targets: Int[Tensor, " b"], pos: int
+) -> list[dict[str, Tensor]]:
+    """Per digit ``j`` of the next state, the codes of donor walks ending in ``targets`` at
+    positions ``pos : pos + 1 + j`` (the donor run extended by the next state's first ``j``
+    digits), per site."""
+    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    donors = walks_to_tokens(
+        fsm, sample_walks_ending_in(fsm, targets, cfg.intervention_prompt_states, gen)
+    )
+    device = next(cm.model.parameters()).device
+    donor_runs = [
+        append_digit_prefixes(donors, fsm.base, j).to(device) for j in range(fsm.n_digits)
+    ]
+    return [_codes_from(cm, d, cm.sites, pos) for d in donor_runs]  # [rows, 1 + j, ...]
+
+
+def clone_model(model: nn.Module) -> nn.Module:
     """A deep copy of a base model (codebook finetuning changes the weights it trains)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

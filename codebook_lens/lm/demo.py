@@ -22,16 +22,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from codebook_lens.analysis import attribution_by_site, collect_codes
+from codebook_lens.analysis import AttributionResult, attribution_by_site, collect_codes
 from codebook_lens.atomic import write_text
-from codebook_lens.backends import build_model
+from codebook_lens.backends import Backend, build_model
 from codebook_lens.browse import write_lm_browse_data
 from codebook_lens.data import BlockStream, pack_labelled_blocks
 from codebook_lens.lm.corpus import (
@@ -42,11 +42,11 @@ from codebook_lens.lm.corpus import (
     story_token_labels,
 )
 from codebook_lens.lm.report import render_report
-from codebook_lens.lm.steering import sample_texts, topic_codes, topic_steering_hooks
+from codebook_lens.lm.steering import TopicCodes, sample_texts, topic_codes, topic_steering_hooks
 from codebook_lens.lm.tokenizer import save_tokenizer, train_bpe_tokenizer
 from codebook_lens.model import CodebookModel
-from codebook_lens.training import TrainConfig, train_codebooks
-from codebook_lens.validation import ValidatedConfig
+from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
+from codebook_lens.validation import ValidatedConfig, renamed
 
 __all__ = ["LMDemoConfig", "run_lm_demo", "eval_loss", "build_lm"]
 
@@ -54,9 +54,11 @@ PROMPT = "Once upon a time, there was a little girl named Lily."
 """The steering prompt: the generic opener of a story."""
 
 
+@renamed(cb_lr="codebook_lr", cb_steps="codebook_steps")
 @dataclass
 class LMDemoConfig(ValidatedConfig):
-    """Sizes and hyperparameters of the LM demo (defaults: the full run, ~10 min on 2 cores)."""
+    """Sizes and hyperparameters of the LM demo (defaults: the full run; :meth:`small` for a
+    smoke run). Measured results: ``docs/results/lm.md``."""
 
     n_train_stories: int = 40000
     """Training stories (about 45 tokens each)."""
@@ -84,10 +86,13 @@ class LMDemoConfig(ValidatedConfig):
     """Codes per head."""
     k: int = 8
     """Codes active per head and position (the paper's k=8 for attention heads)."""
-    cb_steps: int = 200
-    """Optimizer steps of codebook finetuning (model and codebooks together)."""
-    cb_lr: float = 1e-3
-    """Peak learning rate of the codebooks (the model gets ``cb_lr / 3``)."""
+    codebook_steps: int = 200
+    """Optimizer steps of codebook finetuning (model and codebooks together); the old name
+    ``cb_steps`` still works, with a ``DeprecationWarning``."""
+    codebook_lr: float = 1e-3
+    """Peak learning rate of the codebooks (the model gets ``codebook_lr / 3``; as
+    :attr:`TrainConfig.codebook_lr <codebook_lens.training.TrainConfig.codebook_lr>`); the old
+    name ``cb_lr`` still works, with a ``DeprecationWarning``."""
     min_count: int = 20
     """Codes firing fewer times than this on the held-out set are not ranked."""
     min_precision: float = 0.0
@@ -106,8 +111,8 @@ class LMDemoConfig(ValidatedConfig):
     """Seed of corpus, model initialisation, batches and sampling."""
     progress: bool = True
     """Show progress bars."""
-    backend: str = "auto"
-    """TransformerLens backend: ``"auto"``, ``"hooked"`` or ``"bridge"``."""
+    backend: Backend = "auto"
+    """TransformerLens backend: ``"auto"`` (the default), ``"hooked"`` or ``"bridge"``."""
 
     def validate(self) -> None:
         if self.steer_per_head is not None and not 1 <= self.steer_per_head <= self.k:
@@ -137,17 +142,16 @@ class LMDemoConfig(ValidatedConfig):
             base_steps=60,
             n_codes=64,
             k=4,
-            cb_steps=30,
+            codebook_steps=30,
             min_count=5,
             n_samples=8,
             n_baseline=16,
             max_new_tokens=24,
         )
-        base.update(overrides)
-        return cls(**base)
+        return cls(**{**base, **overrides})
 
 
-def build_lm(tokenizer: Any, cfg: LMDemoConfig) -> Any:
+def build_lm(tokenizer: Any, cfg: LMDemoConfig) -> nn.Module:
     """A randomly initialised TransformerLens model for ``tokenizer`` (seeded by ``cfg.seed``)
     on ``cfg.backend``."""
     model_cfg = dict(
@@ -211,6 +215,26 @@ def _stage(timings: dict[str, float], name: str, t0: float) -> float:
     return now
 
 
+@dataclass
+class _LMRun:
+    """What the steps of :func:`run_lm_demo` produce, for the metrics."""
+
+    texts: list[str] = field(default_factory=list)
+    tok: Any = None
+    stream: BlockStream | None = None
+    eval_tokens: Tensor | None = None
+    eval_labels: Tensor | None = None
+    cm: CodebookModel | None = None
+    sites: list[str] = field(default_factory=list)
+    loss: dict[str, float] = field(default_factory=dict)
+    base_hist: TrainResult | None = None
+    cb_hist: TrainResult | None = None
+    chosen: dict[int, TopicCodes] = field(default_factory=dict)
+    best: dict[int, TopicCodes] = field(default_factory=dict)
+    steering: dict[str, Any] = field(default_factory=dict)
+    base_texts: list[str] = field(default_factory=list)
+
+
 def run_lm_demo(
     out_dir: Path | str,
     small: bool = False,
@@ -231,19 +255,38 @@ def run_lm_demo(
     timings: dict[str, float] = {}
     t_start = t = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    run = _LMRun()
+    _corpus_step(run, cfg, out)
+    t = _stage(timings, "corpus_and_tokenizer", t)
+    _base_step(run, cfg)
+    t = _stage(timings, "base_training", t)
+    _codebook_step(run, cfg, out)
+    t = _stage(timings, "codebook_finetuning", t)
+    _topic_step(run, cfg, out)
+    t = _stage(timings, "topic_codes", t)
+    _steering_step(run, cfg)
+    t = _stage(timings, "steering", t)
+    metrics = _metrics(run, cfg, timings)
+    metrics["wall_time_s"] = round(time.perf_counter() - t_start, 1)
+    metrics["summary"] = _summary(metrics)
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_text(out / "report.md", render_report(metrics))
+    return metrics
 
-    # 1. corpus and tokenizer
+
+def _corpus_step(run: _LMRun, cfg: LMDemoConfig, out: Path) -> None:
+    """1. The corpus, the tokenizer (saved), the training stream and the labelled eval blocks."""
     train = generate_stories(cfg.n_train_stories, StoryConfig(), seed=cfg.seed)
     held = generate_stories(cfg.n_eval_stories, StoryConfig(), seed=cfg.seed + 10_000)
-    texts = [s.text for s in train]
-    tok = train_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
+    run.texts = [s.text for s in train]
+    run.tok = tok = train_bpe_tokenizer(run.texts, vocab_size=cfg.vocab_size)
     save_tokenizer(tok, out / "tokenizer")
     ids, labels = story_token_labels(tok, held)
-    eval_tokens, eval_labels = pack_labelled_blocks(
+    run.eval_tokens, run.eval_labels = pack_labelled_blocks(
         ids, labels, cfg.block_len, tok.bos_token_id, tok.eos_token_id
     )
-    stream = BlockStream(
-        texts,
+    run.stream = BlockStream(
+        run.texts,
         tok,
         cfg.block_len,
         cfg.batch_size,
@@ -251,14 +294,14 @@ def run_lm_demo(
         seed=cfg.seed,
         repeat=True,
     )
-    t = _stage(timings, "corpus_and_tokenizer", t)
 
-    # 2. base model
-    model = build_lm(tok, cfg)
-    cm = CodebookModel(model)
-    base_hist = train_codebooks(
+
+def _base_step(run: _LMRun, cfg: LMDemoConfig) -> None:
+    """2. The base model, trained with the next-token loss."""
+    run.cm = cm = CodebookModel(build_lm(run.tok, cfg))
+    run.base_hist = train_codebooks(
         cm,
-        stream,
+        run.stream,
         TrainConfig(
             steps=cfg.base_steps,
             lr=cfg.base_lr,
@@ -269,56 +312,65 @@ def run_lm_demo(
             allow_no_codebooks=True,
         ),
     )
-    loss_base = eval_loss(cm, eval_tokens)
-    t = _stage(timings, "base_training", t)
+    run.loss["base"] = eval_loss(cm, run.eval_tokens)
 
-    # 3. codebooks on every attention head
-    sites = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
-    for site in sites:
+
+def _codebook_step(run: _LMRun, cfg: LMDemoConfig, out: Path) -> None:
+    """3. Codebooks on every attention head: attached, initialised, finetuned, saved."""
+    cm = run.cm
+    assert cm is not None
+    run.sites = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
+    for site in run.sites:
         cm.add_codebook(site, n_codes=cfg.n_codes, k=cfg.k, seed=cfg.seed)
-    init_tokens = next(iter(BlockStream(texts[:4000], tok, cfg.block_len, 64)))
+    init_tokens = next(iter(BlockStream(run.texts[:4000], run.tok, cfg.block_len, 64)))
     cm.init_codebooks(init_tokens)
     with torch.no_grad():  # codes start as activations and the output sums k of them
         for cb in cm.codebooks.values():
             cb.codebook.div_(cb.cfg.k)
-    loss_attach = eval_loss(cm, eval_tokens)
-    cb_hist = train_codebooks(
+    run.loss["codebooks_at_attach"] = eval_loss(cm, run.eval_tokens)
+    run.cb_hist = train_codebooks(
         cm,
-        stream,
+        run.stream,
         TrainConfig(
-            steps=cfg.cb_steps,
-            lr=cfg.cb_lr / 3,
-            codebook_lr=cfg.cb_lr,
-            warmup_steps=max(1, cfg.cb_steps // 20),
-            log_every=max(1, cfg.cb_steps // 10),
+            steps=cfg.codebook_steps,
+            lr=cfg.codebook_lr / 3,
+            codebook_lr=cfg.codebook_lr,
+            warmup_steps=max(1, cfg.codebook_steps // 20),
+            log_every=max(1, cfg.codebook_steps // 10),
             progress=cfg.progress,
         ),
     )
-    loss_after = eval_loss(cm, eval_tokens)
+    run.loss["codebooks_after_finetuning"] = eval_loss(cm, run.eval_tokens)
     cm.save(out / "codebook_model", include_model=True)
-    t = _stage(timings, "codebook_finetuning", t)
 
-    # 4. topic codes
-    store = collect_codes(cm, eval_tokens, sites, progress=False)
+
+def _topic_step(run: _LMRun, cfg: LMDemoConfig, out: Path) -> None:
+    """4. Codes on held-out stories, ranked per topic: steering codes and best codes."""
+    assert run.cm is not None and run.eval_tokens is not None and run.eval_labels is not None
+    store = collect_codes(run.cm, run.eval_tokens, run.sites, progress=False)
     n_labels = len(TOPICS) + 1
-    results = attribution_by_site(store, eval_labels, sites, n_labels=n_labels)
-    write_lm_browse_data(out, store, eval_labels, tok, TOPICS)  # for `codebook-lens browse`
-    chosen = {
+    results: dict[str, AttributionResult] = attribution_by_site(
+        store, run.eval_labels, run.sites, n_labels=n_labels
+    )
+    write_lm_browse_data(out, store, run.eval_labels, run.tok, TOPICS)  # for `browse`
+    run.chosen = {
         i: topic_codes(results, i, cfg.steer_slots, cfg.min_precision, cfg.min_count)
         for i in range(len(TOPICS))
     }
-    best = {i: topic_codes(results, i, 1, 0.0, cfg.min_count, max_heads=1) for i in chosen}
-    t = _stage(timings, "topic_codes", t)
+    run.best = {i: topic_codes(results, i, 1, 0.0, cfg.min_count, max_heads=1) for i in run.chosen}
 
-    # 5. steering
+
+def _steering_step(run: _LMRun, cfg: LMDemoConfig) -> None:
+    """5. Unsteered samples, then samples with each topic's codes forced, classified by topic."""
+    cm = run.cm
+    assert cm is not None
     clf = TopicClassifier()
-    base_texts = sample_texts(cm, PROMPT, cfg.n_baseline, cfg.max_new_tokens, seed=cfg.seed + 1)
-    base_rates = clf.rates(base_texts)
-    steering: dict[str, Any] = {}
+    run.base_texts = sample_texts(cm, PROMPT, cfg.n_baseline, cfg.max_new_tokens, seed=cfg.seed + 1)
+    base_rates = clf.rates(run.base_texts)
     for i, topic in enumerate(TOPICS):
-        codes = chosen[i]
+        codes = run.chosen[i]
         if codes.n_codes == 0:
-            steering[topic] = {"n_heads": 0, "n_codes": 0, "steered_rate": None}
+            run.steering[topic] = {"n_heads": 0, "n_codes": 0, "steered_rate": None}
             continue
         texts_i = sample_texts(
             cm,
@@ -332,7 +384,7 @@ def run_lm_demo(
         rate = float((about == i).float().mean())
         on_topic = (about == i).nonzero().flatten().tolist()
         floor = max(float(base_rates[i]), 1.0 / cfg.n_baseline)
-        steering[topic] = {
+        run.steering[topic] = {
             "n_heads": len(codes.heads),
             "n_codes": codes.n_codes,
             "steered_rate": rate,
@@ -341,44 +393,41 @@ def run_lm_demo(
             "example": texts_i[on_topic[0] if on_topic else 0],
             "example_on_topic": bool(on_topic),
         }
-    t = _stage(timings, "steering", t)
 
-    ratios = [v["ratio"] for v in steering.values() if v.get("ratio") is not None]
+
+def _metrics(run: _LMRun, cfg: LMDemoConfig, timings: dict[str, float]) -> dict[str, Any]:
+    """The metrics of a finished run (``metrics.json`` before the wall time and summary)."""
+    assert run.base_hist is not None and run.cb_hist is not None
+    ratios = [v["ratio"] for v in run.steering.values() if v.get("ratio") is not None]
+    loss_base, loss_after = run.loss["base"], run.loss["codebooks_after_finetuning"]
     rel = (loss_after - loss_base) / loss_base
-    metrics: dict[str, Any] = {
+    return {
         "config": dataclasses.asdict(cfg),
         "loss": {
-            "base": loss_base,
-            "codebooks_at_attach": loss_attach,
-            "codebooks_after_finetuning": loss_after,
+            **run.loss,
             "relative_increase": rel,
             "goal_max_relative_increase": 0.10,
             "goal_met": rel <= 0.10,
         },
         "topic_codes": {
             topic: {
-                "best_precision": _first(best[i].precision),
-                "best_recall": _first(best[i].recall),
-                "best_code": best[i].to_dict()["heads"][:1],
-                "steering_codes": chosen[i].to_dict()["heads"],
+                "best_precision": _first(run.best[i].precision),
+                "best_recall": _first(run.best[i].recall),
+                "best_code": run.best[i].to_dict()["heads"][:1],
+                "steering_codes": run.chosen[i].to_dict()["heads"],
             }
             for i, topic in enumerate(TOPICS)
         },
-        "steering": steering,
+        "steering": run.steering,
         "steering_summary": {
             "topics_with_10x": sum(r >= 10 for r in ratios),
             "n_topics": len(TOPICS),
             "goal_met": sum(r >= 10 for r in ratios) > len(TOPICS) / 2,
-            "baseline_examples": base_texts[:3],
+            "baseline_examples": run.base_texts[:3],
         },
         "training": {
-            "base_final": base_hist.history[-1],
-            "codebook_final": cb_hist.history[-1],
+            "base_final": run.base_hist.history[-1],
+            "codebook_final": run.cb_hist.history[-1],
         },
         "timings_s": timings,
     }
-    metrics["wall_time_s"] = round(time.perf_counter() - t_start, 1)
-    metrics["summary"] = _summary(metrics)
-    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    write_text(out / "report.md", render_report(metrics))
-    return metrics

@@ -24,7 +24,7 @@ def test_lm_demo_smoke(tmp_path):
         n_train_stories=800,
         n_eval_stories=150,  # every topic gets labelled tokens (60 can miss one)
         base_steps=20,
-        cb_steps=10,
+        codebook_steps=10,
         n_samples=4,
         n_baseline=8,
         max_new_tokens=12,
