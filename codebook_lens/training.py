@@ -14,12 +14,13 @@ numerically what DDP does), so ``loss_fn`` keeps receiving the :class:`CodebookM
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -36,9 +37,21 @@ from codebook_lens.checkpoint import (
 from codebook_lens.data import shard_batch
 from codebook_lens.maintenance import maintain_codebook, maintenance_due
 from codebook_lens.model import CodebookModel
+from codebook_lens.quantizer import Codebook
 from codebook_lens.validation import ValidatedConfig
 
-__all__ = ["TrainConfig", "TrainResult", "train_codebooks", "lm_loss", "make_accelerator"]
+__all__ = [
+    "Schedule",
+    "TrainConfig",
+    "TrainResult",
+    "train_codebooks",
+    "lm_loss",
+    "make_accelerator",
+]
+
+
+Schedule = Literal["cosine", "constant"]
+"""The learning-rate schedules of :class:`TrainConfig`."""
 
 
 @dataclass
@@ -61,8 +74,9 @@ class TrainConfig(ValidatedConfig):
     warmup_steps: int = 50
     """Linear warm-up steps."""
 
-    schedule: str = "cosine"
-    """``"cosine"`` decay to ``min_lr_frac * lr`` after warm-up, or ``"constant"``."""
+    schedule: Schedule = "cosine"
+    """Learning-rate schedule after warm-up: ``"cosine"`` decay to ``min_lr_frac * lr`` (the
+    default) or ``"constant"``."""
 
     min_lr_frac: float = 0.1
     """Final learning rate as a fraction of the peak, for the cosine schedule."""
@@ -124,10 +138,6 @@ class TrainConfig(ValidatedConfig):
         """Range checks (types are checked against the annotations before this runs)."""
         if self.steps < 1:
             raise ValueError(f"TrainConfig: steps must be >= 1, got {self.steps}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(
-                f"TrainConfig: schedule={self.schedule!r}; choose 'cosine' or 'constant'"
-            )
         if self.lr <= 0 or (self.codebook_lr is not None and self.codebook_lr <= 0):
             raise ValueError(
                 f"TrainConfig: learning rates must be > 0, got lr={self.lr!r}, "
@@ -294,6 +304,42 @@ def _open_wandb(cfg: TrainConfig, dist: _Dist) -> Any:
     return wandb.init(project=cfg.wandb_project, config=asdict(cfg))
 
 
+@dataclass
+class _Setup:
+    """What one call of :func:`train_codebooks` fixes before its first step."""
+
+    cm: CodebookModel
+    cfg: TrainConfig
+    loss_fn: Callable[[CodebookModel, Tensor], Tensor]
+    eval_fn: Callable[[CodebookModel], dict[str, float]] | None
+    acc: Any  # an accelerate.Accelerator (an optional dependency) or None
+    dist: _Dist
+    device: torch.device
+    cbs: dict[str, Codebook]
+    opt: torch.optim.Optimizer
+    step_opt: Any  # opt, wrapped by the accelerator when there is one
+    base_lrs: list[float]
+    params: list[torch.nn.Parameter]
+    n_micro: int  # micro-batches per optimizer step
+    acc_div: int  # the accelerator's gradient_accumulation_steps (1 without one)
+    ckpt_cfg: dict[str, Any]  # the config a checkpoint must match to be resumed
+
+
+@dataclass
+class _Loop:
+    """What the loop carries from step to step; a checkpoint saves it (``batches`` as the count
+    ``consumed``)."""
+
+    batches: Iterator[Tensor]
+    consumed: int  # batches drawn from the data so far
+    sums: Tensor  # [3] sums of loss, task loss and recon since the last log
+    n_acc: int  # micro-batches in ``sums``
+    log_counts: dict[str, Tensor]  # each codebook's code_counts at the last log
+    result: TrainResult
+    last_saved: int | None  # step of the last checkpoint written
+    start: float = 0.0  # perf_counter origin, earlier runs' time included
+
+
 def train_codebooks(
     cm: CodebookModel,
     data: Iterable[Tensor],
@@ -316,166 +362,31 @@ def train_codebooks(
     from the last checkpoint, ending in the same state as an uninterrupted run.
     """
     cfg = cfg or TrainConfig()
-    if cfg.checkpoint_dir:
-        check_checkpoint_dir(cfg.checkpoint_dir)  # a file there fails now, not after training
-    if not cm.codebooks and not cfg.allow_no_codebooks:
-        raise ValueError(
-            "train_codebooks: the model has no codebooks; add_codebook(...) first (or set "
-            "TrainConfig(allow_no_codebooks=True) to train the plain model)"
-        )
-    acc = accelerator
-    dist = _Dist(acc)
-    if acc is not None:
-        cm.to(acc.device)
-    device = next(cm.parameters()).device
-    opt = _optimizer(cm, cfg)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    params = [p for g in opt.param_groups for p in g["params"]]
-    step_opt: Any = acc.prepare_optimizer(opt, device_placement=False) if acc is not None else opt
-    n_micro = cfg.grad_accum
-    acc_div = acc.gradient_accumulation_steps if acc is not None else 1
-    if acc_div > 1 and n_micro not in (1, acc_div):
-        raise ValueError(
-            f"grad_accum={n_micro} conflicts with the accelerator's "
-            f"gradient_accumulation_steps={acc_div}; set one of them"
-        )
-    n_micro = max(n_micro, acc_div)
-    cbs = cm.codebooks
-    result = TrainResult()
-    ckpt_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("progress",)}
-
-    state = None
-    if cfg.checkpoint_dir and cfg.resume:
-        state = load_train_state(
-            cfg.checkpoint_dir, cm, opt, set_rng=False, steps=cfg.steps, config=ckpt_cfg
-        )
-    if state is None:
-        state = TrainState()
-        for cb in cbs.values():
-            cb.window_counts.zero_()
-        log_counts = {s: cb.code_counts.clone() for s, cb in cbs.items()}
-        sums = torch.zeros(3, device=device, dtype=_metric_dtype(device))
-        n_acc = 0
-    else:
-        result.resumed_from = state.step
-        log_counts, sums, n_acc = _loop_state(state, cbs, device)
-    last_saved = state.step if result.resumed_from else None
-    result.history, result.evals = list(state.history), list(state.evals)
-    if cfg.metrics_path and dist.main:
-        rows = "".join(json.dumps(r) + "\n" for r in result.history)
+    s = _prepare(cm, cfg, loss_fn, eval_fn, accelerator)
+    state, loop = _start_loop(s, _resume(s), data)
+    if cfg.metrics_path and s.dist.main:
+        rows = "".join(json.dumps(r) + "\n" for r in loop.result.history)
         write_text(cfg.metrics_path, rows)  # drops rows logged after the checkpoint
-    wb = _open_wandb(cfg, dist)
-
-    batches = _cycle(data)
+    wb = _open_wandb(cfg, s.dist)
     for _ in range(state.consumed):  # resume: the data position after the checkpoint
-        next(batches)
+        next(loop.batches)
     restore_rng(state)  # after the skip, so data drawing from the global RNG resumes exactly
-    consumed = state.consumed
-    start = time.perf_counter() - state.seconds
+    loop.start = time.perf_counter() - state.seconds
     bar = tqdm(
         range(state.step, cfg.steps),
         initial=state.step,
         total=cfg.steps,
-        disable=not (cfg.progress and dist.main),
-        desc="train codebooks" if cbs else "train model",
+        disable=not (cfg.progress and s.dist.main),
+        desc="train codebooks" if s.cbs else "train model",
         leave=False,
     )
     cm.train()
     for step in bar:
-        f = _lr_factor(step, cfg)
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * f
-        opt.zero_grad(set_to_none=True)
-        for _micro in range(n_micro):
-            tokens = next(batches)
-            consumed += 1
-            if cfg.split_batches:
-                tokens = shard_batch(tokens, dist.rank, dist.n)
-            tokens = tokens.to(device)
-            if acc is not None:
-                with acc.autocast():
-                    task = loss_fn(cm, tokens)
-                    aux = cm.aux_loss()
-            else:
-                task = loss_fn(cm, tokens)
-                aux = cm.aux_loss()
-            loss = task + aux
-            scaled = loss / n_micro if n_micro > 1 else loss
-            if acc is not None:
-                acc.backward(scaled * acc_div if acc_div > 1 else scaled)
-            else:
-                scaled.backward()
-            recon = (
-                sum(cb.last_losses["recon"] for cb in cbs.values()) / len(cbs)
-                if cbs
-                else loss.new_zeros(())
-            )
-            sums = sums + torch.stack([loss, task, recon]).detach().to(sums)
-            n_acc += 1
-        dist.average_grads(params)
-        if cfg.grad_clip > 0:
-            if acc is not None:
-                acc.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        step_opt.step()
-        for cb in cbs.values():
-            if maintenance_due(cb, step + 1):
-                if dist.n > 1:
-                    cb.window_counts.copy_(dist.sum(cb.window_counts))
-                changed = maintain_codebook(cb)
-                _reset_moments(opt, cb.codebook, changed)
-                with torch.no_grad():
-                    dist.broadcast_(cb.codebook.data)
-        last = step + 1 == cfg.steps
-        ev: dict[str, float] = {}
-        if eval_fn is not None and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            cm.eval()
-            with torch.no_grad():
-                ev = dict(eval_fn(cm))
-            cm.train()
-            result.evals.append({"step": step + 1, **ev})
-        if (step + 1) % cfg.log_every == 0 or last:
-            row = _log_row(step, opt, sums, n_acc, cbs, log_counts, dist)
-            row.update(ev)
-            log_counts = {s: cb.code_counts.clone() for s, cb in cbs.items()}
-            sums, n_acc = torch.zeros_like(sums), 0
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(
-                    f"training diverged at step {step + 1} (loss {row['loss']}); lower the "
-                    "learning rate or use input_norm='layernorm' for large-norm sites"
-                )
-            result.history.append(row)
-            if dist.main:
-                if cfg.metrics_path:
-                    with open(cfg.metrics_path, "a") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                if wb is not None:
-                    wb.log(row, step=step + 1)
-            bar.set_postfix(
-                {k: f"{row[k]:.3g}" for k in ("loss", "recon", "dead_frac") if k in row}
-                | {k: f"{v:.3f}" for k, v in ev.items()}
-            )
-        if cfg.checkpoint_dir and (
-            last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
-        ):
-            snap = TrainState(
-                step=step + 1,
-                consumed=consumed,
-                history=result.history,
-                evals=result.evals,
-                seconds=time.perf_counter() - start,
-                tensors={"sums": sums, **{f"log_counts.{s}": c for s, c in log_counts.items()}},
-                scalars={"n_acc": n_acc},
-            )
-            if dist.main:
-                save_train_state(
-                    cfg.checkpoint_dir, cm, opt, snap, ckpt_cfg,
-                    include_model=not cfg.freeze_model, last_good_step=last_saved,
-                )  # fmt: skip
-            last_saved = step + 1
-            if acc is not None:
-                acc.wait_for_everyone()
+        _train_step(s, loop, step)
+        _maybe_maintain(s, step + 1)
+        ev = _maybe_evaluate(s, loop, step + 1)
+        _maybe_log(s, loop, step + 1, ev, wb, bar)
+        _maybe_checkpoint(s, loop, step + 1)
     bar.close()
     cm.eval()
     if cfg.freeze_model:
@@ -483,23 +394,217 @@ def train_codebooks(
             p.requires_grad_(True)
     if wb is not None:
         wb.finish()
-    result.seconds = time.perf_counter() - start
-    return result
+    loop.result.seconds = time.perf_counter() - loop.start
+    return loop.result
+
+
+def _prepare(
+    cm: CodebookModel,
+    cfg: TrainConfig,
+    loss_fn: Callable[[CodebookModel, Tensor], Tensor],
+    eval_fn: Callable[[CodebookModel], dict[str, float]] | None,
+    acc: Any,
+) -> _Setup:
+    """Check the setup, place the model and build the optimizer."""
+    if cfg.checkpoint_dir:
+        check_checkpoint_dir(cfg.checkpoint_dir)  # a file there fails now, not after training
+    if not cm.codebooks and not cfg.allow_no_codebooks:
+        raise ValueError(
+            "train_codebooks: the model has no codebooks; add_codebook(...) first (or set "
+            "TrainConfig(allow_no_codebooks=True) to train the plain model)"
+        )
+    dist = _Dist(acc)
+    if acc is not None:
+        cm.to(acc.device)
+    device = next(cm.parameters()).device
+    opt = _optimizer(cm, cfg)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    step_opt = acc.prepare_optimizer(opt, device_placement=False) if acc is not None else opt
+    n_micro = cfg.grad_accum
+    acc_div = acc.gradient_accumulation_steps if acc is not None else 1
+    if acc_div > 1 and n_micro not in (1, acc_div):
+        raise ValueError(
+            f"grad_accum={n_micro} conflicts with the accelerator's "
+            f"gradient_accumulation_steps={acc_div}; set one of them"
+        )
+    return _Setup(
+        cm, cfg, loss_fn, eval_fn, acc, dist, device, cm.codebooks, opt, step_opt, base_lrs,
+        params, max(n_micro, acc_div), acc_div,
+        {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
+    )  # fmt: skip
+
+
+def _resume(s: _Setup) -> TrainState | None:
+    """The checkpoint's state when resuming from one (model, codebooks and optimizer are
+    loaded), else None."""
+    cfg = s.cfg
+    if not (cfg.checkpoint_dir and cfg.resume):
+        return None
+    return load_train_state(
+        cfg.checkpoint_dir, s.cm, s.opt, set_rng=False, steps=cfg.steps, config=s.ckpt_cfg
+    )
+
+
+def _start_loop(
+    s: _Setup, loaded: TrainState | None, data: Iterable[Tensor]
+) -> tuple[TrainState, _Loop]:
+    """The state to start from (``loaded``, or a fresh one that restarts the codebooks' usage
+    windows) and the loop's accumulators and result as that state left them."""
+    if loaded is None:
+        state = TrainState()
+        for cb in s.cbs.values():
+            cb.window_counts.zero_()
+        log_counts = {site: cb.code_counts.clone() for site, cb in s.cbs.items()}
+        sums = torch.zeros(3, device=s.device, dtype=_metric_dtype(s.device))
+        n_acc = 0
+    else:
+        state = loaded
+        log_counts, sums, n_acc = _loop_state(state, s.cbs, s.device)
+    result = TrainResult(
+        history=list(state.history),
+        evals=list(state.evals),
+        resumed_from=0 if loaded is None else state.step,
+    )
+    last_saved = state.step if result.resumed_from else None
+    return state, _Loop(_cycle(data), state.consumed, sums, n_acc, log_counts, result, last_saved)
+
+
+def _train_step(s: _Setup, loop: _Loop, step: int) -> None:
+    """One optimizer step (0-based ``step``): ``n_micro`` micro-batches, gradients averaged over
+    processes and clipped."""
+    f = _lr_factor(step, s.cfg)
+    for g, lr in zip(s.opt.param_groups, s.base_lrs):
+        g["lr"] = lr * f
+    s.opt.zero_grad(set_to_none=True)
+    for _micro in range(s.n_micro):
+        _micro_step(s, loop)
+    s.dist.average_grads(s.params)
+    if s.cfg.grad_clip > 0:
+        if s.acc is not None:
+            s.acc.clip_grad_norm_(s.params, s.cfg.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(s.params, s.cfg.grad_clip)
+    s.step_opt.step()
+
+
+def _micro_step(s: _Setup, loop: _Loop) -> None:
+    """Forward and backward of one micro-batch; its losses are added to ``loop.sums``."""
+    tokens = next(loop.batches)
+    loop.consumed += 1
+    if s.cfg.split_batches:
+        tokens = shard_batch(tokens, s.dist.rank, s.dist.n)
+    tokens = tokens.to(s.device)
+    with s.acc.autocast() if s.acc is not None else contextlib.nullcontext():
+        task = s.loss_fn(s.cm, tokens)
+        aux = s.cm.aux_loss()
+    loss = task + aux
+    scaled = loss / s.n_micro if s.n_micro > 1 else loss
+    if s.acc is not None:
+        s.acc.backward(scaled * s.acc_div if s.acc_div > 1 else scaled)
+    else:
+        scaled.backward()
+    cbs = s.cbs
+    recon = (
+        sum(cb.last_losses["recon"] for cb in cbs.values()) / len(cbs)
+        if cbs
+        else loss.new_zeros(())
+    )
+    loop.sums = loop.sums + torch.stack([loss, task, recon]).detach().to(loop.sums)
+    loop.n_acc += 1
+
+
+def _maybe_maintain(s: _Setup, done: int) -> None:
+    """Maintenance of each codebook due after ``done`` steps, on global usage counts; the
+    optimizer forgets the moments of the codes it changed, and process 0's codes win."""
+    for cb in s.cbs.values():
+        if maintenance_due(cb, done):
+            if s.dist.n > 1:
+                cb.window_counts.copy_(s.dist.sum(cb.window_counts))
+            _reset_moments(s.opt, cb.codebook, maintain_codebook(cb))
+            with torch.no_grad():
+                s.dist.broadcast_(cb.codebook.data)
+
+
+def _maybe_evaluate(s: _Setup, loop: _Loop, done: int) -> dict[str, float]:
+    """``eval_fn``'s metrics when an evaluation is due after ``done`` steps (else ``{}``)."""
+    cfg = s.cfg
+    due = done == cfg.steps or (cfg.eval_every and done % cfg.eval_every == 0)
+    if s.eval_fn is None or not due:
+        return {}
+    s.cm.eval()
+    with torch.no_grad():
+        ev = dict(s.eval_fn(s.cm))
+    s.cm.train()
+    loop.result.evals.append({"step": done, **ev})
+    return ev
+
+
+def _maybe_log(s: _Setup, loop: _Loop, done: int, ev: dict[str, float], wb: Any, bar: tqdm) -> None:
+    """At a logging step, one history row (with ``ev``) to the result, the metrics file, wandb
+    and the progress bar; the accumulators restart. A non-finite loss raises."""
+    if done % s.cfg.log_every != 0 and done != s.cfg.steps:
+        return
+    row = _log_row(done, s.opt, loop.sums, loop.n_acc, s.cbs, loop.log_counts, s.dist)
+    row.update(ev)
+    loop.log_counts = {site: cb.code_counts.clone() for site, cb in s.cbs.items()}
+    loop.sums, loop.n_acc = torch.zeros_like(loop.sums), 0
+    if not math.isfinite(row["loss"]):
+        raise FloatingPointError(
+            f"training diverged at step {done} (loss {row['loss']}); lower the "
+            "learning rate or use input_norm='layernorm' for large-norm sites"
+        )
+    loop.result.history.append(row)
+    if s.dist.main:
+        if s.cfg.metrics_path:
+            with open(s.cfg.metrics_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if wb is not None:
+            wb.log(row, step=done)
+    bar.set_postfix(
+        {k: f"{row[k]:.3g}" for k in ("loss", "recon", "dead_frac") if k in row}
+        | {k: f"{v:.3f}" for k, v in ev.items()}
+    )
+
+
+def _maybe_checkpoint(s: _Setup, loop: _Loop, done: int) -> None:
+    """Save the run after ``done`` steps when a checkpoint is due (process 0 writes)."""
+    cfg = s.cfg
+    due = done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+    if not cfg.checkpoint_dir or not due:
+        return
+    snap = TrainState(
+        step=done,
+        consumed=loop.consumed,
+        history=loop.result.history,
+        evals=loop.result.evals,
+        seconds=time.perf_counter() - loop.start,
+        tensors={"sums": loop.sums, **{f"log_counts.{k}": c for k, c in loop.log_counts.items()}},
+        scalars={"n_acc": loop.n_acc},
+    )
+    if s.dist.main:
+        save_train_state(
+            cfg.checkpoint_dir, s.cm, s.opt, snap, s.ckpt_cfg,
+            include_model=not cfg.freeze_model, last_good_step=loop.last_saved,
+        )  # fmt: skip
+    loop.last_saved = done
+    if s.acc is not None:
+        s.acc.wait_for_everyone()
 
 
 def _log_row(
-    step: int,
+    done: int,
     opt: torch.optim.Optimizer,
     sums: Tensor,
     n_acc: int,
-    cbs: dict[str, Any],
+    cbs: dict[str, Codebook],
     log_counts: dict[str, Tensor],
     dist: _Dist,
 ) -> dict[str, float]:
     """One history row; under several processes, losses are averaged and usage is summed over
     processes (the code counters then hold the global counts on every process)."""
     means = dist.mean(sums / max(n_acc, 1))
-    row: dict[str, float] = {"step": step + 1, "lr": opt.param_groups[0]["lr"]}
+    row: dict[str, float] = {"step": done, "lr": opt.param_groups[0]["lr"]}
     row.update(zip(("loss", "task_loss", "recon"), means.tolist()))
     if cbs:
         dead = []
@@ -513,7 +618,7 @@ def _log_row(
 
 
 def _loop_state(
-    state: TrainState, cbs: dict[str, Any], device: torch.device
+    state: TrainState, cbs: dict[str, Codebook], device: torch.device
 ) -> tuple[dict[str, Tensor], Tensor, int]:
     """The loop's accumulators from a loaded checkpoint, checked (CheckpointError if not)."""
     want = {

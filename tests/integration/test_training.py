@@ -111,3 +111,14 @@ def test_merged_codes_are_parked_at_zero_and_stay_there():
     assert int(parked.sum()) > 0
     # their optimizer moments were reset: parked codes do not drift off zero
     assert (cb.codebook.detach()[parked] == 0).all()
+
+
+def test_unknown_schedule_names_the_choices():
+    with pytest.raises(
+        ValueError, match=r"schedule='linear'; choose one of \('cosine', 'constant'\)"
+    ):
+        TrainConfig(schedule="linear")
+    cfg = TrainConfig()
+    with pytest.raises(ValueError, match="schedule='cosin'; choose one of .*did you mean 'cosine'"):
+        cfg.schedule = "cosin"
+    assert cfg.schedule == "cosine"
