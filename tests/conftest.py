@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from codebook_lens.backends import build_model, has_hooked_transformer, tl_version
 
@@ -13,7 +15,7 @@ from codebook_lens.backends import build_model, has_hooked_transformer, tl_versi
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
-TINY = dict(
+TINY = dict(  # the one tiny model config of the test suite; make_model builds it
     n_layers=2,
     d_model=32,
     n_heads=4,
@@ -27,12 +29,13 @@ TINY = dict(
 )
 
 
-def make_model(backend: str = "auto", **overrides):
-    """A tiny random model; ``backend`` is "hooked", "bridge" or "auto" (the installed
-    transformer-lens's default). "hooked" skips on transformer-lens 4.x."""
+def make_model(backend: str = "auto", tokenizer: Any = None, **overrides: Any) -> nn.Module:
+    """A tiny random model: :data:`TINY` with ``overrides`` (any config field). ``backend`` is
+    "hooked", "bridge" or "auto" (the installed transformer-lens's default); "hooked" skips on
+    transformer-lens 4.x. ``tokenizer`` goes to ``build_model`` (a Hugging Face tokenizer)."""
     if backend == "hooked" and not has_hooked_transformer():
         pytest.skip(f"transformer-lens {tl_version()} has no HookedTransformer")
-    return build_model({**TINY, **overrides}, backend)
+    return build_model({**TINY, **overrides}, backend, tokenizer=tokenizer)
 
 
 needs_hooked = pytest.mark.skipif(

@@ -11,11 +11,10 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def render_report(metrics: dict[str, Any]) -> str:
-    """The ``report.md`` text for the metrics dict of :func:`~codebook_lens.lm.run_lm_demo`."""
+def _loss_lines(metrics: dict[str, Any]) -> list[str]:
     loss = metrics["loss"]
     cfg = metrics["config"]
-    lines = [
+    return [
         "# codebook-lens lm-demo",
         "",
         f"Model: {cfg['n_layers']} layers, d_model={cfg['d_model']}, {cfg['n_heads']} heads; "
@@ -32,6 +31,11 @@ def render_report(metrics: dict[str, Any]) -> str:
         f"Relative increase: **{_pct(loss['relative_increase'])}** (goal <= 10%: "
         f"{'met' if loss['goal_met'] else 'NOT met'}).",
         "",
+    ]
+
+
+def _steering_lines(metrics: dict[str, Any]) -> list[str]:
+    lines = [
         "## Topic codes and steering",
         "",
         "| topic | best code precision | recall | heads steered | codes forced | unsteered "
@@ -61,7 +65,11 @@ def render_report(metrics: dict[str, Any]) -> str:
             lines.append(f"- **{topic}**{note}: {st['example'].strip()}")
     lines += ["", "Unsteered examples:", ""]
     lines += [f"- {t.strip()}" for t in s["baseline_examples"]]
-    lines += [
+    return lines
+
+
+def _time_lines(metrics: dict[str, Any]) -> list[str]:
+    return [
         "",
         "## Time",
         "",
@@ -71,4 +79,10 @@ def render_report(metrics: dict[str, Any]) -> str:
         f"| total | {metrics['wall_time_s']:.1f} |",
         "",
     ]
+
+
+def render_report(metrics: dict[str, Any]) -> str:
+    """The ``report.md`` text for the metrics dict of :func:`~codebook_lens.lm.run_lm_demo`:
+    the loss table, the topic codes and steering table with examples, and the timings."""
+    lines = _loss_lines(metrics) + _steering_lines(metrics) + _time_lines(metrics)
     return "\n".join(lines)

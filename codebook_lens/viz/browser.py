@@ -166,6 +166,31 @@ _COUNT_VIEWS = (
 )
 
 
+def _chromium_args(exe: str, profile: str, width: int, offline: bool) -> list[str]:
+    args = [
+        exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--disable-extensions",
+        "--disable-default-apps", "--disable-dev-shm-usage", "--mute-audio",
+        "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={width},1000",
+        "--remote-debugging-pipe",
+    ]  # fmt: skip
+    if offline:
+        args.append("--host-resolver-rules=MAP * ~NOTFOUND")
+    args.append("about:blank")
+    return args
+
+
+def _close(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    except (subprocess.TimeoutExpired, OSError):
+        proc.kill()
+        proc.wait()
+
+
 def check_page(
     path: str | os.PathLike[str],
     screenshot: str | os.PathLike[str] | None = None,
@@ -195,17 +220,7 @@ def check_page(
         raise FileNotFoundError(page)
     result = BrowserCheck(url=page.as_uri())
     with tempfile.TemporaryDirectory(prefix="cl-chromium-") as profile:
-        args = [
-            exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--disable-extensions",
-            "--disable-default-apps", "--disable-dev-shm-usage", "--mute-audio",
-            "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={width},1000",
-            "--remote-debugging-pipe",
-        ]  # fmt: skip
-        if offline:
-            args.append("--host-resolver-rules=MAP * ~NOTFOUND")
-        args.append("about:blank")
+        args = _chromium_args(exe, profile, width, offline)
         # Chromium talks the protocol on fds 3 (in) and 4 (out): map them to our pipes.
         shell = 'exec "$@" 3<&0 4>&1 0</dev/null 1>/dev/null'
         proc = subprocess.Popen(
@@ -217,21 +232,12 @@ def check_page(
                 DevToolsPipe(proc), result, page, screenshot, width, max_height, settle_s, timeout_s
             )
         finally:
-            try:
-                assert proc.stdin is not None
-                proc.stdin.close()
-                proc.wait(timeout=10)
-            except (subprocess.TimeoutExpired, OSError):
-                proc.kill()
-                proc.wait()
+            _close(proc)
     return result
 
 
-def _drive(
-    pipe: DevToolsPipe, result: BrowserCheck, page: Path, screenshot: Any, width: int,
-    max_height: int, settle_s: float, timeout_s: float,
-) -> None:  # fmt: skip
-    deadline = time.monotonic() + timeout_s
+def _attach(pipe: DevToolsPipe, deadline: float) -> str:
+    """Wait for Chromium's first page target and attach to it; returns the session id."""
     target = None
     while target is None:
         pages = [t for t in pipe.call("Target.getTargets")["targetInfos"] if t["type"] == "page"]
@@ -240,15 +246,16 @@ def _drive(
             if time.monotonic() > deadline:
                 raise TimeoutError("chromium opened no page")
             time.sleep(0.1)
-    session = pipe.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})[
+    return pipe.call("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})[
         "sessionId"
     ]
-    for domain in ("Page", "Network", "Runtime", "Log"):
-        pipe.call(f"{domain}.enable", session=session)
-    metrics = {"width": width, "height": 1000, "deviceScaleFactor": 1, "mobile": False}
-    pipe.call("Emulation.setDeviceMetricsOverride", metrics, session=session)
-    pipe.call("Page.navigate", {"url": result.url}, session=session)
-    urls: dict[str, str] = {}
+
+
+def _wait_loaded(
+    pipe: DevToolsPipe, result: BrowserCheck, urls: dict[str, str], settle_s: float,
+    deadline: float,
+) -> bool:  # fmt: skip
+    """Record events until the load event plus ``settle_s`` of quiet; False if it never loaded."""
     loaded = False
     quiet_since = time.monotonic()
     while time.monotonic() < deadline:
@@ -264,7 +271,39 @@ def _drive(
         _record(ev, result, urls)
         if ev.get("method") == "Page.loadEventFired":
             loaded = True
-    if not loaded:
+    return loaded
+
+
+def _screenshot(
+    pipe: DevToolsPipe, session: str, metrics: dict[str, Any], max_height: int,
+    path: str | os.PathLike[str],
+) -> Path:  # fmt: skip
+    """A full-page PNG at ``path``: the viewport grown to the page's height first."""
+    h = int(_evaluate(pipe, session, "document.documentElement.scrollHeight") or 1000)
+    h = max(200, min(h, max_height))
+    pipe.call("Emulation.setDeviceMetricsOverride", {**metrics, "height": h}, session=session)
+    time.sleep(0.2)
+    shot = pipe.call("Page.captureScreenshot", {"format": "png"}, session=session)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(base64.b64decode(shot["data"]))
+    return out
+
+
+def _drive(
+    pipe: DevToolsPipe, result: BrowserCheck, page: Path,
+    screenshot: str | os.PathLike[str] | None, width: int, max_height: int, settle_s: float,
+    timeout_s: float,
+) -> None:  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    session = _attach(pipe, deadline)
+    for domain in ("Page", "Network", "Runtime", "Log"):
+        pipe.call(f"{domain}.enable", session=session)
+    metrics = {"width": width, "height": 1000, "deviceScaleFactor": 1, "mobile": False}
+    pipe.call("Emulation.setDeviceMetricsOverride", metrics, session=session)
+    pipe.call("Page.navigate", {"url": result.url}, session=session)
+    urls: dict[str, str] = {}
+    if not _wait_loaded(pipe, result, urls, settle_s, deadline):
         raise TimeoutError(f"{page} did not finish loading within {timeout_s:.0f} s")
     while True:  # React renders asynchronously: wait until every view has content
         total, rendered = json.loads(_evaluate(pipe, session, _COUNT_VIEWS))
@@ -273,15 +312,7 @@ def _drive(
         time.sleep(0.2)
     result.views_total, result.views_rendered = int(total), int(rendered)
     if screenshot is not None:
-        h = int(_evaluate(pipe, session, "document.documentElement.scrollHeight") or 1000)
-        h = max(200, min(h, max_height))
-        pipe.call("Emulation.setDeviceMetricsOverride", {**metrics, "height": h}, session=session)
-        time.sleep(0.2)
-        shot = pipe.call("Page.captureScreenshot", {"format": "png"}, session=session)
-        out = Path(screenshot)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(base64.b64decode(shot["data"]))
-        result.screenshot = out
+        result.screenshot = _screenshot(pipe, session, metrics, max_height, screenshot)
     while not pipe.events.empty():  # events that arrived while we measured
         _record(pipe.events.get_nowait(), result, urls)
     try:

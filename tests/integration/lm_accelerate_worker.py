@@ -16,19 +16,8 @@ from safetensors.torch import save_file
 
 from codebook_lens import CodebookModel
 from codebook_lens.training import TrainConfig, make_accelerator, train_codebooks
+from tests.conftest import make_model  # the launcher puts the repository root on PYTHONPATH
 
-TINY = dict(
-    n_layers=2,
-    d_model=32,
-    n_heads=4,
-    d_head=8,
-    d_mlp=64,
-    n_ctx=16,
-    d_vocab=11,
-    act_fn="gelu",
-    normalization_type="LN",
-    seed=0,
-)
 STEPS = 6
 GLOBAL_BATCH = 8
 
@@ -45,10 +34,7 @@ def batches() -> list[torch.Tensor]:
 
 def build() -> CodebookModel:
     """The tiny model with one per-head and one flat codebook, initialised from data."""
-    from codebook_lens.backends import build_model
-
-    model = build_model(TINY)
-    cm = CodebookModel(model)
+    cm = CodebookModel(make_model())
     cm.add_codebook("blocks.0.attn.hook_z", n_codes=16, k=2)
     cm.add_codebook("blocks.1.hook_mlp_out", n_codes=16, k=1, input_norm="layernorm")
     cm.init_codebooks(batches()[0])

@@ -21,18 +21,16 @@ from codebook_lens.analysis import (
     steer,
     steering_hooks,
 )
-from tests.conftest import make_model
+from tests.conftest import TINY, make_model
 
 Z0, Z1 = "blocks.0.attn.hook_z", "blocks.1.attn.hook_z"
 M0, M1 = "blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"
 
 
-def tiny(backend: str = "auto", **over):
-    return make_model(backend, **over)
-
-
 def toks(n: int, pos: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 11, (n, pos), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, TINY["d_vocab"], (n, pos), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,7 +39,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def cm():
-    m = CodebookModel(tiny())
+    m = CodebookModel(make_model())
     m.add_codebook(Z0, n_codes=20, k=2, init="random")
     m.add_codebook(M1, n_codes=30, k=1, init="random")
     return m
@@ -95,7 +93,7 @@ def test_store_memory_bound(cm, tmp_path):
 def test_dla_equals_frozen_scale_forward(backend, site, kw):
     """Appending a code at a last-layer site changes the logits by exactly its DLA when the
     final LayerNorm scale (and, for attention sites, the last MLP) is frozen: the direct path."""
-    m = CodebookModel(tiny(backend))
+    m = CodebookModel(make_model(backend))
     if "n_groups" in kw:
         from codebook_lens import CodebookConfig
 
@@ -160,7 +158,7 @@ def _real_ablation(m, x, metric, ap):
 
 def test_batched_real_ablation_equals_ablate_codes():
     """The batched helper above agrees with single ablate_codes runs."""
-    m = CodebookModel(tiny())
+    m = CodebookModel(make_model())
     m.add_codebook(Z0, n_codes=10, k=2, init="random")
     x = toks(1, 4, seed=2)
     ap = code_attribution_patching(m, x, logprob3)
@@ -178,7 +176,7 @@ def logprob3(logits):
 
 def test_attribution_patching_matches_ablation_last_layer():
     """No codebook downstream: the gradient estimate tracks real ablation closely."""
-    m = CodebookModel(tiny())
+    m = CodebookModel(make_model())
     m.add_codebook(Z1, n_codes=20, k=1, init="sample")
     m.init_codebooks(toks(40, 12))
     x = toks(1, 12, seed=5)
@@ -192,7 +190,7 @@ def test_attribution_patching_matches_ablation_last_layer():
 def test_attribution_patching_matches_ablation_all_sites_error_term():
     """Three sites (k=2 per head, k=1 flat, k=1 per head) with the error term, so codes
     downstream do not switch discretely: the estimate agrees with real ablation."""
-    m = CodebookModel(tiny())
+    m = CodebookModel(make_model())
     m.add_codebook(Z0, n_codes=20, k=2, init="sample", use_error_term=True)
     m.add_codebook(M0, n_codes=20, k=1, init="sample", use_error_term=True)
     m.add_codebook(Z1, n_codes=20, k=1, init="sample", use_error_term=True)
@@ -226,7 +224,7 @@ def test_attribution_patching_frozen_is_ablation_with_other_codes_held():
     """Without the error term, a downstream codebook is piecewise constant: the default
     estimate (through="frozen") is the linearization of ablating a code while every other
     site's codes are held at their clean values."""
-    m = CodebookModel(tiny())
+    m = CodebookModel(make_model())
     m.add_codebook(Z0, n_codes=20, k=2, init="random")
     m.add_codebook(M0, n_codes=20, k=1, init="random")
     m.add_codebook(Z1, n_codes=20, k=1, init="random")
@@ -293,7 +291,7 @@ def test_patch_sweep_equals_single_patches(cm):
 # ---------------------------------------------------------------- steering & generation
 def steer_model(backend: str = "auto"):
     """A codebook at the last residual stream whose code 3 points hard at token 7."""
-    m = CodebookModel(tiny(backend, n_ctx=32))
+    m = CodebookModel(make_model(backend, n_ctx=32))
     cb = m.add_codebook(
         "blocks.1.hook_resid_post", n_codes=8, k=1, init="random", use_error_term=True
     )

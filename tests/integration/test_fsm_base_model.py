@@ -20,7 +20,9 @@ from codebook_lens.fsm import (
     train_base_model,
 )
 
-TINY = dict(
+# A seconds-long base-model training setup (not the model config of tests/conftest.py: this one
+# is a BaseTrainConfig, and the tests below assert its lr and warmup).
+TINY_TRAIN = dict(
     n_layers=1,
     d_model=32,
     n_heads=2,
@@ -109,7 +111,7 @@ def test_train_base_model_smoke(fsm):
         seed=0,
         progress=False,
         eval_every=12,
-        train_cfg=BaseTrainConfig(**TINY, log_every=1),
+        train_cfg=BaseTrainConfig(**TINY_TRAIN, log_every=1),
     )
     assert backend_of(model) == resolve_backend() and not model.training
     assert model.cfg.n_ctx == 33 and model.cfg.n_layers == 1
@@ -125,14 +127,14 @@ def test_train_base_model_smoke(fsm):
     assert max(hist["lr"]) == pytest.approx(3e-3)
     # deterministic from the seed
     model2, hist2 = train_base_model(
-        fsm, steps=3, seed=0, progress=False, train_cfg=BaseTrainConfig(**TINY, log_every=1)
+        fsm, steps=3, seed=0, progress=False, train_cfg=BaseTrainConfig(**TINY_TRAIN, log_every=1)
     )
     assert hist2["loss"] == pytest.approx(hist["loss"][:3])
 
 
 def test_train_base_model_errors(fsm):
     with pytest.raises(ValueError, match="n_ctx"):
-        train_base_model(fsm, n_steps_per_walk=17, train_cfg=BaseTrainConfig(**TINY))
+        train_base_model(fsm, n_steps_per_walk=17, train_cfg=BaseTrainConfig(**TINY_TRAIN))
     with pytest.raises(ValueError, match="divisible"):
         BaseTrainConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="steps"):
@@ -151,8 +153,10 @@ def test_sinusoidal_positions():
 
 def test_pos_init_option(fsm):
     kw = dict(steps=1, seed=0, progress=False)
-    m_sin, _ = train_base_model(fsm, train_cfg=BaseTrainConfig(**TINY), **kw)
-    m_rnd, _ = train_base_model(fsm, train_cfg=BaseTrainConfig(**TINY, pos_init="random"), **kw)
+    m_sin, _ = train_base_model(fsm, train_cfg=BaseTrainConfig(**TINY_TRAIN), **kw)
+    m_rnd, _ = train_base_model(
+        fsm, train_cfg=BaseTrainConfig(**TINY_TRAIN, pos_init="random"), **kw
+    )
     w = m_sin.pos_embed.W_pos.detach()
     # one AdamW step of lr/warmup moves each entry by <= lr: still the sinusoidal table
     expected = sinusoidal_positions(33, 32) * w.pow(2).mean().sqrt()

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from codebook_lens.atomic import data_path
-from codebook_lens.backends import build_model
 from codebook_lens.data import BlockStream, encode_texts, hf_texts, pack_blocks, pydoc_texts
 from codebook_lens.lm.tokenizer import (
     TOKENIZER_KIND,
@@ -16,6 +15,7 @@ from codebook_lens.lm.tokenizer import (
     save_tokenizer,
     train_bpe_tokenizer,
 )
+from tests.conftest import make_model
 
 ODD = ["", " ", "Ünïcode — ✓ 🐉", "tabs\tand  double  spaces\n\nnew para", "x" * 300]
 
@@ -48,20 +48,11 @@ def test_save_load_gives_the_same_tokenizer(tok, tmp_path):
 
 
 def test_transformer_lens_accepts_it(tok, backend):
-    cfg = dict(
-        n_layers=1,
-        d_model=32,
-        n_heads=2,
-        d_head=16,
-        n_ctx=64,
-        d_vocab=len(tok),
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=0,
-    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_model(cfg, backend, tokenizer=tok)
+        model = make_model(
+            backend, tokenizer=tok, n_layers=1, n_heads=2, d_head=16, n_ctx=64, d_vocab=len(tok)
+        )
     text = "def f(x):\n    return x  # Ünïcode"
     toks = model.to_tokens(text)
     assert toks[0, 0] == 0 and (toks[0, 1:] != 0).all()  # exactly one BOS
