@@ -8,6 +8,10 @@ codebook-lens report DIR                     rebuild DIR/report.html from DIR/me
 codebook-lens lm-demo --out DIR              language-model path (topic codes, steering)
 codebook-lens browse DIR [--port N]          the code browser (a local web server) over DIR
 codebook-lens convert SRC OUT [--base BASE]  a codebook-features checkpoint -> our format
+
+The run commands take one flag per field of their config dataclass (``ExperimentConfig``,
+``LMDemoConfig``; nested ones as ``--train.steps``, ``--plan.placement``), with the field's
+docstring as help: see ``codebook-lens COMMAND --help``.
 """
 
 from __future__ import annotations
@@ -22,8 +26,22 @@ from typing import Any
 
 from codebook_lens.atomic import write_text
 from codebook_lens.backends import BACKENDS, BackendError
+from codebook_lens.cli_args import add_config_arguments, config_from_args
+from codebook_lens.fsm.experiment import (
+    ExperimentConfig,
+    attach_codebooks,
+    finetune_codebooks,
+    get_base_model,
+    init_codebooks,
+    interventions,
+    state_recovery,
+    transition_accuracy_of,
+)
+from codebook_lens.fsm.machine import FSM
+from codebook_lens.lm.demo import LMDemoConfig
+from codebook_lens.model import CodebookModel
 
-__all__ = ["main", "build_parser", "format_table"]
+__all__ = ["main", "build_parser", "format_table", "SHORT_FLAGS"]
 
 
 def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -35,27 +53,21 @@ def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     return "\n".join([fmt.format(*header), line, *(fmt.format(*r) for r in rows)])
 
 
-def _experiment_config(args: argparse.Namespace) -> Any:
-    from codebook_lens.fsm.experiment import ExperimentConfig
+SHORT_FLAGS = {
+    "train.steps": ["--steps"],
+    "plan.placement": ["--placement"],
+    "plan.mlp_merge_threshold": ["--merge-threshold"],
+}
+"""The TokFSM commands' short spellings of some config flags (``--steps`` is
+``--train.steps``)."""
 
-    cfg = ExperimentConfig.small() if args.small else ExperimentConfig()
-    _apply_codebook_args(cfg, args)
-    if getattr(args, "no_progress", False):
+
+def _experiment_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The demo's config: ``--small`` or the defaults, then the config flags given."""
+    cfg = config_from_args(ExperimentConfig.small() if args.small else ExperimentConfig(), args)
+    if args.no_progress:
         cfg.train = dataclasses.replace(cfg.train, progress=False)
-    if getattr(args, "seed", None) is not None:
-        cfg.seed = args.seed
-    cfg.backend = getattr(args, "backend", "auto")
     return cfg
-
-
-def _apply_codebook_args(cfg: Any, args: argparse.Namespace) -> None:
-    """--steps, --placement and --merge-threshold onto an ExperimentConfig."""
-    if getattr(args, "steps", None):
-        cfg.train = dataclasses.replace(cfg.train, steps=args.steps)
-    if getattr(args, "placement", None):
-        cfg.plan = dataclasses.replace(cfg.plan, placement=args.placement)
-    if getattr(args, "merge_threshold", None) is not None:
-        cfg.plan = dataclasses.replace(cfg.plan, mlp_merge_threshold=args.merge_threshold)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -83,10 +95,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_fsm_train_base(args: argparse.Namespace) -> int:
-    from codebook_lens.fsm.experiment import get_base_model, transition_accuracy_of
-    from codebook_lens.fsm.machine import FSM
-    from codebook_lens.model import CodebookModel
-
     cfg = _experiment_config(args)
     out = Path(args.out)
     fsm = FSM(cfg.n_states, cfg.n_edges, seed=cfg.fsm_seed)
@@ -104,37 +112,16 @@ def _cmd_fsm_train_base(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_step(path: Path) -> tuple[Any, Any, Any]:
-    from codebook_lens.fsm.experiment import CodebookPlan, ExperimentConfig
-    from codebook_lens.fsm.machine import FSM
-    from codebook_lens.training import TrainConfig
-
+def _load_step(path: Path) -> tuple[ExperimentConfig, FSM]:
+    """The settings and FSM a ``train-base`` (or ``train-codebooks``) step saved in ``path``."""
     d = json.loads((path / "experiment.json").read_text())
-    from codebook_lens.fsm.base_model import BaseTrainConfig
-
-    cfg = ExperimentConfig(
-        **{
-            **d,
-            "base": BaseTrainConfig(**d["base"]),
-            "plan": CodebookPlan(**d["plan"]),
-            "train": TrainConfig(**d["train"]),
-        }
-    )
-    return cfg, FSM.load(path / "fsm.json"), d
+    return ExperimentConfig.from_dict(d), FSM.load(path / "fsm.json")
 
 
 def _cmd_fsm_train_codebooks(args: argparse.Namespace) -> int:
-    from codebook_lens.fsm.experiment import (
-        attach_codebooks,
-        finetune_codebooks,
-        init_codebooks,
-        transition_accuracy_of,
-    )
-    from codebook_lens.model import CodebookModel
-
     base_dir, out = Path(args.base), Path(args.out)
-    cfg, fsm, raw = _load_step(base_dir)
-    _apply_codebook_args(cfg, args)
+    cfg, fsm = _load_step(base_dir)
+    cfg = config_from_args(cfg, args)
     cfg.backend = args.backend
     base = CodebookModel.load(base_dir / "base", backend=args.backend).detach()
     cm = attach_codebooks(base, cfg.plan, seed=cfg.seed)
@@ -159,13 +146,11 @@ def _cmd_fsm_train_codebooks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _converted_step(path: Path, backend: str) -> tuple[Any, Any, Any, Any]:
+def _converted_step(
+    path: Path, backend: str
+) -> tuple[ExperimentConfig, FSM, CodebookModel, CodebookModel]:
     """A ``codebook-lens convert`` output of a TokFSM model (with its ``fsm.json``): the
     experiment settings sized to the model's context, the FSM, the model and its base."""
-    from codebook_lens.fsm.experiment import ExperimentConfig
-    from codebook_lens.fsm.machine import FSM
-    from codebook_lens.model import CodebookModel
-
     if not (path / "fsm.json").exists():
         raise SystemExit(
             f"codebook-lens fsm analyze: {path} has no fsm.json; convert a TokFSM checkpoint "
@@ -182,27 +167,24 @@ def _converted_step(path: Path, backend: str) -> tuple[Any, Any, Any, Any]:
 
 
 def _cmd_fsm_analyze(args: argparse.Namespace) -> int:
-    from codebook_lens.fsm.experiment import interventions, state_recovery
-    from codebook_lens.model import CodebookModel
-
     if args.converted:
         cfg, fsm, cm, base = _converted_step(Path(args.converted), args.backend)
     else:
         if not (args.model and args.base):
             raise SystemExit("codebook-lens fsm analyze: give --model and --base, or --converted")
         model_dir = Path(args.model)
-        cfg, fsm, _ = _load_step(model_dir)
+        cfg, fsm = _load_step(model_dir)
         cm = CodebookModel.load(model_dir / "model", backend=args.backend)
         base = CodebookModel.load(Path(args.base) / "base", backend=args.backend).detach()
     rec = state_recovery(cm, base, fsm, cfg)
     itv = interventions(cm, fsm, cfg)
-    out = {"recovery": {k: v for k, v in rec.items() if not k.startswith("_")}, "intervention": itv}
+    out = {"recovery": rec.metrics(), "intervention": itv}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     write_text(Path(args.out) / "analysis.json", json.dumps(out, indent=2))
     rows = [
-        ("states recovered", f"{rec['states_recovered']} / {rec['states_present']}"),
-        ("mean best-code precision", f"{rec['mean_best_code_precision']:.3f}"),
-        ("mean best-neuron precision", f"{rec['mean_best_neuron_precision']:.3f}"),
+        ("states recovered", f"{rec.states_recovered} / {rec.states_present}"),
+        ("mean best-code precision", f"{rec.mean_best_code_precision:.3f}"),
+        ("mean best-neuron precision", f"{rec.mean_best_neuron_precision:.3f}"),
         ("intervention success (all sites)", f"{itv['success_rate']:.3f}"),
     ]
     print(format_table(rows, ("metric", "value")))
@@ -214,10 +196,10 @@ def _cmd_lm_demo(args: argparse.Namespace) -> int:
         from codebook_lens.lm import run_lm_demo
     except ImportError as e:  # pragma: no cover - depends on optional extras
         raise SystemExit(f"lm-demo needs the language-model extras: {e}") from e
-    overrides: dict[str, Any] = {"progress": not args.no_progress, "backend": args.backend}
-    if args.seed is not None:
-        overrides["seed"] = args.seed
-    metrics = run_lm_demo(Path(args.out), small=args.small, **overrides)
+    cfg = config_from_args(LMDemoConfig.small() if args.small else LMDemoConfig(), args)
+    if args.no_progress:
+        cfg = dataclasses.replace(cfg, progress=False)
+    metrics = run_lm_demo(Path(args.out), config=cfg)
     rows = [
         (k, f"{v:.4g}" if isinstance(v, float) else str(v))
         for k, v in metrics.get("summary", {}).items()
@@ -253,53 +235,53 @@ def _cmd_browse(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``codebook-lens``."""
-    p = argparse.ArgumentParser(prog="codebook-lens", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+def _backend_flag(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="TransformerLens model class: hooked (HookedTransformer, transformer-lens 3.x), "
+        "bridge (TransformerBridge) or auto (hooked where it exists, else bridge)",
+    )
 
-    def backend(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--backend",
-            choices=BACKENDS,
-            default="auto",
-            help="TransformerLens model class: hooked (HookedTransformer, transformer-lens 3.x), "
-            "bridge (TransformerBridge) or auto (hooked where it exists, else bridge)",
-        )
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        backend(sp)
-        sp.add_argument("--small", action="store_true", help="tiny sizes (seconds; for tests)")
+def _run_flags(sp: argparse.ArgumentParser, small: str, cache: bool = True) -> None:
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--small", action="store_true", help=small)
+    if cache:
         sp.add_argument("--cache-dir", default=None, help="base-model cache directory")
-        sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
-        sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    merge_help = "merge_threshold of the MLP codebooks (default 0.85; 0 turns merging off)"
-    d = sub.add_parser("demo", help="TokFSM end to end, writing DIR/report.html")
-    d.add_argument("--out", required=True)
-    d.add_argument("--steps", type=int, default=None, help="codebook finetuning steps")
-    d.add_argument("--placement", choices=["attn", "mlp", "attn+mlp"], default=None)
-    d.add_argument("--merge-threshold", type=float, default=None, help=merge_help)
-    common(d)
+
+def _fsm_parsers(sub: Any) -> None:
+    """``demo``, ``report`` and the ``fsm`` steps; their config flags are ExperimentConfig's."""
+    cfg, small = ExperimentConfig(), "tiny sizes (seconds; for tests); flags apply on top"
+    usage = "%(prog)s --out DIR [--small] [options]"
+    d = sub.add_parser("demo", help="TokFSM end to end, writing DIR/report.html", usage=usage)
+    _run_flags(d, small)
+    add_config_arguments(d, cfg, aliases=SHORT_FLAGS, exclude=["train.progress"])
     d.set_defaults(func=_cmd_demo)
-
     r = sub.add_parser("report", help="rebuild DIR/report.html from DIR/metrics.json")
     r.add_argument("dir")
     r.set_defaults(func=_cmd_report)
 
-    f = sub.add_parser("fsm", help="TokFSM steps")
-    fsub = f.add_subparsers(dest="step", required=True)
-    tb = fsub.add_parser("train-base", help="FSM + base model -> DIR/base")
-    tb.add_argument("--out", required=True)
-    common(tb)
+    fsub = sub.add_parser("fsm", help="TokFSM steps").add_subparsers(dest="step", required=True)
+    tb = fsub.add_parser("train-base", help="FSM + base model -> DIR/base", usage=usage)
+    _run_flags(tb, small)
+    add_config_arguments(tb, cfg, aliases=SHORT_FLAGS, exclude=["train.progress"])
     tb.set_defaults(func=_cmd_fsm_train_base)
-    tc = fsub.add_parser("train-codebooks", help="attach + finetune codebooks -> DIR/model")
+    tc = fsub.add_parser(
+        "train-codebooks",
+        help="attach + finetune codebooks -> DIR/model",
+        usage="%(prog)s --base DIR --out DIR [options]",
+        description="Config flags change the settings saved by train-base in --base (the "
+        "defaults shown are ExperimentConfig's).",
+    )
     tc.add_argument("--base", required=True, help="output directory of train-base")
-    tc.add_argument("--out", required=True)
-    tc.add_argument("--steps", type=int, default=None)
-    tc.add_argument("--placement", choices=["attn", "mlp", "attn+mlp"], default=None)
-    tc.add_argument("--merge-threshold", type=float, default=None, help=merge_help)
-    backend(tc)
+    tc.add_argument("--out", required=True, help="output directory")
+    _backend_flag(tc)  # the FSM and base model come from --base: their settings are fixed
+    fixed = ["n_states", "n_edges", "fsm_seed", "base", "backend"]
+    add_config_arguments(tc, cfg, aliases=SHORT_FLAGS, exclude=fixed)
     tc.set_defaults(func=_cmd_fsm_train_codebooks)
     an = fsub.add_parser("analyze", help="state recovery + interventions -> DIR/analysis.json")
     an.add_argument("--model", help="output directory of train-codebooks")
@@ -308,15 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--converted", help="instead: a `codebook-lens convert` output of a TokFSM model"
     )
     an.add_argument("--out", required=True)
-    backend(an)
+    _backend_flag(an)
     an.set_defaults(func=_cmd_fsm_analyze)
 
-    lm = sub.add_parser("lm-demo", help="language model: topic codes and steering")
-    lm.add_argument("--out", required=True)
-    lm.add_argument("--small", action="store_true", help="a one-minute smoke run")
-    lm.add_argument("--seed", type=int, default=None, help="seed of corpus, models and sampling")
-    lm.add_argument("--no-progress", action="store_true", help="no progress bars")
-    backend(lm)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``codebook-lens``; each run command's config flags and their
+    help come from its config dataclass (:mod:`codebook_lens.cli_args`)."""
+    p = argparse.ArgumentParser(
+        prog="codebook-lens",
+        description=__doc__.replace("``", "").split("\n", 1)[1].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    _fsm_parsers(sub)
+    lm = sub.add_parser(
+        "lm-demo",
+        help="language model: topic codes and steering",
+        usage="%(prog)s --out DIR [--small] [options]",
+    )
+    _run_flags(lm, "a one-minute smoke run; flags apply on top", cache=False)
+    add_config_arguments(lm, LMDemoConfig(), exclude=["progress"])
     lm.set_defaults(func=_cmd_lm_demo)
 
     cv = sub.add_parser(
@@ -330,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="base model: directory or Hub id (optional for the paper's released checkpoints)",
     )
     cv.add_argument("--revision", default=None, help="Hub revision of SRC")
-    backend(cv)
+    _backend_flag(cv)
     cv.set_defaults(func=_cmd_convert)
     br = sub.add_parser("browse", help="serve the code browser for DIR (prints its URL)")
     from codebook_lens.browse.server import add_arguments  # no web framework imported here
