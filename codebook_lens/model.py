@@ -30,9 +30,8 @@ from codebook_lens.quantizer import Codebook
 from codebook_lens.suggest import did_you_mean, unknown_site_error
 from codebook_lens.validation import check_tokens
 
-__all__ = ["CodebookModel", "codes_hook_name", "PER_HEAD_SUFFIXES", "Layout"]
+__all__ = ["CodebookModel", "codes_hook_name", "Layout"]
 
-PER_HEAD_SUFFIXES = ("attn.hook_z", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_result")
 _UNQUANTIZABLE = ("hook_pattern", "hook_attn_scores", "hook_codes", "hook_tokens")
 
 
@@ -169,10 +168,17 @@ class CodebookModel(nn.Module):
                 "per-head site such as blocks.0.attn.hook_z or blocks.0.hook_mlp_out"
             )
 
-    def _layout(self, site: str, cfg: CodebookConfig) -> Layout:
+    def _site_shape(self, site: str) -> tuple[int, ...]:
         shape = self._site_shapes().get(site)
         if shape is None:
-            raise ValueError(f"{site!r} did not fire on a forward pass; it cannot be quantized")
+            raise ValueError(
+                f"{site!r} did not fire on a forward pass of this {self.backend} model, so it "
+                "cannot be quantized; choose a site that does (see cm.hook_names())"
+            )
+        return shape
+
+    def _layout(self, site: str, cfg: CodebookConfig) -> Layout:
+        shape = self._site_shape(site)
         if len(shape) == 1:
             (d,) = shape
             if cfg.n_groups == 1 and cfg.d_in == d:
@@ -200,7 +206,7 @@ class CodebookModel(nn.Module):
         )
 
     def _default_cfg(self, site: str, overrides: dict[str, Any]) -> CodebookConfig:
-        shape = self._site_shapes().get(site, ())
+        shape = self._site_shape(site)
         if "n_codes" not in overrides:
             raise TypeError(
                 "add_codebook needs a CodebookConfig, a Codebook, or at least n_codes=..."

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from codebook_lens import CodebookConfig, CodebookModel
+from tests.conftest import make_model
 from tests.unit.bruteforce import bf_quantize
 
 SITES = {
@@ -232,3 +233,29 @@ def test_in_place_patch_is_honoured(model, tokens):
     torch.testing.assert_close(a, b)
     _, cache = cm.run_with_cache(tokens)  # a caching hook alone changes nothing
     torch.testing.assert_close(cm(tokens), clean)
+
+
+def test_site_layout_comes_from_the_activation_shape(backend):
+    """A per-head site outside the usual names (rotated queries; the bridge's input of W_O) is
+    laid out per head, as its activation shape says: a name-suffix rule would call it a flat,
+    split site."""
+    cm = CodebookModel(make_model(backend, positional_embedding_type="rotary", rotary_dim=8))
+    site = "blocks.0.attn.hook_rot_q" if backend == "hooked" else "blocks.0.attn.o.hook_in"
+    cb = cm.add_codebook(site, n_codes=8, k=2)
+    assert (cb.cfg.d_in, cb.cfg.n_groups) == (8, 4)
+    assert cm.site_layout(site) == "heads"
+    _, cache = cm.run_with_cache(torch.zeros(2, 5, dtype=torch.long))
+    assert cache[f"{site}.hook_codes"].shape == (2, 5, 4, 2)
+    cm.remove_codebook(site)
+    cm.add_codebook(site, n_codes=8, d_in=32, n_groups=1)
+    assert cm.site_layout(site) == "heads_flat"
+    cm.add_codebook("blocks.0.hook_mlp_out", n_codes=8, d_in=8, n_groups=4)
+    assert cm.site_layout("blocks.0.hook_mlp_out") == "split"
+    with pytest.raises(KeyError, match=r"Did you mean 'blocks\.0\.hook_mlp_out'"):
+        cm.site_layout("blocks.0.hook_mlp_ou")
+
+
+def test_a_site_that_never_fires_is_refused_by_name():
+    cm = CodebookModel(make_model("bridge", positional_embedding_type="rotary", rotary_dim=8))
+    with pytest.raises(ValueError, match="hook_rot_q' did not fire on a forward pass"):
+        cm.add_codebook("blocks.0.attn.hook_rot_q", n_codes=8)
