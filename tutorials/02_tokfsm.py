@@ -163,17 +163,17 @@ print("saved to", saved_at)
 
 # %%
 rec = state_recovery(cm, base, fsm, cfg)
-print(f"states recovered (P, R >= 0.9): {rec['states_recovered']} / {rec['states_present']}")
-print("  per site:", rec["states_recovered_per_site"])
+print(f"states recovered (P, R >= 0.9): {rec.states_recovered} / {rec.states_present}")
+print("  per site:", rec.states_recovered_per_site)
 print(
-    f"mean best-code precision   {rec['mean_best_code_precision']:.3f} "
-    f"(recall {rec['mean_best_code_recall']:.3f})"
+    f"mean best-code precision   {rec.mean_best_code_precision:.3f} "
+    f"(recall {rec.mean_best_code_recall:.3f})"
 )
 print(
-    f"mean best-neuron precision {rec['mean_best_neuron_precision']:.3f} "
-    f"(recall {rec['mean_best_neuron_recall']:.3f})"
+    f"mean best-neuron precision {rec.mean_best_neuron_precision:.3f} "
+    f"(recall {rec.mean_best_neuron_recall:.3f})"
 )
-results, store, labels = rec["_results"], rec["_store"], rec["_labels"]
+results, store, labels = rec.results, rec.store, rec.labels
 assert set(results) == set(cm.sites)
 assert results[cm.sites[0]].precision.shape[-1] == fsm.n_states
 
@@ -183,7 +183,7 @@ assert results[cm.sites[0]].precision.shape[-1] == fsm.n_states
 # one code per state, each firing only for its state.
 
 # %%
-best = rec["best_code"]
+best = rec.best_code
 columns, names = [], []
 for site, head, code in dict.fromkeys(zip(best["site"], best["head"], best["code"])):
     columns.append(results[site].precision[head, code])  # [n_states]
@@ -208,7 +208,7 @@ print("first columns:", names[:5])
 # %%
 present = results[cm.sites[0]].label_counts > 0
 code_p = torch.tensor(best["precision"])[present]
-neuron_p = torch.tensor(rec["best_neuron_precision"])[present]
+neuron_p = torch.tensor(rec.best_neuron_precision)[present]
 viz.show(viz.codes_vs_neurons_bars(code_p, neuron_p), "codes_vs_neurons", OUT)
 print(f"codes beat neurons on {(code_p > neuron_p).sum()} of {int(present.sum())} states")
 
@@ -262,6 +262,6 @@ for acc in (base_acc, attach_acc, cb_acc):
     assert 0.0 <= acc <= 1.0
 if not SMALL:
     assert base_acc >= 0.9 and cb_acc >= 0.85, (base_acc, cb_acc)
-    assert rec["states_recovered"] >= 80, rec["states_recovered"]
-    assert rec["mean_best_code_precision"] >= 0.9, rec["mean_best_code_precision"]
+    assert rec.states_recovered >= 80, rec.states_recovered
+    assert rec.mean_best_code_precision >= 0.9, rec.mean_best_code_precision
 print(f"done in {time.perf_counter() - T0:.0f} s")

@@ -106,7 +106,7 @@ print("size:", "small (CI)" if SMALL else "full", "| sites", cm.sites)
 
 # %%
 rec = state_recovery(cm, base, fsm, cfg)
-store, labels = rec["_store"], rec["_labels"]
+store, labels = rec.store, rec.labels
 
 
 def codes_of_state(s: int) -> dict[str, torch.Tensor]:
@@ -341,7 +341,7 @@ assert res.steered_tokens.shape == (n_prompts * n_samples, p_len + new_states * 
 # position. We compare it with forcing every site's codes, on the same prompt.
 
 # %%
-best = rec["best_code"]
+best = rec.best_code
 s1 = int(targets[0])
 site1, head1, code1 = best["site"][s1], best["head"][s1], best["code"][s1]
 heads1 = [head1] if store.get(site1).dim() == 4 else None  # per-head site or not

@@ -170,11 +170,11 @@ finetune = train_codebooks(
     cm,
     stream,
     TrainConfig(
-        steps=cfg.cb_steps,
-        lr=cfg.cb_lr / 3,
-        codebook_lr=cfg.cb_lr,
-        warmup_steps=max(1, cfg.cb_steps // 20),
-        log_every=max(1, cfg.cb_steps // 5),
+        steps=cfg.codebook_steps,
+        lr=cfg.codebook_lr / 3,
+        codebook_lr=cfg.codebook_lr,
+        warmup_steps=max(1, cfg.codebook_steps // 20),
+        log_every=max(1, cfg.codebook_steps // 5),
     ),
     accelerator=acc,
 )
