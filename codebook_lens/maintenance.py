@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from codebook_lens.quantizer import Codebook
@@ -23,7 +23,7 @@ __all__ = [
 
 
 @torch.no_grad()
-def replace_dead_codes(cb: Codebook, threshold: float | None = None) -> Tensor:
+def replace_dead_codes(cb: Codebook, threshold: float | None = None) -> Int[Tensor, ""]:
     """Re-seed codes used fewer than ``threshold`` times since the last call (default
     ``cfg.dead_code_threshold``) from recent training activations; returns how many were
     replaced (a 0-d tensor) and restarts the usage window."""

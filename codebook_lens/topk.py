@@ -192,8 +192,8 @@ def topk_codes(
     float16, which is scored in float32. Rows of ``x`` that are not finite get arbitrary ids;
     :meth:`codebook_lens.quantizer.Codebook.encode` marks them empty (-1).
 
-    ``similarity``: ``"cosine"`` (default), ``"dot"`` or ``"euclidean"`` (negative distance);
-    any other string scores as ``"dot"``.
+    ``similarity``: ``"cosine"`` (the default), ``"dot"`` or ``"euclidean"`` (negative
+    distance).
     """
     if x.dtype == torch.float16:  # fp16 scores overflow (max 65504) and fp16 GEMM is slow on CPU
         x = x.float()

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -177,7 +178,7 @@ class TrainResult:
         return asdict(self)
 
 
-def lm_loss(cm: CodebookModel, tokens: Tensor) -> Tensor:
+def lm_loss(cm: CodebookModel, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, ""]:
     """Mean next-token cross-entropy of ``tokens`` [batch, pos] under the codebook model."""
     return cm(tokens, return_type="loss")
 
@@ -461,11 +462,8 @@ def _start_loop(
     else:
         state = loaded
         log_counts, sums, n_acc = _loop_state(state, s.cbs, s.device)
-    result = TrainResult(
-        history=list(state.history),
-        evals=list(state.evals),
-        resumed_from=0 if loaded is None else state.step,
-    )
+    result = TrainResult(resumed_from=0 if loaded is None else state.step)
+    result.history, result.evals = list(state.history), list(state.evals)
     last_saved = state.step if result.resumed_from else None
     return state, _Loop(_cycle(data), state.consumed, sums, n_acc, log_counts, result, last_saved)
 
