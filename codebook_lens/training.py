@@ -1,8 +1,9 @@
 """Generic finetuning loop for a :class:`CodebookModel`: task loss + explicit codebook losses.
 
 Works with any model and any stream of token batches. The reconstruction (and commitment) loss
-is a visible, logged term added to the task loss; dead codes are re-seeded on each codebook's
-schedule; metrics are read back to the host only at logging steps.
+is a visible, logged term added to the task loss; each codebook is maintained on its schedule
+(:mod:`codebook_lens.maintenance`: dead codes re-seeded, near-duplicates merged); metrics are
+read back to the host only at logging steps.
 
 The same loop runs on one CPU, one GPU, or several processes through Hugging Face Accelerate
 (pass ``accelerator=``; launch with ``accelerate launch``): gradient accumulation, mixed
@@ -136,7 +137,8 @@ class TrainConfig(ValidatedConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        """Range checks (types are checked against the annotations before this runs)."""
+        """Range checks (types and ``Literal`` choices are checked against the annotations
+        before this runs)."""
         if self.steps < 1:
             raise ValueError(f"TrainConfig: steps must be >= 1, got {self.steps}")
         if self.lr <= 0 or (self.codebook_lr is not None and self.codebook_lr <= 0):
