@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from codebook_lens import Codebook, CodebookConfig, merge_duplicate_codes
+from codebook_lens.maintenance import maintenance_due, reseed_dead_codes
 from tests.unit.bruteforce import bf_merge
 
 
@@ -66,3 +67,22 @@ def test_merging_moves_positions_to_the_survivor_and_defaults_to_the_config():
 def test_merge_threshold_is_validated():
     with pytest.raises(ValueError, match="merge_threshold must be in"):
         CodebookConfig(d_in=4, n_codes=8, merge_threshold=1.0)
+
+
+def test_maintenance_schedule_and_reseed_mask():
+    cb = Codebook(CodebookConfig(d_in=3, n_codes=4, dead_code_threshold=1, replace_every=5))
+    assert [s for s in range(1, 16) if maintenance_due(cb, s)] == [5, 10, 15]
+    assert not maintenance_due(Codebook(CodebookConfig(d_in=3, n_codes=4, replace_every=5)), 5)
+    cb.train()
+    cb(torch.randn(10, 3, generator=torch.Generator().manual_seed(0)))
+    unused = cb.window_counts == 0
+    mask = reseed_dead_codes(cb)
+    assert torch.equal(mask, unused) and not cb.window_counts.any()
+
+
+def test_moved_names_still_import_from_their_old_modules():
+    from codebook_lens import init, maintenance, quantizer, topk
+
+    assert quantizer.topk_codes is topk.topk_codes
+    assert init.merge_duplicate_codes is maintenance.merge_duplicate_codes
+    assert init.replace_dead_codes is maintenance.replace_dead_codes

@@ -167,3 +167,14 @@ def test_config_errors_are_actionable():
         cb.encode(torch.randn(2, 5))
     with pytest.raises(ValueError, match=r"code ids must lie in \[-1, 17\)"):
         cb.check_codes(torch.tensor([[17]]))
+
+
+def test_flatten_input_gives_rows_per_group():
+    grouped = Codebook(CodebookConfig(d_in=4, n_codes=8, n_groups=2))
+    assert grouped.flatten_input(torch.randn(3, 5, 2, 4)).shape == (15, 2, 4)
+    with pytest.raises(ValueError, match=r"grouped Codebook expects \[..., n_groups=2, 4\]"):
+        grouped.flatten_input(torch.randn(3, 4))
+    plain = Codebook(CodebookConfig(d_in=4, n_codes=8))
+    assert plain.flatten_input(torch.randn(3, 5, 4)).shape == (15, 1, 4)
+    with pytest.raises(ValueError, match="last dimension d_in=4"):
+        plain.flatten_input(torch.randn(3, 5))
