@@ -6,7 +6,7 @@
   contexts of codes, attention patterns next to per-head codes;
 - :mod:`~codebook_lens.viz.figures`: matplotlib ``Figure`` builders (no pyplot state);
 - :mod:`~codebook_lens.viz.report`: the self-contained ``report.html`` (its summary tables in
-  :mod:`~codebook_lens.viz.tables`, its offline check in :mod:`~codebook_lens.viz.external_refs`);
+  :mod:`~codebook_lens.viz.tables`, its offline check in :mod:`~codebook_lens.viz.ref_scanner`);
 - :mod:`~codebook_lens.viz.notebook`: :func:`show` a figure or view inline in a notebook, or
   save it from a script;
 - :mod:`~codebook_lens.viz.browser`: load a page in headless Chromium and list what failed.
@@ -24,7 +24,6 @@ from codebook_lens.viz.codes import (
     top_contexts_view,
     which_code_view,
 )
-from codebook_lens.viz.external_refs import external_refs
 from codebook_lens.viz.figures import (
     code_usage_histogram,
     codes_vs_neurons_bars,
@@ -36,6 +35,7 @@ from codebook_lens.viz.figures import (
 )
 from codebook_lens.viz.notebook import in_notebook, show
 from codebook_lens.viz.offline import View, circuitsvis_view, from_circuitsvis, html_view
+from codebook_lens.viz.ref_scanner import external_refs
 from codebook_lens.viz.report import build_report, rebuild_report, report_html, save_report
 
 __all__ = [

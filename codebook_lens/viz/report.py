@@ -3,7 +3,7 @@
 The page holds everything it shows: figures are ``data:`` URIs, the circuitsvis bundle is
 inlined once, and a Content-Security-Policy forbids any network load, so it opens from a file,
 an e-mail attachment or an offline machine exactly as it was written.
-:func:`~codebook_lens.viz.external_refs.external_refs` lists anything in a page that would reach
+:func:`~codebook_lens.viz.ref_scanner.external_refs` lists anything in a page that would reach
 outside it; :func:`report_html` refuses to produce such a page. The summary tables come from
 :func:`~codebook_lens.viz.tables.summary_tables`.
 
@@ -28,9 +28,9 @@ from typing import Any, Literal
 
 from matplotlib.figure import Figure
 
-from codebook_lens.viz.external_refs import external_refs
 from codebook_lens.viz.figures import figure_to_data_uri
 from codebook_lens.viz.offline import View, bundle_script, from_circuitsvis, write_atomic
+from codebook_lens.viz.ref_scanner import external_refs
 from codebook_lens.viz.tables import summary_tables
 
 __all__ = [

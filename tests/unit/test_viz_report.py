@@ -194,3 +194,13 @@ def test_report_size_has_one_bundle(fig):
     one = report_html("t", views=dict(list(many.items())[:1]))
     eight = report_html("t", views=many)
     assert len(eight) - len(one) < 5_000  # each extra view costs its props, not 1.3 MB
+
+
+def test_scanner_and_tables_have_their_own_modules():
+    from codebook_lens import viz
+    from codebook_lens.viz import ref_scanner as refs_module
+    from codebook_lens.viz import tables
+
+    assert external_refs is refs_module.external_refs is viz.external_refs
+    assert summary_tables is tables.summary_tables
+    assert refs_module.__all__ == ["external_refs"] and tables.__all__ == ["summary_tables"]
