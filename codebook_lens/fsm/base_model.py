@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ History = dict[str, list[int | float]]
 """Training history: metric name -> values (see :func:`train_base_model`)."""
 
 
-@renamed(min_lr_ratio="min_lr_frac")
+@renamed(min_lr_ratio="min_lr_frac", n_steps_per_walk="walk_states")
 @dataclass
 class BaseTrainConfig(ValidatedConfig):
     """Architecture and training of the TokFSM base model (the defaults are the tuned ones).
@@ -57,8 +58,11 @@ class BaseTrainConfig(ValidatedConfig):
     """Optimizer steps."""
     batch_size: int = 16
     """Walks per batch (16 x 129 tokens)."""
-    n_steps_per_walk: int = 64
-    """States per training walk; ``1 + n_steps_per_walk * n_digits`` must be ``<= n_ctx``."""
+    walk_states: int = 64
+    """States per training walk (as :attr:`ExperimentConfig.walk_states
+    <codebook_lens.fsm.experiment.ExperimentConfig.walk_states>` for finetuning);
+    ``1 + walk_states * n_digits`` must be ``<= n_ctx``. The old name ``n_steps_per_walk``
+    still works, with a ``DeprecationWarning``."""
     lr: float = 5e-3
     """Peak AdamW learning rate."""
     weight_decay: float = 0.01
@@ -97,8 +101,8 @@ class BaseTrainConfig(ValidatedConfig):
                 raise ValueError(f"BaseTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.n_steps_per_walk < 1 or self.lr <= 0 or self.warmup_steps < 0:
-            raise ValueError("need n_steps_per_walk >= 1, lr > 0 and warmup_steps >= 0")
+        if self.walk_states < 1 or self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError("need walk_states >= 1, lr > 0 and warmup_steps >= 0")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
 
@@ -161,7 +165,7 @@ def train_base_model(
     cfg: dict[str, Any] | None = None,
     steps: int | None = None,
     batch_size: int | None = None,
-    n_steps_per_walk: int | None = None,
+    walk_states: int | None = None,
     lr: float | None = None,
     seed: int | None = None,
     progress: bool = True,
@@ -169,6 +173,7 @@ def train_base_model(
     *,
     train_cfg: BaseTrainConfig | None = None,
     backend: str = "auto",
+    n_steps_per_walk: int | None = None,
 ) -> tuple[nn.Module, History]:
     """Train a TokFSM base model with the next-token loss, through
     :func:`~codebook_lens.training.train_codebooks` (the package's one training loop).
@@ -181,7 +186,8 @@ def train_base_model(
         fsm: The machine generating the data.
         cfg: Model config (a TransformerLens config dict); default :func:`base_model_config`
             from ``train_cfg``'s architecture.
-        steps, batch_size, n_steps_per_walk, lr, seed, eval_every: Override ``train_cfg``.
+        steps, batch_size, walk_states, lr, seed, eval_every: Override ``train_cfg``.
+        n_steps_per_walk: Deprecated name of ``walk_states``.
         progress: Show a tqdm bar with the loss.
         train_cfg: Training hyper-parameters.
         backend: ``"auto"``, ``"hooked"`` or ``"bridge"`` (see :mod:`codebook_lens.backends`).
@@ -194,8 +200,9 @@ def train_base_model(
         seconds since the start), recorded at evaluations and always at the last step; plus
         ``loss_floor`` (one value: the best achievable loss, :func:`loss_floor`).
     """
+    walk_states = _renamed_walk_states(walk_states, n_steps_per_walk)
     overrides = dict(
-        steps=steps, batch_size=batch_size, n_steps_per_walk=n_steps_per_walk, lr=lr, seed=seed,
+        steps=steps, batch_size=batch_size, walk_states=walk_states, lr=lr, seed=seed,
         eval_every=eval_every,
     )  # fmt: skip
     tc = dataclasses.replace(
@@ -203,8 +210,8 @@ def train_base_model(
     )
     model = _initial_model(fsm, cfg, tc, backend)
     device = next(model.parameters()).device
-    stream = TokFSMStream(fsm, tc.batch_size, tc.n_steps_per_walk, seed=tc.seed, device=device)
-    held_out = eval_set(fsm, tc.eval_prompts, tc.n_steps_per_walk, seed=tc.eval_seed).to(device)
+    stream = TokFSMStream(fsm, tc.batch_size, tc.walk_states, seed=tc.seed, device=device)
+    held_out = eval_set(fsm, tc.eval_prompts, tc.walk_states, seed=tc.eval_seed).to(device)
     t0 = time.perf_counter()
 
     def eval_fn(cm: CodebookModel) -> dict[str, float]:
@@ -213,7 +220,23 @@ def train_base_model(
     result = train_codebooks(
         CodebookModel(model), stream, _loop_config(tc, progress), eval_fn=eval_fn
     )
-    return model.eval(), _history(result, loss_floor(fsm, tc.n_steps_per_walk))
+    return model.eval(), _history(result, loss_floor(fsm, tc.walk_states))
+
+
+def _renamed_walk_states(walk_states: int | None, n_steps_per_walk: int | None) -> int | None:
+    """``walk_states``, or the value given under its old name (with a DeprecationWarning)."""
+    if n_steps_per_walk is None:
+        return walk_states
+    if walk_states is not None:
+        raise TypeError(
+            "train_base_model: got both 'n_steps_per_walk' (the old name) and 'walk_states'"
+        )
+    warnings.warn(
+        "train_base_model: n_steps_per_walk is deprecated; it was renamed 'walk_states'",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return n_steps_per_walk
 
 
 def _initial_model(
@@ -254,11 +277,11 @@ def _loop_config(tc: BaseTrainConfig, progress: bool) -> TrainConfig:
 def _check_lengths(fsm: FSM, cfg: dict[str, Any], tc: BaseTrainConfig) -> None:
     if cfg["d_vocab"] != fsm.d_vocab:
         raise ValueError(f"cfg d_vocab={cfg['d_vocab']} but the FSM has d_vocab={fsm.d_vocab}")
-    seq_len = 1 + tc.n_steps_per_walk * fsm.n_digits
+    seq_len = 1 + tc.walk_states * fsm.n_digits
     if seq_len > cfg["n_ctx"]:
         raise ValueError(
-            f"walks of {tc.n_steps_per_walk} states are {seq_len} tokens, more than "
-            f"n_ctx={cfg['n_ctx']}; lower n_steps_per_walk or raise n_ctx"
+            f"walks of {tc.walk_states} states are {seq_len} tokens, more than "
+            f"n_ctx={cfg['n_ctx']}; lower walk_states or raise n_ctx"
         )
     eval_len = 1 + (tc.eval_prompt_states + tc.eval_new_states) * fsm.n_digits
     if eval_len > cfg["n_ctx"]:

@@ -178,7 +178,7 @@ class ExperimentConfig(ValidatedConfig):
                 n_ctx=33,
                 steps=60,
                 batch_size=16,
-                n_steps_per_walk=16,
+                walk_states=16,
                 lr=3e-3,
                 warmup_steps=5,
                 eval_prompts=16,

@@ -28,7 +28,7 @@ TINY_TRAIN = dict(
     n_heads=2,
     d_mlp=64,
     n_ctx=33,
-    n_steps_per_walk=16,
+    walk_states=16,
     batch_size=16,
     lr=3e-3,
     warmup_steps=5,
@@ -73,7 +73,7 @@ def test_base_model_config(fsm):
     assert cfg.d_vocab == 11 and cfg.d_head * cfg.n_heads == cfg.d_model
     assert cfg.act_fn == "gelu" and cfg.normalization_type == "LN"
     # the default context holds the default training walks and the evaluation sequences
-    assert 1 + d.n_steps_per_walk * fsm.n_digits <= cfg.n_ctx
+    assert 1 + d.walk_states * fsm.n_digits <= cfg.n_ctx
     assert 1 + (d.eval_prompt_states + d.eval_new_states) * fsm.n_digits <= cfg.n_ctx
     with pytest.raises(ValueError, match="divisible"):
         base_model_config(fsm, d_model=30, n_heads=4)
@@ -134,7 +134,12 @@ def test_train_base_model_smoke(fsm):
 
 def test_train_base_model_errors(fsm):
     with pytest.raises(ValueError, match="n_ctx"):
-        train_base_model(fsm, n_steps_per_walk=17, train_cfg=BaseTrainConfig(**TINY_TRAIN))
+        train_base_model(fsm, walk_states=17, train_cfg=BaseTrainConfig(**TINY_TRAIN))
+    with pytest.warns(DeprecationWarning, match="renamed 'walk_states'"):  # the old keyword
+        with pytest.raises(ValueError, match="walks of 17 states"):
+            train_base_model(fsm, n_steps_per_walk=17, train_cfg=BaseTrainConfig(**TINY_TRAIN))
+    with pytest.raises(TypeError, match="got both"):
+        train_base_model(fsm, walk_states=16, n_steps_per_walk=17)
     with pytest.raises(ValueError, match="divisible"):
         BaseTrainConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="steps"):

@@ -200,6 +200,7 @@ def test_fuzz_nested_round_trip(top, base, plan, train, codebook):
     ("cls", "old", "new", "value"),
     [
         (BaseTrainConfig, "min_lr_ratio", "min_lr_frac", 0.25),
+        (BaseTrainConfig, "n_steps_per_walk", "walk_states", 16),
         (LMDemoConfig, "cb_lr", "codebook_lr", 2e-3),
         (LMDemoConfig, "cb_steps", "codebook_steps", 7),
     ],
