@@ -8,14 +8,16 @@ from codebook_lens.backends import backend_of, boot_hf, build_model
 from codebook_lens.config import CodebookConfig
 from codebook_lens.convert import from_codebook_features
 from codebook_lens.errors import BackendError, CheckpointError
-from codebook_lens.init import (
-    init_from_activations,
-    kmeans,
+from codebook_lens.init import init_from_activations, kmeans
+from codebook_lens.maintenance import (
+    maintain_codebook,
     merge_duplicate_codes,
     replace_dead_codes,
+    reseed_dead_codes,
 )
 from codebook_lens.model import CodebookModel, codes_hook_name
-from codebook_lens.quantizer import Codebook, topk_codes
+from codebook_lens.quantizer import Codebook
+from codebook_lens.topk import topk_codes
 
 __version__ = "0.1.0"
 
@@ -36,4 +38,6 @@ __all__ = [
     "kmeans",
     "merge_duplicate_codes",
     "replace_dead_codes",
+    "reseed_dead_codes",
+    "maintain_codebook",
 ]

@@ -9,13 +9,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from codebook_lens.maintenance import merge_duplicate_codes, replace_dead_codes
+from codebook_lens.moved import moved_names
 from codebook_lens.quantizer import Codebook
 from codebook_lens.topk import topk_codes
 
-# merge_duplicate_codes and replace_dead_codes live in codebook_lens.maintenance; they are
-# re-exported here for older imports
-__all__ = ["init_from_activations", "kmeans", "merge_duplicate_codes", "replace_dead_codes"]
+__all__ = ["init_from_activations", "kmeans"]
+
+_MAINTENANCE = "codebook_lens.maintenance"
+__getattr__ = moved_names(
+    __name__, {"merge_duplicate_codes": _MAINTENANCE, "replace_dead_codes": _MAINTENANCE}
+)
 
 
 def _as_groups(cb: Codebook, acts: Tensor) -> Tensor:

@@ -15,11 +15,13 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from codebook_lens import topk
 from codebook_lens.config import CodebookConfig
-from codebook_lens.topk import topk_codes
+from codebook_lens.moved import moved_names
 
-# topk_codes lives in codebook_lens.topk; it is re-exported here for older imports
-__all__ = ["Codebook", "topk_codes"]
+__all__ = ["Codebook"]
+
+__getattr__ = moved_names(__name__, {"topk_codes": "codebook_lens.topk"})
 
 
 class Codebook(nn.Module):
@@ -192,7 +194,7 @@ class Codebook(nn.Module):
         flat = self.flatten_input(x_n)
         with torch.no_grad():
             flat = flat.detach()
-            ids = topk_codes(
+            ids = topk.topk_codes(
                 flat,
                 self.codebook.detach(),
                 self.cfg.k,
