@@ -33,7 +33,7 @@ import textwrap
 import types
 import typing
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 from typing import Any, ClassVar, TypeVar
 
@@ -111,7 +111,7 @@ def literal_choices(tp: Any) -> tuple[Any, ...]:
     return ()
 
 
-def close_match(word: Any, options: Any) -> str:
+def close_match(word: Any, options: Iterable[Any]) -> str:
     """``" (did you mean 'x'?)"`` for the option closest to ``word``, or ``""``."""
     names = [str(o) for o in options]
     best = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)

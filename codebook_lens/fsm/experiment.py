@@ -478,6 +478,21 @@ def _success(
     return hits >= need
 
 
+def _scores(
+    p: Float[Tensor, "b n_states"],
+    true: Float[Tensor, "b n_states"],
+    targets: Int[Tensor, " b"],
+    fsm: FSM,
+    top: int,
+    need: int,
+) -> dict[str, float]:
+    """Success rate and mean JSD of next-state distributions ``p`` against the targets'."""
+    return {
+        "success_rate": float(_success(p, targets, fsm, top, need).float().mean()),
+        "jsd": float(jsd(p, true).mean()),
+    }
+
+
 @torch.no_grad()
 def interventions(
     cm: CodebookModel,
@@ -518,8 +533,7 @@ def interventions(
     out: dict[str, Any] = {
         "n_interventions": int(targets.numel()),
         "forced_positions": "state positions (last prompt position + next first digit)",
-        "baseline_success_rate": float(_success(clean, targets, fsm, top, need).float().mean()),
-        "baseline_jsd": float(jsd(clean, true).mean()),
+        **{f"baseline_{k}": v for k, v in _scores(clean, true, targets, fsm, top, need).items()},
         "per_site_set": {},
     }
     for name, sites in site_sets(cm).items():
@@ -529,10 +543,7 @@ def interventions(
         res: dict[str, Any] = {"sites": sites}
         for variant, forced in variants.items():
             p = next_state_distribution(_forced_model(cm, forced, pos), fsm, prompts)
-            r = {
-                "success_rate": float(_success(p, targets, fsm, top, need).float().mean()),
-                "jsd": float(jsd(p, true).mean()),
-            }
+            r = _scores(p, true, targets, fsm, top, need)
             res.update(r) if variant == "state_positions" else res.update({variant: r})
         out["per_site_set"][name] = res
     every = out["per_site_set"]["all"]
