@@ -29,7 +29,7 @@ TINY = dict(  # the one tiny model config of the test suite; make_model builds i
 )
 
 
-def make_model(backend: str = "auto", tokenizer: Any = None, **overrides: Any) -> nn.Module:
+def make_model(backend: str = "auto", *, tokenizer: Any = None, **overrides: Any) -> nn.Module:
     """A tiny random model: :data:`TINY` with ``overrides`` (any config field). ``backend`` is
     "hooked", "bridge" or "auto" (the installed transformer-lens's default); "hooked" skips on
     transformer-lens 4.x. ``tokenizer`` goes to ``build_model`` (a Hugging Face tokenizer)."""
