@@ -24,6 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from codebook_lens.atomic import write_text
 from codebook_lens.backends import BACKENDS, BackendError
 from codebook_lens.cli_args import add_config_arguments, config_from_args
@@ -148,7 +150,7 @@ def _cmd_fsm_train_codebooks(args: argparse.Namespace) -> int:
 
 def _converted_step(
     path: Path, backend: str
-) -> tuple[ExperimentConfig, FSM, CodebookModel, CodebookModel]:
+) -> tuple[ExperimentConfig, FSM, CodebookModel, nn.Module]:
     """A ``codebook-lens convert`` output of a TokFSM model (with its ``fsm.json``): the
     experiment settings sized to the model's context, the FSM, the model and its base."""
     if not (path / "fsm.json").exists():
