@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -60,11 +61,13 @@ def code_residual_vectors(cm: CodebookModel, site: str) -> Float[Tensor, "head n
         if layout == "heads":
             b = book.expand(H, N, dh) if G == 1 else book
             return torch.einsum("hnd,hdm->hnm", b, W_O)
-        return torch.einsum("nhd,hdm->nm", book[0].reshape(N, H, dh), W_O)[None]
+        heads = einops.rearrange(book[0], "n (h d) -> n h d", h=H)  # heads_flat
+        return torch.einsum("nhd,hdm->nm", heads, W_O)[None]
     if site.endswith("mlp.hook_post"):
         W_out = cm.W_out[_layer(site)].detach()  # [d_mlp, d_model]
         if layout == "split":
-            return torch.einsum("gnd,gdm->gnm", book, W_out.reshape(G, cb.cfg.d_in, -1))
+            groups = einops.rearrange(W_out, "(g d) m -> g d m", g=G)
+            return torch.einsum("gnd,gdm->gnm", book, groups)
         return (book[0] @ W_out)[None]
     if site.endswith(_RESID_SUFFIXES) or site in ("hook_embed", "hook_pos_embed"):
         if layout == "split":

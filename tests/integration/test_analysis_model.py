@@ -87,6 +87,8 @@ def test_store_memory_bound(cm, tmp_path):
         ("auto", M1, {}),
         ("auto", "blocks.1.mlp.hook_post", {"combine": "mean", "k": 2}),
         ("auto", M1, {"n_groups": 2, "d_in": 16}),
+        ("auto", Z1, {"n_groups": 1, "d_in": 32}),  # heads_flat: one codebook over all heads
+        ("auto", "blocks.1.mlp.hook_post", {"n_groups": 2, "d_in": 32}),  # split through W_out
         pytest.param("bridge", Z1, {}, marks=pytest.mark.bridge),
     ],
 )
@@ -112,7 +114,7 @@ def test_dla_equals_frozen_scale_forward(backend, site, kw):
         frozen[M1] = cache[M1]
     freeze = [(name, lambda a, hook, v=v: v) for name, v in frozen.items()]
     base = m.run_with_hooks(x, fwd_hooks=freeze)
-    per_head = site.endswith("hook_z") or "n_groups" in kw
+    per_head = m.site_layout(site) in ("heads", "split")  # codes with a head/group axis
     head = 1 if per_head else None
     hook = force_codes(4, positions=[3], heads=None if head is None else [head])
     out = m.run_with_hooks(x, fwd_hooks=[*freeze, (codes_hook_name(site), hook)])
