@@ -46,7 +46,7 @@ from codebook_lens.lm.steering import TopicCodes, sample_texts, topic_codes, top
 from codebook_lens.lm.tokenizer import save_tokenizer, train_bpe_tokenizer
 from codebook_lens.model import CodebookModel
 from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
-from codebook_lens.validation import ValidatedConfig, renamed
+from codebook_lens.validation import ValidatedConfig, renamed, upgrade_names
 
 __all__ = ["LMDemoConfig", "run_lm_demo", "eval_loss", "build_lm"]
 
@@ -148,7 +148,7 @@ class LMDemoConfig(ValidatedConfig):
             n_baseline=16,
             max_new_tokens=24,
         )
-        return cls(**{**base, **overrides})
+        return cls(**{**base, **upgrade_names(cls, overrides, stacklevel=3)})
 
 
 def build_lm(tokenizer: Any, cfg: LMDemoConfig) -> nn.Module:
@@ -249,7 +249,7 @@ def run_lm_demo(
     """
     cfg = config or (LMDemoConfig.small() if small else LMDemoConfig())
     if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
+        cfg = dataclasses.replace(cfg, **upgrade_names(LMDemoConfig, overrides, stacklevel=3))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
