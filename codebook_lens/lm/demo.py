@@ -128,7 +128,7 @@ class LMDemoConfig(ValidatedConfig):
 
     @classmethod
     def small(cls, **overrides: Any) -> LMDemoConfig:
-        """A tiny configuration for smoke tests and ``--small`` (under a minute)."""
+        """A tiny configuration for smoke tests and ``--small``; ``overrides`` change fields."""
         base = dict(
             n_train_stories=3000,
             n_eval_stories=200,
