@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import functools
 import inspect
 import math
@@ -33,19 +32,20 @@ import textwrap
 import types
 import typing
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
+from codebook_lens.suggest import did_you_mean
+
 __all__ = [
     "ValidatedConfig",
     "check_fields",
     "check_tokens",
     "check_value",
-    "close_match",
     "field_docs",
     "field_types",
     "literal_choices",
@@ -111,13 +111,6 @@ def literal_choices(tp: Any) -> tuple[Any, ...]:
     return ()
 
 
-def close_match(word: Any, options: Iterable[Any]) -> str:
-    """``" (did you mean 'x'?)"`` for the option closest to ``word``, or ``""``."""
-    names = [str(o) for o in options]
-    best = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
-    return f" (did you mean {best[0]!r}?)" if best else ""
-
-
 def _describe(tp: Any) -> str:
     if tp is type(None):
         return "None"
@@ -167,7 +160,8 @@ def check_value(owner: str, name: str, value: Any, tp: Any) -> None:
         choices = literal_choices(tp)
         if any(type(value) is type(c) for c in choices):  # the right kind, not one of them
             raise ValueError(
-                f"{owner}: {name}={value!r}; choose one of {choices}{close_match(value, choices)}"
+                f"{owner}: {name}={value!r}; choose one of {choices}."
+                f"{did_you_mean(str(value), map(str, choices), n=1)}"
             )
         want = _describe(tp)
         fix = "True or False" if tp is bool else f"a value of type {want}"
@@ -242,8 +236,8 @@ class ValidatedConfig:
         if unknown:
             listed = ", ".join(repr(k) for k in unknown)
             raise ValueError(
-                f"{cls.__name__}: unknown field{'s' if len(unknown) > 1 else ''} {listed}"
-                f"{close_match(unknown[0], names)}; valid fields are {sorted(names)}"
+                f"{cls.__name__}: unknown field{'s' if len(unknown) > 1 else ''} {listed}."
+                f"{did_you_mean(unknown[0], names, n=1)} Valid fields are {sorted(names)}"
             )
         types_ = field_types(cls)
         return cls(**{k: _nested(types_[k], v) for k, v in kwargs.items()})

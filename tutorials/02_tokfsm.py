@@ -37,8 +37,6 @@
 #    this small model, it turns out).
 
 # %%
-import hashlib
-import json
 import os
 import tempfile
 import time
@@ -55,6 +53,7 @@ from codebook_lens.fsm.experiment import (
     ExperimentConfig,
     attach_codebooks,
     clone_model,
+    codebook_cache_path,
     finetune_codebooks,
     get_base_model,
     init_codebooks,
@@ -143,8 +142,7 @@ viz.show(viz.training_curves(result.history), "training_curves", OUT)
 # experiment's settings, so they can load it instead of training again.
 
 # %%
-key = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-saved_at = CACHE / f"tutorial-tokfsm-codebooks-{key}"
+saved_at = codebook_cache_path(cfg, CACHE)  # where cached_codebook_model looks for it
 cm.save(saved_at, include_model=True)
 print("saved to", saved_at)
 

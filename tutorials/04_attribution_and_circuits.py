@@ -37,8 +37,6 @@
 #    the information about the last state lives and how it moves to the prediction.
 
 # %%
-import hashlib
-import json
 import os
 import tempfile
 import time
@@ -48,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from codebook_lens import CodebookModel, codes_hook_name, viz
+from codebook_lens import codes_hook_name, viz
 from codebook_lens.analysis import (
     ablation_sweep,
     code_attribution_patching,
@@ -65,11 +63,7 @@ from codebook_lens.fsm import FSM, eval_set, state_labels
 from codebook_lens.fsm.demo import default_cache_dir
 from codebook_lens.fsm.experiment import (
     ExperimentConfig,
-    attach_codebooks,
-    clone_model,
-    finetune_codebooks,
-    get_base_model,
-    init_codebooks,
+    cached_codebook_model,
 )
 
 SMALL = os.environ.get("CODEBOOK_LENS_SMALL") == "1"
@@ -79,26 +73,9 @@ T0 = time.perf_counter()
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")  # TL 3.9 notice
 
 
-def tokfsm_codebooks(fsm: FSM, cfg: ExperimentConfig, cache: Path):
-    """The finetuned TokFSM codebook model of tutorial 2 (loaded from its cache, or trained
-    exactly as there) and the base model."""
-    base, _ = get_base_model(fsm, cfg, cache, progress=not SMALL)
-    key = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    path = cache / f"tutorial-tokfsm-codebooks-{key}"
-    if (path / "cfg.json").exists():
-        print("loading the finetuned codebooks from", path)
-        return CodebookModel.load(path).eval(), base
-    print("no cached codebooks (run tutorial 2 to cache them): finetuning now")
-    cm = attach_codebooks(clone_model(base), cfg.plan, seed=cfg.seed)
-    init_codebooks(cm, fsm, cfg)
-    finetune_codebooks(cm, fsm, cfg)
-    cm.save(path, include_model=True)
-    return cm.eval(), base
-
-
 cfg = ExperimentConfig.small() if SMALL else ExperimentConfig()
 fsm = FSM(cfg.n_states, cfg.n_edges, seed=cfg.fsm_seed)
-cm, base = tokfsm_codebooks(fsm, cfg, default_cache_dir())
+cm, base = cached_codebook_model(fsm, cfg, default_cache_dir(), progress=not SMALL)
 vocab = [str(d) for d in range(fsm.base)] + ["BOS"]
 digits = list(range(fsm.base))
 print("size:", "small (CI)" if SMALL else "full", "| sites", cm.sites)

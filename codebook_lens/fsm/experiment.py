@@ -12,8 +12,10 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +34,7 @@ from codebook_lens.analysis import (
     neuron_baseline,
     recovered_labels,
 )
+from codebook_lens.atomic import write_text
 from codebook_lens.backends import Backend
 from codebook_lens.config import CodebookConfig, InputNorm
 from codebook_lens.fsm.base_model import BaseTrainConfig, base_model_config, train_base_model
@@ -60,7 +63,9 @@ __all__ = [
     "Placement",
     "StateRecovery",
     "attach_codebooks",
+    "cached_codebook_model",
     "clone_model",
+    "codebook_cache_path",
     "finetune_codebooks",
     "get_base_model",
     "init_codebooks",
@@ -233,7 +238,7 @@ def get_base_model(
     info = {"train_seconds": time.perf_counter() - t0, "history": history}
     if path is not None:
         CodebookModel(model).save(path, include_model=True)
-        (path / "train_info.json").write_text(json.dumps(info))
+        write_text(path / "train_info.json", json.dumps(info))
     return model.eval(), {**info, "cached": False}
 
 
@@ -356,6 +361,36 @@ class StateRecovery:
         if name not in {f.name for f in dataclasses.fields(self)}:
             raise KeyError(key)
         return getattr(self, name)
+
+
+def codebook_cache_path(cfg: ExperimentConfig, cache_dir: str | os.PathLike[str]) -> Path:
+    """Where :func:`cached_codebook_model` keeps the finetuned model of ``cfg``: a directory in
+    ``cache_dir`` named by a hash of every setting of ``cfg``."""
+    key = hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"tutorial-tokfsm-codebooks-{key}"
+
+
+def cached_codebook_model(
+    fsm: FSM,
+    cfg: ExperimentConfig,
+    cache_dir: str | os.PathLike[str],
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[CodebookModel, nn.Module]:
+    """The finetuned codebook model of ``cfg`` (in eval mode) and its base model: loaded from
+    :func:`codebook_cache_path` when there, else attached to a clone of the base model,
+    initialised, finetuned (as the demo does) and saved there."""
+    base, _ = get_base_model(fsm, cfg, cache_dir, progress=progress)
+    path = codebook_cache_path(cfg, cache_dir)
+    if (path / "cfg.json").exists():
+        log(f"loading the finetuned codebooks from {path}")
+        return CodebookModel.load(path, backend=cfg.backend).eval(), base
+    log(f"no finetuned codebooks in {path}: finetuning now")
+    cm = attach_codebooks(clone_model(base), cfg.plan, seed=cfg.seed)
+    init_codebooks(cm, fsm, cfg)
+    finetune_codebooks(cm, fsm, cfg)
+    cm.save(path, include_model=True)
+    return cm.eval(), base
 
 
 def state_recovery(

@@ -119,6 +119,6 @@ def test_unknown_schedule_names_the_choices():
     ):
         TrainConfig(schedule="linear")
     cfg = TrainConfig()
-    with pytest.raises(ValueError, match="schedule='cosin'; choose one of .*did you mean 'cosine'"):
+    with pytest.raises(ValueError, match="schedule='cosin'; choose one of .*Did you mean 'cosine'"):
         cfg.schedule = "cosin"
     assert cfg.schedule == "cosine"
