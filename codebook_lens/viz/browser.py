@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codebook_lens.atomic import write_file
+
 __all__ = ["BrowserCheck", "DevToolsPipe", "check_page", "find_chromium", "CHROMIUM_NAMES"]
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -284,10 +286,7 @@ def _screenshot(
     pipe.call("Emulation.setDeviceMetricsOverride", {**metrics, "height": h}, session=session)
     time.sleep(0.2)
     shot = pipe.call("Page.captureScreenshot", {"format": "png"}, session=session)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(base64.b64decode(shot["data"]))
-    return out
+    return write_file(path, base64.b64decode(shot["data"]))  # creates the parents
 
 
 def _drive(
