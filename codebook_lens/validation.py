@@ -27,7 +27,6 @@ import functools
 import inspect
 import math
 import numbers
-import sys
 import textwrap
 import types
 import typing
@@ -60,18 +59,10 @@ T = TypeVar("T", bound=type)
 @cache
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved annotation of each dataclass field of ``cls`` (``Any`` where unresolvable)."""
-    hints: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):  # as typing.get_type_hints, which skips classes
-        # marked __no_type_check__ (ValidatedConfig is)
-        module = sys.modules.get(klass.__module__)
-        namespace = dict(vars(module)) if module else {}
-        for name, ann in klass.__dict__.get("__annotations__", {}).items():
-            if isinstance(ann, str):
-                try:
-                    ann = eval(ann, namespace, dict(vars(klass)))  # noqa: S307 - own source
-                except Exception:  # a name only imported under TYPE_CHECKING
-                    ann = Any
-            hints[name] = ann
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # a name only imported under TYPE_CHECKING
+        hints = {}
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
 
 
@@ -188,10 +179,6 @@ class ValidatedConfig:
 
     :meth:`to_dict` / :meth:`from_dict` convert to and from JSON-ready dicts, nested config
     fields included; :func:`renamed` lists old field names in :attr:`RENAMED`."""
-
-    __no_type_check__ = True
-    # the test run's jaxtyping/beartype hook would check __init__ against the annotations
-    # before __post_init__ and pre-empt the messages below (they check the same annotations)
 
     RENAMED: ClassVar[dict[str, str]] = {}
     """Deprecated field name -> current name (filled by :func:`renamed`)."""
