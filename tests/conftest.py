@@ -54,6 +54,18 @@ def backend(request) -> str:
 
 
 @pytest.fixture
+def user_view():
+    """The errors users see: the test run type-checks every call (pyproject addopts, see
+    tests/typecheck.py) and users do not, so the run-time checker is off for the test."""
+    import jaxtyping
+
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", before)
+
+
+@pytest.fixture
 def model(backend):
     return make_model(backend)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import jaxtyping
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -22,13 +21,7 @@ CODES = f"{SITE}.hook_codes"
 Z = "blocks.0.attn.hook_z"
 
 
-@pytest.fixture(autouse=True)
-def _user_view():
-    """Errors as users see them: the test run's extra run-time type checker is off here."""
-    before = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", before)
+pytestmark = pytest.mark.usefixtures("user_view")  # the errors users see
 
 
 @pytest.fixture

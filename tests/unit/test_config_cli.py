@@ -8,7 +8,6 @@ import json
 import typing
 import warnings
 
-import jaxtyping
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -26,13 +25,7 @@ from codebook_lens.validation import ValidatedConfig, field_docs, field_types, l
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture(autouse=True)
-def _user_view():
-    """The errors users see (the test run's call checker off, as in test_validation)."""
-    before = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", before)
+pytestmark = pytest.mark.usefixtures("user_view")  # the errors users see
 
 
 def _config_classes() -> list[type]:

@@ -7,7 +7,6 @@ import dataclasses
 import math
 from pathlib import Path
 
-import jaxtyping
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -24,14 +23,7 @@ from codebook_lens.validation import field_types
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture(autouse=True)
-def _user_view():
-    """The test run type-checks every call (pyproject addopts); users do not, and these tests
-    check the errors users see, so the run-time checker is off here."""
-    before = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", before)
+pytestmark = pytest.mark.usefixtures("user_view")  # the errors users see
 
 
 # ---------------------------------------------------------------------------------- configs
