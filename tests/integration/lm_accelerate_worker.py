@@ -81,6 +81,10 @@ def main(out: Path) -> None:
         }
         (out / "run.json").write_text(json.dumps(run))
     acc.wait_for_everyone()
+    # tear the gloo group down before exit: left to interpreter shutdown, its threads can be
+    # destroyed while joinable ("terminate called without an active exception", SIGABRT)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
