@@ -221,7 +221,7 @@ def _pooled_usage(parts: list[_Usage], thresholds: tuple[float, ...]) -> dict[st
     codes = sum(u.counts.numel() for u in parts)
     out = {"dead_frac": float(sum((u.counts == 0).sum() for u in parts)) / codes}
     for t in thresholds:
-        dense = sum((u.counts > t * u.rows).sum() for u in parts)
+        dense = sum((u.counts.double() / u.rows > t).sum() for u in parts)
         out[dense_metric_name(t)] = float(dense) / codes
     entropy = float(torch.cat([u.entropies() for u in parts]).mean())
     out["usage_entropy"] = entropy
@@ -539,7 +539,7 @@ def _recovered(ablated: float, codebook: float, base: float) -> float:
 @torch.no_grad()
 def evaluate_codebooks(
     cm: CodebookModel,
-    batches: Iterable[Int[Tensor, "batch pos"]],
+    batches: Iterable[Int[Tensor, "_batch _pos"]],  # shapes may differ between batches
     base_model: nn.Module | None = None,
     sites: Sequence[str] | None = None,
     dense_thresholds: tuple[float, ...] = (0.01, 0.1),
