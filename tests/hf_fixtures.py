@@ -60,7 +60,9 @@ def bpe_tokenizer(vocab_size: int = 300, n_docs: int = 20) -> Any:
 
 def word_tokenizer(words: Sequence[str]) -> Any:
     """A whitespace word-level tokenizer over :data:`SPECIAL` (id 0) and ``words`` (ids 1, 2,
-    ...), so that a word such as a document marker is exactly one token."""
+    ...), so that a word such as a document marker is exactly one token. To give it to a
+    transformer-lens model, ``save_pretrained`` it and load it from that directory: an
+    in-memory tokenizer is looked up online by its name when the model is built."""
     import tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -68,8 +70,9 @@ def word_tokenizer(words: Sequence[str]) -> Any:
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=SPECIAL))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=SPECIAL, eos_token=SPECIAL, pad_token=SPECIAL
-    )
+        tokenizer_object=tok, bos_token=SPECIAL, eos_token=SPECIAL, pad_token=SPECIAL,
+        name_or_path="word-level",  # transformer-lens reads it; a bare in-memory one has none
+    )  # fmt: skip
 
 
 def hf_config(arch: str, vocab_size: int, n_ctx: int = 64, bos_id: int = 0) -> Any:

@@ -245,9 +245,16 @@ def load_split(cfg: DataConfig, path: str, split: str) -> Any:
                 "documents in other files and give them as eval_path"
             )
         extra = {"sample_by": cfg.sample_by} if kind == "text" else {}
-        return datasets.load_dataset(
-            kind, data_files=files, split="train", streaming=cfg.streaming, **extra
-        )
+        try:
+            return datasets.load_dataset(
+                kind, data_files=files, split="train", streaming=cfg.streaming, **extra
+            )
+        except datasets.exceptions.DatasetGenerationError as e:
+            cause = e.__cause__ or e
+            raise ValueError(
+                f"cannot read {path!r} as {kind} files ({type(cause).__name__}: "
+                f"{str(cause)[:300]}); check that the files are not empty and hold {kind} data"
+            ) from e
     try:
         return datasets.load_dataset(path, cfg.name, split=split, streaming=cfg.streaming)
     except Exception as e:  # not found, offline, a bad config or split: all the user's to fix
