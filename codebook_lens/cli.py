@@ -1,5 +1,9 @@
 """The ``codebook-lens`` command.
 
+codebook-lens train [CONFIG] --out RUN       codebooks on a Hugging Face model and dataset
+codebook-lens evaluate RUN                   loss recovered, explained variance, code usage
+codebook-lens collect RUN [--tokens N]       codes of many tokens -> RUN/store (on disk)
+codebook-lens browse RUN                     the code browser over a run (or a demo's DIR)
 codebook-lens demo --out DIR                 TokFSM end to end (cached base model reused)
 codebook-lens fsm train-base --out DIR       step 1: FSM + base model
 codebook-lens fsm train-codebooks --base DIR --out DIR
@@ -29,6 +33,7 @@ from torch import nn
 from codebook_lens.atomic import write_text
 from codebook_lens.backends import BACKENDS, BackendError
 from codebook_lens.cli_args import add_config_arguments, config_from_args
+from codebook_lens.cli_run import add_run_parsers
 from codebook_lens.fsm.experiment import (
     ExperimentConfig,
     attach_codebooks,
@@ -42,17 +47,9 @@ from codebook_lens.fsm.experiment import (
 from codebook_lens.fsm.machine import FSM
 from codebook_lens.lm.demo import LMDemoConfig
 from codebook_lens.model import CodebookModel
+from codebook_lens.text_table import format_table
 
-__all__ = ["main", "build_parser", "format_table", "SHORT_FLAGS"]
-
-
-def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
-    """A plain-text table with aligned columns."""
-    rows = [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), line, *(fmt.format(*r) for r in rows)])
+__all__ = ["main", "build_parser", "SHORT_FLAGS"]
 
 
 SHORT_FLAGS = {
@@ -305,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True)
+    add_run_parsers(sub)
     _fsm_parsers(sub)
     lm = sub.add_parser(
         "lm-demo",

@@ -20,7 +20,13 @@ from typing import Any, TypeVar
 
 from codebook_lens.validation import ValidatedConfig, field_docs, field_types, literal_choices
 
-__all__ = ["CONFIG_FIELDS", "add_config_arguments", "config_from_args", "replace_paths"]
+__all__ = [
+    "CONFIG_FIELDS",
+    "NONE_GIVEN",
+    "add_config_arguments",
+    "config_from_args",
+    "replace_paths",
+]
 
 C = TypeVar("C", bound=ValidatedConfig)
 
@@ -37,6 +43,7 @@ class _NoneGiven:
 
 
 NONE_GIVEN = _NoneGiven()
+"""The parsed value of ``none`` given for an ``X | None`` field."""
 
 
 def _role_text(m: re.Match[str]) -> str:

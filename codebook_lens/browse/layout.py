@@ -25,6 +25,7 @@ from torch import Tensor
 from codebook_lens.analysis.store import CodeStore
 from codebook_lens.atomic import DirKind, open_dir, save_dir
 from codebook_lens.errors import CheckpointError
+from codebook_lens.io import MODEL_KIND
 from codebook_lens.tensor_files import read_tensors, write_tensors
 
 __all__ = [
@@ -203,16 +204,53 @@ def _vocab_from_tokenizer(path: Path | None, d_vocab: int) -> list[str] | None:
     return [tok.decode([i]) for i in range(d_vocab)]
 
 
+def _hf_vocab(model_dir: Path, d_vocab: int) -> list[str] | None:
+    """Token texts from the Hugging Face tokenizer saved with a CodebookModel, if any."""
+    with open_dir(model_dir, MODEL_KIND) as (_meta, data):
+        hf = data / "hf_model"
+        if not (hf / "tokenizer_config.json").exists():
+            return None
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(hf), local_files_only=True)
+    return [tok.decode([i]) for i in range(d_vocab)]
+
+
+def _load_run_dir(root: Path, model: str | os.PathLike[str] | None) -> BrowseData:
+    """A run directory (``codebook-lens train``): ``RUN/store`` from ``collect``, ``RUN/model``,
+    and ``RUN/evaluation.json`` as the metrics shown."""
+    if not (root / "store").exists():
+        raise CheckpointError(
+            f"{root} is a run without a code store; run `codebook-lens collect {root}` first"
+        )
+    cs = CodeStore.load(root / "store")
+    mp = Path(model).resolve() if model is not None else root / "model"
+    d_vocab = int(cs.d_vocab or (int(cs.tokens.max()) + 1 if cs.tokens is not None else 0))
+    vocab = _hf_vocab(mp, d_vocab) if (mp / MODEL_KIND.head).exists() else None
+    ev = root / "evaluation.json"
+    return BrowseData(
+        root=root,
+        store=cs,
+        vocab=vocab or [str(i) for i in range(d_vocab)],
+        kind="lm",
+        model_path=mp,
+        metrics={"evaluation": _read_json(ev)} if ev.exists() else {},
+    )
+
+
 def load_browse_data(
     root: str | os.PathLike[str],
     store: str | os.PathLike[str] | None = None,
     model: str | os.PathLike[str] | None = None,
 ) -> BrowseData:
-    """Read DIR: ``DIR/browse/`` as written by :func:`write_browse_data`, or an explicit
+    """Read DIR: a run directory (``codebook-lens train``, then ``collect``), ``DIR/browse/``
+    as written by :func:`write_browse_data`, or an explicit
     ``store`` (a saved CodeStore) and ``model`` (a saved CodebookModel) given by the user."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise CheckpointError(f"{root} is not a directory")
+    if store is None and (root / "run.json").exists():
+        return _load_run_dir(root, model)
     man_path = root / "browse" / "browse.json"
     if store is None and not man_path.exists():
         if (root / "store.json").exists():
