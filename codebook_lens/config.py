@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
-from codebook_lens.validation import ValidatedConfig
+from codebook_lens.validation import Range, ValidatedConfig
+
+_POSITIVE = "a positive int"
 
 __all__ = [
     "CodebookConfig",
+    "MAX_CODEBOOK_ELEMENTS",
     "SIMILARITIES",
     "COMBINES",
     "INPUT_NORMS",
@@ -30,10 +33,41 @@ COMBINES: tuple[str, ...] = get_args(Combine)
 INPUT_NORMS: tuple[str, ...] = get_args(InputNorm)
 INIT_METHODS: tuple[str, ...] = get_args(InitMethod)
 
+MAX_CODEBOOK_ELEMENTS = 2**32
+"""The largest ``n_groups * n_codes * d_in`` (and ``recent_size * n_groups * d_in``) a
+:class:`CodebookConfig` accepts: 16 GiB of float32, four times that with AdamW's moments and the
+gradient. Larger sizes are refused when the config is built, before anything is allocated."""
+
 
 @dataclass
 class CodebookConfig(ValidatedConfig):
-    """Configuration of one codebook (or one group of per-head codebooks) at one site."""
+    """Configuration of one codebook (or one group of per-head codebooks) at one site.
+
+    Ranges (checked on construction and on every assignment, see :attr:`RANGES`): sizes are
+    bounded by what can be allocated, ``n_groups * n_codes * d_in <= 2**32`` and
+    ``recent_size * n_groups * d_in <= 2**32`` (:data:`MAX_CODEBOOK_ELEMENTS`); ``chunk_mb`` lies
+    in ``[1/64, 65536]`` MiB and gives each group at least 256 float32 scores per tile
+    (``chunk_mb >= n_groups / 1024``), so scoring can neither crawl (at the lower bound it is
+    about 10x slower than the default, measured) nor overflow; coefficients lie in
+    ``[0, 1e6]``."""
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "d_in": Range(1, 2**20, what=_POSITIVE),
+        "n_codes": Range(1, 2**31 - 1, what=_POSITIVE),
+        "k": Range(1, None, what=_POSITIVE),  # <= min(n_codes, 2**16): validate()
+        "n_groups": Range(1, 2**16, what=_POSITIVE),
+        "norm_eps": Range(0, 1, lo_open=True),
+        "recon_coef": Range(0, 1e6),
+        "commit_coef": Range(0, 1e6),
+        "kmeans_iters": Range(1, 10**6, what=_POSITIVE),
+        "dead_code_threshold": Range(0, 2**53),
+        "merge_threshold": Range(0, 1, hi_open=True),
+        "replace_every": Range(1, 10**9, what=_POSITIVE),
+        "recent_size": Range(0, 2**31 - 1),
+        "chunk_mb": Range(1 / 64, 65536),
+        "seed": Range(-(2**63), 2**64, hi_open=True),
+    }
+    """Bounds of the numeric fields (torch.Generator seeds are 64-bit)."""
 
     d_in: int
     """Size of the vectors being quantized (``d_model``, ``d_mlp`` or ``d_head``)."""
@@ -122,28 +156,28 @@ class CodebookConfig(ValidatedConfig):
             if not cond:
                 raise ValueError(f"CodebookConfig: {msg}")
 
-        for name in ("d_in", "n_codes", "k", "n_groups", "kmeans_iters", "replace_every"):
-            v = getattr(self, name)
-            need(v >= 1, f"{name} must be a positive int, got {v!r}")
         need(
             self.k <= self.n_codes,
             f"k={self.k} exceeds n_codes={self.n_codes}; choose k <= n_codes "
             "(the paper uses k << n_codes)",
         )
-        for name in ("recon_coef", "commit_coef", "dead_code_threshold"):
-            v = getattr(self, name)
-            need(v >= 0, f"{name} must be >= 0, got {v!r}")
+        need(self.k <= 2**16, f"k must lie in [1, 65536], got {self.k}")
+        g, n, d = self.n_groups, self.n_codes, self.d_in
         need(
-            0 <= self.merge_threshold < 1,
-            f"merge_threshold must be in [0, 1) (a cosine similarity; 0 disables), got "
-            f"{self.merge_threshold!r}",
+            g * n * d <= MAX_CODEBOOK_ELEMENTS,
+            f"n_groups * n_codes * d_in = {g} * {n} * {d} = {g * n * d} exceeds the limit of "
+            f"2**32 = {MAX_CODEBOOK_ELEMENTS} elements (16 GiB of float32); use fewer codes or "
+            "groups",
         )
-        need(self.chunk_mb > 0, f"chunk_mb must be > 0, got {self.chunk_mb!r}")
-        need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
-        need(self.recent_size >= 0, f"recent_size must be >= 0, got {self.recent_size!r}")
         need(
-            -(2**63) <= self.seed < 2**64,
-            f"seed must lie in [-2**63, 2**64) (torch.Generator.manual_seed), got {self.seed!r}",
+            self.recent_size * g * d <= MAX_CODEBOOK_ELEMENTS,
+            f"recent_size * n_groups * d_in = {self.recent_size} * {g} * {d} = "
+            f"{self.recent_size * g * d} exceeds the limit of 2**32 elements; lower recent_size",
+        )
+        need(
+            self.chunk_mb * 1024 >= g,
+            f"chunk_mb={self.chunk_mb!r} gives n_groups={g} fewer than 256 float32 scores each per "
+            f"tile, which makes scoring crawl; use chunk_mb at least {g / 1024!r}",
         )
 
     def replace(self, **changes: Any) -> CodebookConfig:

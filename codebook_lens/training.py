@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -40,7 +40,7 @@ from codebook_lens.data import shard_batch
 from codebook_lens.maintenance import maintain_codebook, maintenance_due
 from codebook_lens.model import CodebookModel
 from codebook_lens.quantizer import Codebook
-from codebook_lens.validation import ValidatedConfig
+from codebook_lens.validation import Range, ValidatedConfig
 
 __all__ = [
     "Schedule",
@@ -51,6 +51,8 @@ __all__ = [
     "make_accelerator",
 ]
 
+
+_MAX_STEPS = 10**9  # a billion steps: far beyond any run, far below any overflow
 
 Schedule = Literal["cosine", "constant"]
 """The learning-rate schedules of :class:`TrainConfig`."""
@@ -128,6 +130,22 @@ class TrainConfig(ValidatedConfig):
     allow_no_codebooks: bool = False
     """Allow a model without codebooks (plain language-model training through the same loop)."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "steps": Range(1, _MAX_STEPS),
+        "lr": Range(0, 10, lo_open=True),
+        "codebook_lr": Range(0, 10, lo_open=True),
+        "weight_decay": Range(0, 10),
+        "warmup_steps": Range(0, _MAX_STEPS),
+        "min_lr_frac": Range(0, 1),
+        "grad_clip": Range(0, 1e6),
+        "log_every": Range(1, _MAX_STEPS),
+        "eval_every": Range(0, _MAX_STEPS),
+        "grad_accum": Range(1, 2**16),
+        "checkpoint_every": Range(0, _MAX_STEPS),
+    }
+    """Bounds of the numeric fields: learning rates in (0, 10], fractions in [0, 1], step
+    counts up to a billion, ``grad_accum`` up to 65536."""
+
     def __post_init__(self) -> None:
         import os  # path-like directories are kept as str (the config is saved as JSON)
 
@@ -137,25 +155,14 @@ class TrainConfig(ValidatedConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        """Range checks (types and ``Literal`` choices are checked against the annotations
-        before this runs)."""
-        if self.steps < 1:
-            raise ValueError(f"TrainConfig: steps must be >= 1, got {self.steps}")
-        if self.lr <= 0 or (self.codebook_lr is not None and self.codebook_lr <= 0):
-            raise ValueError(
-                f"TrainConfig: learning rates must be > 0, got lr={self.lr!r}, "
-                f"codebook_lr={self.codebook_lr!r}"
-            )
-        if self.grad_accum < 1:
-            raise ValueError(f"TrainConfig: grad_accum must be >= 1, got {self.grad_accum}")
-        if self.checkpoint_every < 0 or self.log_every < 1:
-            raise ValueError(
-                f"TrainConfig: need checkpoint_every >= 0 and log_every >= 1, got "
-                f"checkpoint_every={self.checkpoint_every}, log_every={self.log_every}"
-            )
-        for name in ("weight_decay", "warmup_steps", "min_lr_frac", "grad_clip", "eval_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig: {name} must be >= 0, got {getattr(self, name)!r}")
+        """Cross-field and path checks (types, ``Literal`` choices and the :attr:`RANGES` are
+        checked against the annotations before this runs)."""
+        for name in ("checkpoint_dir", "metrics_path", "wandb_project"):
+            value = getattr(self, name)
+            if value == "" or (isinstance(value, str) and not value.strip()):
+                raise ValueError(f"TrainConfig: {name} must not be empty; pass a name, or None")
+            if isinstance(value, str) and "\0" in value:
+                raise ValueError(f"TrainConfig: {name} holds a NUL character: {value!r}")
 
 
 @dataclass

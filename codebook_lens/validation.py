@@ -9,9 +9,14 @@ naming the class, the field and what to pass instead.
 Rules: ``int`` fields take integers but not bools; ``float`` fields take finite ints or floats
 but not bools; ``bool`` fields take only ``True``/``False``; ``str`` fields take only strings;
 ``X | None`` also takes None; a dataclass-typed field takes an instance of that class;
-``dict[K, V]`` takes a dict whose keys are of type ``K``; ``Literal[...]`` takes one of its
-values (any other value of the same type is a ``ValueError`` naming the choices and the closest
-one); ``Any`` takes anything.
+``dict[K, V]`` takes a dict whose keys are of type ``K`` (a free-form ``dict[str, Any]`` takes
+JSON data only: None, bools, ints, finite floats, strings, lists and dicts with string keys, so
+that every config saves as JSON); ``Literal[...]`` takes one of its values (any other value of the
+same type is a ``ValueError`` naming the choices and the closest one); ``Any`` takes anything.
+
+Ranges: every ``int`` field lies in ``[-2**63, 2**64)`` (what torch and JSON readers can hold);
+a class lists its own inclusive or open bounds in :attr:`ValidatedConfig.RANGES`
+(``{"lr": Range(0, 10, lo_open=True)}``), checked with the types and before ``validate()``.
 
 Also here, for every config class: :meth:`ValidatedConfig.to_dict` / :meth:`~ValidatedConfig.
 from_dict` (nested configs round-trip; unknown keys are refused with the valid names),
@@ -41,7 +46,11 @@ from torch import Tensor
 from codebook_lens.suggest import did_you_mean
 
 __all__ = [
+    "INT_RANGE",
+    "Range",
     "ValidatedConfig",
+    "check_json",
+    "check_range",
     "check_fields",
     "check_tokens",
     "check_value",
@@ -166,11 +175,109 @@ def check_value(owner: str, name: str, value: Any, tp: Any) -> None:
         raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric config field: ``lo <= value <= hi`` (``None``: unbounded), with
+    ``lo_open``/``hi_open`` for a strict bound."""
+
+    lo: int | float | None = None
+    """The lower bound (None: none)."""
+    hi: int | float | None = None
+    """The upper bound (None: none)."""
+    lo_open: bool = False
+    """Whether the lower bound itself is excluded."""
+    hi_open: bool = False
+    """Whether the upper bound itself is excluded."""
+    what: str | None = None
+    """How a value below the range is described (``"a positive int"``); by default
+    ``">= lo"`` or ``"> lo"``."""
+
+    def contains(self, v: int | float) -> bool:
+        """Whether ``v`` lies in the range."""
+        lo_ok = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        hi_ok = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return lo_ok and hi_ok
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo is None else _num(self.lo)
+        hi = "inf" if self.hi is None else _num(self.hi)
+        return f"{'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+def _num(v: int | float) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 2**53 else repr(v)
+
+
+def check_range(owner: str, name: str, value: Any, rng: Range) -> None:
+    """``ValueError`` naming ``owner.name``, the range and ``value`` if a number lies outside."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or rng.contains(value):
+        return
+    if rng.lo is not None and (value <= rng.lo if rng.lo_open else value < rng.lo):
+        want = rng.what or f"{'>' if rng.lo_open else '>='} {_num(rng.lo)}"
+        raise ValueError(f"{owner}: {name} must be {want}, got {value!r} (the range is {rng})")
+    raise ValueError(f"{owner}: {name} must lie in {rng}, got {value!r}")
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_json(owner: str, name: str, value: Any, depth: int = 0) -> None:
+    """Refuse anything but JSON data in a free-form field: ``TypeError`` naming ``owner``, the
+    path inside the field and the offending type (``ValueError`` for a non-finite float)."""
+    if depth > 64:
+        raise TypeError(f"{owner}: {name} is nested deeper than 64 levels; pass JSON data")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} is {value!r}; JSON data holds finite numbers only")
+    if isinstance(value, _JSON_SCALARS):
+        return
+    if isinstance(value, list):  # not a tuple: it would come back from JSON as a list
+        for i, v in enumerate(value):
+            check_json(owner, f"{name}[{i}]", v, depth + 1)
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(
+                    f"{owner}: {name} has key {k!r} of type {type(k).__name__}; JSON data has "
+                    "string keys only"
+                )
+            check_json(owner, f"{name}[{k!r}]", v, depth + 1)
+        return
+    raise TypeError(
+        f"{owner}: {name} holds a {type(value).__name__}, which is not JSON data (the config "
+        "is saved as JSON); pass None, a bool, number, string, list or dict of those (e.g. "
+        "tensor.tolist())"
+    )
+
+
+def _is_free_form(tp: Any) -> bool:
+    """``dict[str, Any]``-like annotations, whose values the config cannot type-check."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_is_free_form(a) for a in typing.get_args(tp))
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is dict and (len(args) < 2 or args[1] is Any)
+
+
+def _check_field(cls: type, name: str, value: Any, tp: Any) -> None:
+    """Type, JSON (free-form fields) and range checks of one field of config class ``cls``."""
+    owner = cls.__name__
+    check_value(owner, name, value, tp)
+    if _is_free_form(tp) and isinstance(value, dict):
+        for k, v in value.items():
+            check_json(owner, f"{name}[{k!r}]", v)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        check_range(owner, name, value, INT_RANGE)
+    rng = getattr(cls, "RANGES", {}).get(name)
+    if rng is not None:
+        check_range(owner, name, value, rng)
+
+
 def check_fields(obj: Any) -> None:
-    """Check every dataclass field of ``obj`` against its annotation (see :func:`check_value`)."""
-    owner = type(obj).__name__
+    """Check every dataclass field of ``obj`` against its annotation (see :func:`check_value`),
+    free-form fields for JSON data and numbers against the class's :attr:`~ValidatedConfig.
+    RANGES` and :data:`INT_RANGE`."""
     for name, tp in field_types(type(obj)).items():
-        check_value(owner, name, getattr(obj, name), tp)
+        _check_field(type(obj), name, getattr(obj, name), tp)
 
 
 class ValidatedConfig:
@@ -182,6 +289,10 @@ class ValidatedConfig:
 
     RENAMED: ClassVar[dict[str, str]] = {}
     """Deprecated field name -> current name (filled by :func:`renamed`)."""
+
+    RANGES: ClassVar[dict[str, Range]] = {}
+    """Field name -> its :class:`Range`, checked after the types and before :meth:`validate`
+    (``None`` in an ``X | None`` field is not a number and passes)."""
 
     def validate(self) -> None:
         """Range and cross-field checks; raise ``ValueError`` naming the field and the fix."""
@@ -196,7 +307,7 @@ class ValidatedConfig:
         if not self.__dict__.get("_validated") or name not in types_:
             object.__setattr__(self, name, value)
             return
-        check_value(type(self).__name__, name, value, types_[name])
+        _check_field(type(self), name, value, types_[name])
         old = self.__dict__[name]
         object.__setattr__(self, name, value)
         try:
@@ -228,6 +339,11 @@ class ValidatedConfig:
             )
         types_ = field_types(cls)
         return cls(**{k: _nested(types_[k], v) for k, v in kwargs.items()})
+
+
+# Built after ValidatedConfig: the test run's type checker looks that class up on every __init__.
+INT_RANGE = Range(-(2**63), 2**64, hi_open=True)
+"""Where every ``int`` field of every config lies: a 64-bit integer, signed or not."""
 
 
 def _nested(tp: Any, value: Any) -> Any:
