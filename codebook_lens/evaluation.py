@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from codebook_lens.model import CodebookModel, codes_hook_name
+from codebook_lens.model import CodebookModel
 from codebook_lens.quantizer import Codebook
 
 __all__ = ["Evaluation", "evaluate_codebooks", "dense_metric_name", "TABLE_METRICS", "ALL"]
@@ -367,8 +367,9 @@ def _eval_state(cm: CodebookModel, base: nn.Module | None) -> Iterator[None]:
     modes = [m.training for m in modules]
     enabled, flags = cm.enabled, {s: cb.enabled for s, cb in cm.codebooks.items()}
     try:
-        for m in modules:
-            m.training = False
+        cm.eval()
+        if base is not None:
+            base.eval()
         cm.enabled = True
         for cb in cm.codebooks.values():
             cb.enabled = True
@@ -401,11 +402,14 @@ def _codebook_logits(
     go into ``stats`` as they pass (the codes as the model used them, after any patch)."""
     cm, codes = run.cm, {}
 
+    # Plain torch hooks on the codebook's own modules, not TransformerLens hooks: a TL hook on
+    # hook_codes would mark the codes as patched (a copy, a check with a host sync and a second
+    # decode per forward). Registered last, they see the codes after any user patch hook.
     def grab(site: str) -> Callable[..., None]:
-        def hook(c: Tensor, hook: Any) -> None:
-            codes[site] = c
+        def fwd_hook(hp: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+            codes[site] = out
 
-        return hook
+        return fwd_hook
 
     def measure(site: str) -> Callable[..., None]:
         def fwd_hook(cb: Codebook, args: tuple[Any, ...], out: Tensor) -> None:
@@ -413,11 +417,15 @@ def _codebook_logits(
 
         return fwd_hook
 
-    handles = [cm.codebook(s).register_forward_hook(measure(s)) for s in on]
+    handles = []
+    for s in on:
+        cb = cm.codebook(s)
+        handles += [cb.hook_codes.register_forward_hook(grab(s))]
+        handles += [cb.register_forward_hook(measure(s))]
     others = [s for s in cm.sites if s not in on]
     try:
         with cm.disabled(*others) if others else nullcontext():
-            return cm.run_with_hooks(tokens, fwd_hooks=[(codes_hook_name(s), grab(s)) for s in on])
+            return cm.run_with_hooks(tokens)
     finally:
         for h in handles:
             h.remove()
