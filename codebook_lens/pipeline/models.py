@@ -36,7 +36,14 @@ from codebook_lens.backends import (
 from codebook_lens.errors import BackendError
 from codebook_lens.validation import ValidatedConfig
 
-__all__ = ["DTYPES", "ModelConfig", "load_model", "local_model_dir", "resolve_device"]
+__all__ = [
+    "DTYPES",
+    "ModelConfig",
+    "is_hub_id",
+    "load_model",
+    "local_model_dir",
+    "resolve_device",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -133,7 +140,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` can be a Hugging Face Hub repo id (``gpt2``, ``org/name``); paths
+    such as ``./m``, ``/abs/m``, ``~/m`` or ``a/b/c`` cannot."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -149,7 +158,7 @@ def local_model_dir(name: str) -> Path | None:
     ``ValueError`` for a file or a directory without ``config.json`` or a tokenizer."""
     path = Path(name).expanduser()
     if not path.exists():
-        if _is_hub_id(name):
+        if is_hub_id(name):
             return None
         raise FileNotFoundError(
             f"no model directory {str(path)!r}; give the directory that model.save_pretrained "
@@ -179,9 +188,16 @@ def _tokenizer(name: str, local: bool) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name, local_files_only=local, trust_remote_code=False)
     except (OSError, ValueError) as e:
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        if not local:
+            raise ValueError(
+                f"cannot load {name!r} from the Hugging Face Hub ({why}); there is no local "
+                "directory of that name either. Check the name and the connection (offline, "
+                "only models in the Hub cache load), or give a local directory"
+            ) from e
         raise ValueError(
-            f"cannot load the tokenizer of {name!r} ({type(e).__name__}: {str(e)[:200]}); save "
-            "a tokenizer beside the model with tokenizer.save_pretrained(dir)"
+            f"cannot load the tokenizer in {name!r} ({why}); save a tokenizer beside the model "
+            "with tokenizer.save_pretrained(dir)"
         ) from e
 
 

@@ -44,6 +44,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from codebook_lens.data import BlockStream, hf_texts, iter_blocks, shard_batch
+from codebook_lens.pipeline.models import is_hub_id
 from codebook_lens.validation import ValidatedConfig
 
 __all__ = [
@@ -166,16 +167,6 @@ class DataConfig(ValidatedConfig):
 
 
 # ---------------------------------------------------------------------- finding the data
-def _hub_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return not name.startswith(("~", "."))
-
-
 def _one_kind(files: list[Path], where: str) -> tuple[str, list[str]]:
     kinds = {BUILDERS[f.suffix.lower()] for f in files}
     if not files:
@@ -213,7 +204,7 @@ def find_data(path: str) -> tuple[str, list[str]]:
                 f"{str(p)!r} is not a data file this reads; give {sorted(BUILDERS)} files"
             )
         return BUILDERS[p.suffix.lower()], [str(p)]
-    if p.suffix.lower() in BUILDERS or not _hub_id(path):
+    if p.suffix.lower() in BUILDERS or not is_hub_id(path):
         raise FileNotFoundError(
             f"no such file or directory: {path!r} (a path is never looked up on the Hugging "
             "Face Hub; give an existing path or a Hub dataset name)"

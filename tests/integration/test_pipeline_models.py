@@ -178,6 +178,15 @@ def test_a_missing_local_path_is_not_looked_up_on_the_hub(tmp_path):
 
 
 @pytest.mark.usefixtures("no_network")
+def test_an_unknown_hub_name_offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="cannot load 'someone/no-such-model' from the Hugging"):
+        load_model(ModelConfig(name="someone/no-such-model"))
+
+
+@pytest.mark.usefixtures("no_network")
 def test_directories_that_are_not_models(tmp_path, tok):
     (tmp_path / "file.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="is a file"):
