@@ -73,7 +73,11 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
             "codebook-lens train: no sites; add [[sites]] to the config file or pass --site "
             "'blocks.*.attn.hook_z' (with --n-codes and --k)"
         )
-    return RunConfig.from_dict(d)
+    try:
+        return RunConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        where = f"{args.config}: " if args.config is not None else ""
+        raise type(e)(f"{where}{e}") from None
 
 
 def _accelerator() -> Any:
@@ -127,6 +131,25 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+_USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError)
+
+
+def _clear_errors(command: Any) -> Any:
+    """``command`` with a user's mistake (a bad config, path, pattern or dataset) reported as
+    one line naming the fix instead of a traceback; ``CODEBOOK_LENS_TRACEBACK=1`` keeps it."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except _USER_ERRORS as e:
+            if os.environ.get("CODEBOOK_LENS_TRACEBACK"):
+                raise
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise SystemExit(f"codebook-lens {args.command}: error: {msg}") from None
+
+    return run
+
+
 def _train_parser(sub: Any) -> None:
     t = sub.add_parser(
         "train",
@@ -141,7 +164,7 @@ def _train_parser(sub: Any) -> None:
     t.add_argument("--n-codes", type=int, default=10_000, help="codes per --site codebook")
     t.add_argument("--k", type=int, default=8, help="active codes per position for --site")
     add_config_arguments(t, _template(), exclude=["sites"])
-    t.set_defaults(func=_cmd_train)
+    t.set_defaults(func=_clear_errors(_cmd_train))
 
 
 def add_run_parsers(sub: Any) -> None:
@@ -151,10 +174,10 @@ def add_run_parsers(sub: Any) -> None:
     ev.add_argument("run", help="a run directory written by `codebook-lens train`")
     ev.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens to use")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    ev.set_defaults(func=_cmd_evaluate)
+    ev.set_defaults(func=_clear_errors(_cmd_evaluate))
     co = sub.add_parser("collect", help="write the codes of RUN's sites to RUN/store")
     co.add_argument("run", help="a run directory written by `codebook-lens train`")
     co.add_argument("--tokens", type=int, default=None, help="tokens to collect")
     co.add_argument("--restart", action="store_true", help="discard a partial store")
     co.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    co.set_defaults(func=_cmd_collect)
+    co.set_defaults(func=_clear_errors(_cmd_collect))

@@ -149,10 +149,11 @@ class RunDir:
         self.write(doc["config"], status)
 
     # ------------------------------------------------------------------ creation
-    def prepare(self, config: dict[str, Any], resume: bool) -> bool:
-        """Make the directory ready for training with ``config``; return whether it resumes.
+    def check(self, config: dict[str, Any], resume: bool) -> bool:
+        """Whether training with ``config`` here resumes a run (True) or starts one (False);
+        raises ``ValueError`` naming the fix when it may do neither. Writes nothing.
 
-        A new or empty directory becomes a run. An existing run is resumed only with
+        A new or empty directory may become a run. An existing run is resumed only with
         ``resume=True`` and the same config (training settings that change the result must not
         differ); any other non-empty directory is refused, so nothing is overwritten."""
         if self.path.exists() and not self.path.is_dir():
@@ -171,6 +172,13 @@ class RunDir:
                 f"{self.path} is not empty and holds no run (no run.json); refusing to write "
                 "into it. Choose a new or empty --out directory"
             )
+        return False
+
+    def prepare(self, config: dict[str, Any], resume: bool) -> bool:
+        """:meth:`check`, then make a new run's directory and ``run.json``; return whether
+        it resumes."""
+        if self.check(config, resume):
+            return True
         os.makedirs(self.path, exist_ok=True)
         self.write(config)
         return False

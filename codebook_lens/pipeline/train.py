@@ -79,16 +79,20 @@ def train_run(cfg: RunConfig, resume: bool = False, accelerator: Any = None) -> 
     process reads the same global batches and trains on its share of rows."""
     run = RunDir(Path(cfg.out))
     main = accelerator is None or accelerator.is_main_process
-    if main:
-        resume = run.prepare(cfg.to_dict(), resume)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+    run.check(cfg.to_dict(), resume)  # before the slow part: fail fast, write nothing
+    # Everything that can refuse the config runs before the directory becomes a run, so a
+    # fixed config can be run again in the same place.
     cm, sites = build_codebook_model(cfg)
     source = TokenSource(cfg.data, cm.tokenizer)
     held_out = source.eval_batches()
+    train_batches = source.train_batches()
+    if main:
+        run.prepare(cfg.to_dict(), resume)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     # Finetuning changes the model, so the metrics compare with a second, untouched copy.
     base = None if cfg.train.freeze_model else load_model(cfg.model)
-    _init_codebooks(cm, source.train_batches(), cfg.init_batches)
+    _init_codebooks(cm, train_batches, cfg.init_batches)
     train_cfg = dataclasses.replace(
         cfg.train, checkpoint_dir=str(run.train_dir), metrics_path=str(run.metrics), resume=True
     )
