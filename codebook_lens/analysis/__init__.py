@@ -18,6 +18,7 @@ from codebook_lens.analysis.attribution import (
     recovered_labels,
 )
 from codebook_lens.analysis.attribution_patching import CodeAttribution, code_attribution_patching
+from codebook_lens.analysis.collect import collect_codes
 from codebook_lens.analysis.examples import (
     CodeExamples,
     CodeTokenTable,
@@ -43,7 +44,7 @@ from codebook_lens.analysis.patching import (
     set_codes,
 )
 from codebook_lens.analysis.steering import SteeringResult, steer, steering_hooks
-from codebook_lens.analysis.store import CodeStore, collect_codes, dedupe_slots, smallest_int_dtype
+from codebook_lens.analysis.store import CodeStore, dedupe_slots, smallest_int_dtype
 from codebook_lens.analysis.sweeps import SweepResult, ablation_sweep, patch_sweep
 
 __all__ = [

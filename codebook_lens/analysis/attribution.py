@@ -8,7 +8,8 @@ left out:
 * ``f1`` = 2 P R / (P + R)
 
 All from one joint count matrix ``[head, n_codes, n_labels + 1]`` built with ``bincount``
-(streamed over tokens, so memory is bounded). A code counts once per position even if it fills
+(streamed over the store's chunks, so memory is bounded and a store on disk may be larger than
+memory). A code counts once per position even if it fills
 several slots. Ratios with a zero denominator are 0.
 """
 
@@ -141,9 +142,12 @@ def label_attribution(
             f"{list(want)}; give one label per stored position (-1 to ignore)"
         )
     lab, n_lab = encode_labels(labels.cpu(), n_labels)
-    codes = store.codes[site]
-    flat = codes.reshape(-1, codes.shape[2], codes.shape[3])
-    joint_all = joint_counts(flat, lab.reshape(-1), store.n_codes[site], n_lab + 1)
+    h, n_codes = store.n_heads(site), store.n_codes[site]
+    joint_all = torch.zeros(h, n_codes, n_lab + 1, dtype=torch.long)
+    for start, c in store.chunks(site):  # shard by shard: stores larger than memory
+        flat = c.reshape(-1, c.shape[2], c.shape[3])
+        lab_c = lab[start : start + c.shape[0]].reshape(-1)
+        joint_all += joint_counts(flat, lab_c, n_codes, n_lab + 1)
     code_tot = joint_all.sum(-1)
     label_tot = torch.bincount(lab[lab >= 0], minlength=n_lab + 1)
     joint = joint_all[..., :n_lab]

@@ -1,45 +1,63 @@
-"""`CodeStore`: the code ids of chosen sites over a token dataset, kept compactly.
+"""`CodeStore`: the code ids of chosen sites over a token dataset, in memory or on disk.
 
-Memory grows with ``tokens x sites x heads x k`` small integers (the smallest signed dtype that
-holds ``[-1, n_codes)``), never with activations: codes are read at ``f"{site}.hook_codes"`` with
-a plain forward hook and the model's logits are not computed. A store can be saved to and loaded
-from safetensors shards (``store.json`` + ``shard-*.safetensors``), written atomically.
+A store holds, per site, code ids ``[n_seq, pos, head, k]`` in the smallest signed dtype that
+holds ``[-1, n_codes)`` (``head`` = 1 at sites without a head/group axis), and optionally the
+tokens ``[n_seq, pos]``. It is a sequence of shards (runs of whole sequences): one in memory for
+a store built by :meth:`CodeStore.from_codes`, :meth:`CodeStore.load` or
+``collect_codes(...)``; memory-mapped shard files for one opened with :meth:`CodeStore.open`
+(or collected with ``collect_codes(..., out=PATH)``), whose pages are read only when used.
+
+Every query (:meth:`code_counts`, :meth:`fires`, :meth:`positions`) and the analysis functions
+(attribution, examples, the browser's search and code pages) run chunk by chunk over
+:meth:`CodeStore.chunks`, so they work on stores larger than memory and give exactly the same
+results on either kind. :attr:`CodeStore.codes`, :attr:`CodeStore.tokens`, :meth:`get` and
+:meth:`require_tokens` concatenate a disk store's shards, i.e. load that site (or the tokens)
+into memory. The on-disk format is described in :mod:`codebook_lens.analysis.store_manifest`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from codebook_lens.atomic import DirKind, open_dir, save_dir
-from codebook_lens.errors import CheckpointError
-from codebook_lens.model import CodebookModel, codes_hook_name
-from codebook_lens.suggest import unknown_site_error
-from codebook_lens.tensor_files import read_tensors, write_tensors
-
-__all__ = ["CodeStore", "collect_codes", "smallest_int_dtype", "STORE_FORMAT", "STORE_KIND"]
-
-STORE_FORMAT = "codebook_lens.code_store"
-_STORE_VERSION = 1
-_DTYPES = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64}
-STORE_KIND = DirKind(
-    name="CodeStore",
-    head="store.json",
-    format=STORE_FORMAT,
-    tag="store",
-    flat=("shard-*.safetensors",),
-    saver="CodeStore.save",
+from codebook_lens.analysis.store_files import ShardFile, write_counts_file, write_store_shard
+from codebook_lens.analysis.store_manifest import (
+    STORE_FORMAT,
+    STORE_KIND,
+    STORE_VERSION,
+    check_codes_range,
+    check_counts_file,
+    check_manifest,
+    check_shards,
+    check_tokens_range,
+    new_manifest,
+    verify_hashes,
+    with_shards,
 )
-"""The on-disk kind of a saved CodeStore (for :mod:`codebook_lens.atomic`)."""
+from codebook_lens.analysis.store_v1 import read_v1
+from codebook_lens.atomic import open_dir, save_dir
+from codebook_lens.errors import CheckpointError
+from codebook_lens.suggest import unknown_site_error
+
+__all__ = [
+    "CodeStore",
+    "smallest_int_dtype",
+    "dedupe_slots",
+    "count_codes",
+    "STORE_FORMAT",
+    "STORE_KIND",
+]
+
+_CHUNK_SLOTS = 1 << 22  # code slots per chunk: 32 MiB once widened to int64
 
 
 def smallest_int_dtype(max_value: int, min_value: int = -1) -> torch.dtype:
@@ -51,51 +69,137 @@ def smallest_int_dtype(max_value: int, min_value: int = -1) -> torch.dtype:
     raise ValueError(f"no integer dtype holds [{min_value}, {max_value}]")
 
 
+def dedupe_slots(codes: Int[Tensor, "... k"]) -> Int[Tensor, "... k"]:
+    """Codes with repeated ids within a position replaced by -1 (the lowest slot keeps its id),
+    so that each code counts once per position. Slot order is kept."""
+    if codes.shape[-1] < 2:
+        return codes
+    s, i = codes.sort(dim=-1, stable=True)
+    dup_sorted = torch.zeros_like(s, dtype=torch.bool)
+    dup_sorted[..., 1:] = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
+    dup = torch.zeros_like(dup_sorted).scatter_(-1, i, dup_sorted)
+    return codes.masked_fill(dup, -1)
+
+
+def count_codes(codes: Int[Tensor, "n pos head k"], n_codes: int) -> Int[Tensor, "head n_codes"]:
+    """How many positions each code fires at, per head (once per position), in ``codes``."""
+    h, k = codes.shape[2], codes.shape[3]
+    counts = torch.zeros(h * n_codes, dtype=torch.long)
+    offs = (torch.arange(h) * n_codes).view(1, h, 1)
+    for chunk in codes.reshape(-1, h, k).split(max(1, _CHUNK_SLOTS // max(h * k, 1))):
+        chunk = dedupe_slots(chunk.long())
+        counts += torch.bincount((chunk + offs)[chunk >= 0], minlength=h * n_codes)
+    return counts.view(h, n_codes)
+
+
 @dataclass
+class _Part:
+    """One shard: ``n_seq`` whole sequences from ``start``, as tensors or a mapped file."""
+
+    start: int
+    n_seq: int
+    codes: dict[str, Tensor] | None = None
+    tokens: Tensor | None = None
+    file: ShardFile | None = None
+
+    def site(self, site: str) -> Tensor:
+        return self.codes[site] if self.file is None else self.file.tensor(f"codes.{site}")
+
+    def toks(self) -> Tensor | None:
+        if self.file is None:
+            return self.tokens
+        return self.file.tensor("tokens") if "tokens" in self.file.entries else None
+
+    def counts(self, site: str) -> Tensor | None:
+        return None if self.file is None else self.file.tensor(f"counts.{site}")
+
+
+class _JoinedCodes(Mapping):
+    """``store.codes`` of a disk store: each site's shards concatenated when asked for."""
+
+    def __init__(self, store: CodeStore):
+        self.store = store
+
+    def __getitem__(self, site: str) -> Tensor:
+        self.store.check_site(site)
+        return self.store.code_range(site, 0, self.store.n_seq)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.store.sites)
+
+    def __len__(self) -> int:
+        return len(self.store.sites)
+
+
+def _check_layout(codes: Mapping[str, Tensor], n_codes: Mapping, per_head: Mapping, tokens) -> None:
+    if not codes:
+        raise ValueError("a CodeStore needs codes of at least one site")
+    shapes = {s: tuple(c.shape[:2]) for s, c in codes.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"all sites must cover the same [n_seq, pos]; got {shapes}")
+    for s, c in codes.items():
+        if c.dim() != 4:
+            raise ValueError(f"codes of {s} must be [n_seq, pos, head, k], got {tuple(c.shape)}")
+        if s not in n_codes or s not in per_head:
+            raise ValueError(f"n_codes and per_head must name every site; missing {s!r}")
+    if tokens is not None and tuple(tokens.shape) != next(iter(shapes.values())):
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)} must match the codes' [n_seq, pos] "
+            f"{next(iter(shapes.values()))}"
+        )
+
+
 class CodeStore:
     """Code ids of some sites over ``n_seq`` sequences of ``seq_len`` tokens.
 
     Codes of every site are kept as ``[n_seq, pos, head, k]`` (``head`` = 1 at sites without a
     head/group axis); :meth:`get` returns them in the model's own layout. Build one with
-    :func:`collect_codes` (from a model) or :meth:`from_codes` (from tensors).
+    ``collect_codes`` (from a model, in memory or written to disk), :meth:`from_codes` (from
+    tensors), :meth:`load` (a saved store, into memory) or :meth:`open` (memory-mapped).
     """
-
-    codes: dict[str, Tensor]
-    """Site -> compact code ids ``[n_seq, pos, head, k]``; -1 marks an empty slot."""
 
     n_codes: dict[str, int]
     """Site -> number of codes per group of its codebook (ids lie in ``[-1, n_codes)``)."""
-
     per_head: dict[str, bool]
     """Site -> whether the model's codes carry a head/group axis (``[b, p, head, k]``)."""
-
-    tokens: Tensor | None = None
-    """The input tokens ``[n_seq, pos]`` (compact dtype), or None if not kept."""
-
-    d_vocab: int | None = None
+    d_vocab: int | None
     """Vocabulary size of the model (bounds token ids), if known."""
-
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any]
     """Free-form JSON-ready metadata saved with the store."""
+    path: Path | None
+    """The directory of a store opened from disk (None in memory)."""
+    manifest: dict[str, Any] | None
+    """The manifest (``store.json``) of a store opened from disk (None in memory)."""
 
-    def __post_init__(self) -> None:
-        if not self.codes:
-            raise ValueError("a CodeStore needs codes of at least one site")
-        shapes = {s: tuple(c.shape[:2]) for s, c in self.codes.items()}
-        if len(set(shapes.values())) != 1:
-            raise ValueError(f"all sites must cover the same [n_seq, pos]; got {shapes}")
-        for s, c in self.codes.items():
-            if c.dim() != 4:
-                raise ValueError(
-                    f"codes of {s} must be [n_seq, pos, head, k], got {tuple(c.shape)}"
-                )
-            if s not in self.n_codes or s not in self.per_head:
-                raise ValueError(f"n_codes and per_head must name every site; missing {s!r}")
-        if self.tokens is not None and tuple(self.tokens.shape) != next(iter(shapes.values())):
-            raise ValueError(
-                f"tokens {tuple(self.tokens.shape)} must match the codes' [n_seq, pos] "
-                f"{next(iter(shapes.values()))}"
-            )
+    def __init__(
+        self,
+        codes: Mapping[str, Int[Tensor, "seq pos head k"]],
+        n_codes: Mapping[str, int],
+        per_head: Mapping[str, bool],
+        tokens: Int[Tensor, "seq pos"] | None = None,
+        d_vocab: int | None = None,
+        meta: dict[str, Any] | None = None,
+    ):
+        """An in-memory store of ``codes`` (site -> ``[n_seq, pos, head, k]``, -1 = empty)."""
+        _check_layout(codes, n_codes, per_head, tokens)
+        first = next(iter(codes.values()))
+        self._setup(
+            {s: tuple(c.shape[1:]) for s, c in codes.items()},
+            {s: c.dtype for s, c in codes.items()},
+            None if tokens is None else tokens.dtype,
+            [_Part(0, first.shape[0], dict(codes), tokens)],
+        )
+        self.n_codes, self.per_head = dict(n_codes), dict(per_head)
+        self.d_vocab, self.meta = d_vocab, dict(meta or {})
+        self.path, self.manifest, self._counts_file = None, None, None
+
+    def _setup(self, shapes: dict, dtypes: dict, token_dtype: Any, parts: list[_Part]) -> None:
+        self._shape: dict[str, tuple[int, int, int]] = shapes
+        self._dtype: dict[str, torch.dtype] = dtypes
+        self._token_dtype: torch.dtype | None = token_dtype
+        self._parts = parts
+        self._n_seq = sum(p.n_seq for p in parts)
+        self._seq_len = next(iter(shapes.values()))[0]
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -135,17 +239,17 @@ class CodeStore:
     @property
     def sites(self) -> list[str]:
         """Stored sites, in order."""
-        return list(self.codes)
+        return list(self._shape)
 
     @property
     def n_seq(self) -> int:
         """Number of sequences."""
-        return next(iter(self.codes.values())).shape[0]
+        return self._n_seq
 
     @property
     def seq_len(self) -> int:
         """Tokens per sequence."""
-        return next(iter(self.codes.values())).shape[1]
+        return self._seq_len
 
     @property
     def n_tokens(self) -> int:
@@ -153,71 +257,56 @@ class CodeStore:
         return self.n_seq * self.seq_len
 
     @property
+    def has_tokens(self) -> bool:
+        """Whether the store kept the tokens."""
+        return self._token_dtype is not None
+
+    @property
+    def n_shards(self) -> int:
+        """Number of shards (1 for a store built in memory)."""
+        return len(self._parts)
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held by code ids and tokens."""
-        n = sum(c.numel() * c.element_size() for c in self.codes.values())
-        if self.tokens is not None:
-            n += self.tokens.numel() * self.tokens.element_size()
-        return n
+        """Bytes of code ids and tokens (in memory, or on disk without headers and counts)."""
+        n = sum(math.prod(sh) * self._dtype[s].itemsize for s, sh in self._shape.items())
+        if self._token_dtype is not None:
+            n += self.seq_len * self._token_dtype.itemsize
+        return n * self.n_seq
+
+    @property
+    def codes(self) -> Mapping[str, Int[Tensor, "seq pos head k"]]:
+        """Site -> compact code ids ``[n_seq, pos, head, k]``; -1 marks an empty slot. For a
+        disk store each access concatenates the site's shards (loads it into memory): use
+        :meth:`chunks` to stream instead."""
+        if self.path is None and len(self._parts) == 1:
+            return self._parts[0].codes
+        return _JoinedCodes(self)
+
+    @property
+    def tokens(self) -> Int[Tensor, "seq pos"] | None:
+        """The input tokens ``[n_seq, pos]`` (compact dtype), or None if not kept. For a disk
+        store this concatenates the shards (loads them): use :meth:`token_chunks` to stream."""
+        if not self.has_tokens:
+            return None
+        if self.path is None and len(self._parts) == 1:
+            return self._parts[0].tokens
+        return torch.cat([p.toks() for p in self._parts])
 
     def check_site(self, site: str) -> None:
         """Raise a KeyError naming the stored sites if ``site`` is not one of them."""
-        if site not in self.codes:
-            raise unknown_site_error(site, self.codes, "stored codes")
+        if site not in self._shape:
+            raise unknown_site_error(site, self._shape, "stored codes")
 
     def n_heads(self, site: str) -> int:
         """Size of the head/group axis of ``site`` (1 for sites without one)."""
         self.check_site(site)
-        return self.codes[site].shape[2]
+        return self._shape[site][1]
 
     def k(self, site: str) -> int:
         """Code slots per position (and head) at ``site``."""
         self.check_site(site)
-        return self.codes[site].shape[3]
-
-    def get(self, site: str, dtype: torch.dtype = torch.long) -> Int[Tensor, "seq pos *head k"]:
-        """Codes of ``site`` in the model's layout (``[b, p, k]`` or ``[b, p, head, k]``)."""
-        self.check_site(site)
-        c = self.codes[site].to(dtype)
-        return c if self.per_head[site] else c[:, :, 0]
-
-    def require_tokens(self) -> Tensor:
-        """The stored tokens as int64, or a clear error if the store kept none."""
-        if self.tokens is None:
-            raise ValueError(
-                "this CodeStore has no tokens; collect it with keep_tokens=True or pass "
-                "tokens= to CodeStore.from_codes"
-            )
-        return self.tokens.long()
-
-    # ------------------------------------------------------------------ queries
-    def code_counts(self, site: str) -> Int[Tensor, "head n_codes"]:
-        """How many positions each code fires at, per head (a code counts once per position)."""
-        self.check_site(site)
-        c = self.codes[site]
-        h, n = c.shape[2], self.n_codes[site]
-        counts = torch.zeros(h * n, dtype=torch.long)
-        offs = (torch.arange(h) * n).view(1, h, 1)
-        for chunk in c.reshape(-1, h, c.shape[3]).split(1 << 18):
-            chunk = dedupe_slots(chunk.long())
-            ids = (chunk + offs)[chunk >= 0]
-            counts += torch.bincount(ids, minlength=h * n)
-        return counts.view(h, n)
-
-    def fires(self, site: str, code: int, head: int | None = None) -> Bool[Tensor, "seq pos"]:
-        """Where ``code`` fires at ``site`` (in any slot; at ``head``, or at any head if None)."""
-        self.check_code(site, code)
-        c = self.codes[site]
-        if head is not None:
-            h = c.shape[2]
-            if not -h <= head < h:
-                raise IndexError(f"head {head} out of range; {site} has {h} head(s)")
-            c = c[:, :, head : head + 1 if head != -1 else None]
-        return (c == code).any(-1).any(-1)
-
-    def positions(self, site: str, code: int, head: int | None = None) -> Int[Tensor, "n 2"]:
-        """``(seq, pos)`` rows of every position where ``code`` fires (see :meth:`fires`)."""
-        return self.fires(site, code, head).nonzero()
+        return self._shape[site][2]
 
     def check_code(self, site: str, code: int) -> None:
         """An IndexError naming the valid range when ``code`` is not a code id of ``site``."""
@@ -226,329 +315,310 @@ class CodeStore:
         if not 0 <= int(code) < n:
             raise IndexError(f"code {code} out of range; {site} has codes 0..{n - 1}")
 
+    def _head(self, site: str, head: int | None) -> int | None:
+        h = self.n_heads(site)
+        if head is not None and not -h <= head < h:
+            raise IndexError(f"head {head} out of range; {site} has {h} head(s)")
+        return None if head is None else head % h
+
+    # ------------------------------------------------------------------ streaming access
+    def chunk_seqs(self, site: str | None = None) -> int:
+        """The default sequences per chunk: about 4M code slots of ``site`` (tokens: 1M)."""
+        per = self.seq_len * (math.prod(self._shape[site][1:]) if site else 4)
+        return max(1, _CHUNK_SLOTS // max(per, 1))
+
+    def _spans(self, max_seqs: int | None, site: str | None) -> Iterator[tuple[_Part, int, int]]:
+        step = max_seqs or self.chunk_seqs(site)
+        if step < 1:
+            raise ValueError(f"max_seqs={max_seqs}; pass a positive number of sequences")
+        for p in self._parts:
+            for a in range(0, p.n_seq, step):
+                yield p, a, min(p.n_seq, a + step)
+
+    def chunks(
+        self, site: str, max_seqs: int | None = None
+    ) -> Iterator[tuple[int, Int[Tensor, "n pos head k"]]]:
+        """``(first sequence, codes [n, pos, head, k])`` pieces of ``site`` in order, each
+        within one shard and at most ``max_seqs`` sequences (default :meth:`chunk_seqs`).
+        Pieces of a disk store are memory-mapped views (compact dtype; do not modify them).
+        :meth:`token_chunks` with the same ``max_seqs`` yields the same ranges."""
+        self.check_site(site)
+        for p, a, b in self._spans(max_seqs or self.chunk_seqs(site), site):
+            yield p.start + a, p.site(site)[a:b]
+
+    def token_chunks(
+        self, max_seqs: int | None = None
+    ) -> Iterator[tuple[int, Int[Tensor, "n pos"]]]:
+        """``(first sequence, tokens [n, pos])`` pieces in order (compact dtype), the ranges of
+        :meth:`chunks` for the same ``max_seqs``; a ValueError if the store has no tokens."""
+        self.check_tokens()
+        for p, a, b in self._spans(max_seqs or self.chunk_seqs(None), None):
+            yield p.start + a, p.toks()[a:b]
+
+    def check_tokens(self) -> None:
+        """A ValueError saying how to keep tokens if the store has none."""
+        if not self.has_tokens:
+            raise ValueError(
+                "this CodeStore has no tokens; collect it with keep_tokens=True or pass "
+                "tokens= to CodeStore.from_codes"
+            )
+
+    def _rows(self, seqs: Tensor, read: Any, shape: tuple[int, ...], dtype: Any) -> Tensor:
+        seqs = torch.as_tensor(seqs, dtype=torch.long).reshape(-1).contiguous()
+        if seqs.numel() and not (0 <= int(seqs.min()) and int(seqs.max()) < self.n_seq):
+            raise IndexError(f"sequence index out of range; the store has {self.n_seq} sequences")
+        starts = torch.tensor([p.start for p in self._parts])
+        which = torch.searchsorted(starts, seqs, right=True) - 1
+        out = torch.empty((seqs.numel(), *shape), dtype=dtype)
+        for w in which.unique().tolist():  # loop over the shards touched
+            sel = which == w
+            out[sel] = read(self._parts[w])[seqs[sel] - self._parts[w].start]
+        return out
+
+    def code_rows(self, site: str, seqs: Int[Tensor, " n"]) -> Int[Tensor, "n pos head k"]:
+        """Codes ``[len(seqs), pos, head, k]`` (compact) of the given sequences, in order."""
+        self.check_site(site)
+        return self._rows(seqs, lambda p: p.site(site), self._shape[site], self._dtype[site])
+
+    def token_rows(self, seqs: Int[Tensor, " n"]) -> Int[Tensor, "n pos"]:
+        """Tokens ``[len(seqs), pos]`` (compact) of the given sequences, in order."""
+        self.check_tokens()
+        return self._rows(seqs, lambda p: p.toks(), (self.seq_len,), self._token_dtype)
+
+    def code_range(self, site: str, start: int, stop: int) -> Int[Tensor, "n pos head k"]:
+        """Codes of sequences ``start:stop`` (compact, a copy when it spans shards)."""
+        pieces = [c[max(0, start - a) : stop - a] for a, c in self._overlaps(site, start, stop)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def token_range(self, start: int, stop: int) -> Int[Tensor, "n pos"]:
+        """Tokens of sequences ``start:stop`` (compact, a copy when it spans shards)."""
+        self.check_tokens()
+        pieces = [t[max(0, start - a) : stop - a] for a, t in self._overlaps(None, start, stop)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _overlaps(self, site: str | None, start: int, stop: int) -> list[tuple[int, Tensor]]:
+        out = [
+            (p.start, p.site(site) if site is not None else p.toks())
+            for p in self._parts
+            if p.start < stop and start < p.start + p.n_seq
+        ]
+        if not out:
+            shape = self._shape[site] if site else (self.seq_len,)
+            dtype = self._dtype[site] if site else self._token_dtype
+            out = [(start, torch.empty((0, *shape), dtype=dtype))]
+        return out
+
+    # ------------------------------------------------------------------ whole-site access
+    def get(self, site: str, dtype: torch.dtype = torch.long) -> Int[Tensor, "seq pos *head k"]:
+        """Codes of ``site`` in the model's layout (``[b, p, k]`` or ``[b, p, head, k]``), in
+        memory (for a disk store this loads the whole site)."""
+        self.check_site(site)
+        c = self.code_range(site, 0, self.n_seq).to(dtype)
+        return c if self.per_head[site] else c[:, :, 0]
+
+    def require_tokens(self) -> Int[Tensor, "seq pos"]:
+        """The stored tokens as int64 (in memory), or a clear error if the store kept none."""
+        self.check_tokens()
+        return self.token_range(0, self.n_seq).long()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def has_counts(self) -> bool:
+        """Whether :meth:`code_counts` is read from counts stored with the shards (a disk
+        store) rather than computed from the codes."""
+        return self.path is not None
+
+    def code_counts(self, site: str) -> Int[Tensor, "head n_codes"]:
+        """How many positions each code fires at, per head (a code counts once per position).
+        A disk store reads the counts its collection stored; others count chunk by chunk."""
+        self.check_site(site)
+        if self._counts_file is not None:
+            return self._counts_file.tensor(f"counts.{site}").clone()
+        if self.has_counts:
+            return sum((p.counts(site) for p in self._parts), self._zero_counts(site))
+        total = self._zero_counts(site)
+        for _, c in self.chunks(site):
+            total += count_codes(c, self.n_codes[site])
+        return total
+
+    def _zero_counts(self, site: str) -> Tensor:
+        return torch.zeros(self._shape[site][1], self.n_codes[site], dtype=torch.long)
+
+    def fires(self, site: str, code: int, head: int | None = None) -> Bool[Tensor, "seq pos"]:
+        """Where ``code`` fires at ``site`` (in any slot; at ``head``, or at any head if None)."""
+        self.check_code(site, code)
+        head = self._head(site, head)
+        out = torch.empty(self.n_seq, self.seq_len, dtype=torch.bool)
+        for start, c in self.chunks(site):
+            if head is not None:
+                c = c[:, :, head : head + 1]
+            out[start : start + c.shape[0]] = (c == code).any(-1).any(-1)
+        return out
+
+    def positions(self, site: str, code: int, head: int | None = None) -> Int[Tensor, "n 2"]:
+        """``(seq, pos)`` rows of every position where ``code`` fires (see :meth:`fires`)."""
+        return self.fires(site, code, head).nonzero()
+
     # ------------------------------------------------------------------ io
     def save(
         self, path: str | os.PathLike[str], shard_mb: float = 256.0, overwrite: bool = False
     ) -> None:
-        """Write ``store.json`` and ``shard-NNNNN.safetensors`` files (whole sequences per shard,
-        at most about ``shard_mb`` MiB each) to directory ``path`` in one atomic step.
+        """Write the store to directory ``path`` in one atomic step (format version 2:
+        ``store.json`` and ``shard-NNNNN.safetensors`` files of whole sequences, at most about
+        ``shard_mb`` MiB each, with hashes and code counts; see
+        :mod:`~codebook_lens.analysis.store_manifest`). Works for disk stores too (a copy).
 
         A directory holding anything other than a CodeStore is refused unless ``overwrite=True``
         (which still replaces only codebook_lens's own files)."""
+        if not 0 < shard_mb <= 2**20:
+            raise ValueError(f"shard_mb={shard_mb}; pass a size in (0, 2**20] MiB")
         per_seq = max(1, self.nbytes // max(self.n_seq, 1))
         seqs_per_shard = max(1, int(shard_mb * 2**20) // per_seq)
-        n_shards = max(1, math.ceil(self.n_seq / seqs_per_shard))
-        header = {
-            "format": STORE_FORMAT,
-            "version": _STORE_VERSION,
-            "sites": self.sites,
-            "n_codes": self.n_codes,
-            "per_head": self.per_head,
-            "shapes": {s: list(c.shape) for s, c in self.codes.items()},
-            "dtypes": {s: str(c.dtype).removeprefix("torch.") for s, c in self.codes.items()},
-            "has_tokens": self.tokens is not None,
-            "d_vocab": self.d_vocab,
-            "n_shards": n_shards,
-            "meta": self.meta,
-        }
+        m = new_manifest(self._settings(seqs_per_shard), uuid.uuid4().hex, self.meta, None)
 
         def write(tmp: Path) -> None:
-            for i in range(n_shards):
-                sl = slice(i * seqs_per_shard, (i + 1) * seqs_per_shard)
-                tensors = {f"codes.{s}": c[sl] for s, c in self.codes.items()}
-                if self.tokens is not None:
-                    tensors["tokens"] = self.tokens[sl]
-                write_tensors(tensors, tmp / f"shard-{i:05d}.safetensors", STORE_FORMAT)
+            recs, totals = [], {s: self._zero_counts(s) for s in self.sites}
+            for i, a in enumerate(range(0, self.n_seq, seqs_per_shard)):
+                b = min(self.n_seq, a + seqs_per_shard)
+                codes = {s: self.code_range(s, a, b) for s in self.sites}
+                counts = {s: count_codes(c, self.n_codes[s]) for s, c in codes.items()}
+                for s in self.sites:
+                    totals[s] += counts[s]
+                toks = self.token_range(a, b) if self.has_tokens else None
+                recs.append(write_store_shard(tmp, m["store_id"], i, codes, toks, counts))
+            counts_rec = write_counts_file(tmp, m["store_id"], len(recs), totals)
+            m.update(with_shards(m, recs, complete=True, counts=counts_rec))  # before the head
 
-        save_dir(path, STORE_KIND, header, write, overwrite=overwrite)
+        save_dir(path, STORE_KIND, m, write, overwrite=overwrite)
+
+    def _settings(self, shard_seqs: int) -> dict[str, Any]:
+        """The store's layout as manifest fields (see ``store_manifest.new_manifest``)."""
+        return {
+            "sites": self.sites,
+            "n_codes": dict(self.n_codes),
+            "per_head": dict(self.per_head),
+            "dtypes": {s: str(d).removeprefix("torch.") for s, d in self._dtype.items()},
+            "shapes": {s: [0, *sh] for s, sh in self._shape.items()},
+            "seq_len": self.seq_len,
+            "has_tokens": self.has_tokens,
+            "token_dtype": str(self._token_dtype).removeprefix("torch.")
+            if self.has_tokens
+            else None,
+            "d_vocab": self.d_vocab,
+            "shard_seqs": shard_seqs,
+        }
+
+    @classmethod
+    def open(
+        cls, path: str | os.PathLike[str], allow_partial: bool = False, verify: bool = False
+    ) -> CodeStore:
+        """Open a saved or collected store memory-mapped (nothing is read until used).
+
+        Every open checks the structure: every listed shard present with the recorded size,
+        store id, index, keys, dtypes and shapes, and no unlisted shard (headers only).
+        ``verify=True`` also hashes every file against the manifest (about 1 GB/s). An
+        interrupted collection is refused unless ``allow_partial=True`` (then the complete
+        shards are opened). A version-1 store (no hashes) is loaded into memory instead.
+        Raises CheckpointError naming the file and the fix."""
+        with open_dir(path, STORE_KIND) as (head, data):
+            file = Path(path) / STORE_KIND.head
+            if _version(head, file) == 1:
+                return cls._from_v1(head, data, file)
+            check_manifest(head, file)
+            if not head["complete"] and not allow_partial:
+                raise _incomplete(Path(path), head)
+            shards = check_shards(head, data)
+            counts = check_counts_file(head, data)
+            if verify:
+                verify_hashes(head, data)
+        return cls._from_files(Path(path), head, shards, counts)
+
+    @classmethod
+    def _from_files(
+        cls, path: Path, m: dict[str, Any], shards: list[ShardFile], counts: ShardFile | None
+    ) -> CodeStore:
+        self = cls.__new__(cls)
+        starts = [0]
+        for r in m["shards"]:
+            starts.append(starts[-1] + r["n_seq"])
+        parts = [_Part(a, r["n_seq"], file=f) for a, r, f in zip(starts, m["shards"], shards)]
+        if not parts:  # an empty store: one empty in-memory part keeps the shapes
+            parts = [_Part(0, 0, _empty_codes(m), _empty_tokens(m))]
+        self._setup(
+            {s: tuple(m["shapes"][s][1:]) for s in m["sites"]},
+            {s: _dt(m["dtypes"][s]) for s in m["sites"]},
+            _dt(m["token_dtype"]) if m["has_tokens"] else None,
+            parts,
+        )
+        self.n_codes, self.per_head = dict(m["n_codes"]), dict(m["per_head"])
+        self.d_vocab, self.meta = m.get("d_vocab"), dict(m.get("meta", {}))
+        self.path, self.manifest, self._counts_file = path, m, counts
+        return self
+
+    @classmethod
+    def _from_v1(cls, head: dict[str, Any], data: Path, file: Path) -> CodeStore:
+        f = read_v1(head, data, file)
+        try:
+            return cls(**f)
+        except ValueError as e:
+            raise CheckpointError(f"{file.parent} is not a consistent CodeStore: {e}") from e
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CodeStore:
-        """Load a store written by :meth:`save`. Raises CheckpointError, naming the file and
-        field, on a missing, corrupt or inconsistent directory (header fields of the wrong
-        type, shards that disagree with the header, ids outside ``[-1, n_codes)``)."""
-        path = Path(path)
-        with open_dir(path, STORE_KIND) as (header, data):
-            file = path / STORE_KIND.head
-            _check_header(header, file)
-            codes, tokens = _read_shards(header, data)
+        """Load a saved or collected store into memory. Checks what :meth:`open` checks, every
+        content hash and every value (code ids in ``[-1, n_codes)``, tokens in
+        ``[0, d_vocab)``); raises CheckpointError naming the file and the fix."""
+        disk = cls.open(path, verify=True)
+        if disk.path is None:
+            return disk  # version 1: already in memory and checked
+        file = Path(path) / STORE_KIND.head
+        codes = {s: disk.code_range(s, 0, disk.n_seq).clone() for s in disk.sites}
         for s, c in codes.items():
-            _check_codes(s, c, header, file)
+            check_codes_range(s, c, disk.n_codes[s], file)
+        tokens = disk.token_range(0, disk.n_seq).clone() if disk.has_tokens else None
         if tokens is not None:
-            _check_tokens(tokens, header, file)
-        try:
-            return cls(
-                codes=codes,
-                n_codes=dict(header["n_codes"]),
-                per_head=dict(header["per_head"]),
-                tokens=tokens,
-                d_vocab=header.get("d_vocab"),
-                meta=header.get("meta", {}),
-            )
-        except ValueError as e:
-            raise CheckpointError(f"{path} is not a consistent CodeStore: {e}") from e
+            check_tokens_range(tokens, disk.d_vocab, file)
+        return cls(codes, disk.n_codes, disk.per_head, tokens, disk.d_vocab, disk.meta)
+
+    def verify(self) -> None:
+        """Hash every file of a disk store against its manifest (CheckpointError on the first
+        difference); nothing to do for a store in memory."""
+        if self.path is not None:
+            with open_dir(self.path, STORE_KIND) as (head, data):
+                if head.get("store_id") != self.manifest["store_id"]:
+                    raise CheckpointError(f"{self.path} was replaced since it was opened")
+                verify_hashes(self.manifest, data)
 
 
-def _is_int(v: Any) -> bool:
-    return type(v) is int
+def _dt(name: str) -> torch.dtype:
+    return getattr(torch, name)
 
 
-def _site_map(header: dict[str, Any], key: str, ok: Any, want: str, file: Path) -> None:
-    m = header.get(key)
-    if not isinstance(m, dict) or set(m) != set(header["sites"]):
-        raise CheckpointError(f"{file}: {key!r} must map every site to {want}, got {m!r}")
-    bad = [s for s, v in m.items() if not ok(v)]
-    if bad:
-        raise CheckpointError(f"{file}: {key}[{bad[0]!r}] = {m[bad[0]]!r} is not {want}")
+def _empty_codes(m: dict[str, Any]) -> dict[str, Tensor]:
+    return {s: torch.empty((0, *m["shapes"][s][1:]), dtype=_dt(m["dtypes"][s])) for s in m["sites"]}
 
 
-def _check_header(header: dict[str, Any], file: Path) -> None:
-    """Raise CheckpointError naming the field if ``store.json`` content is malformed."""
-    v = header.get("version")
-    if not _is_int(v) or not 1 <= v <= _STORE_VERSION:
+def _empty_tokens(m: dict[str, Any]) -> Tensor | None:
+    if not m["has_tokens"]:
+        return None
+    return torch.empty((0, m["seq_len"]), dtype=_dt(m["token_dtype"]))
+
+
+def _version(head: dict[str, Any], file: Path) -> int:
+    v = head.get("version")
+    if type(v) is not int or not 1 <= v <= STORE_VERSION:
         raise CheckpointError(
             f"{file}: version {v!r} is not a CodeStore format version this codebook_lens reads "
-            f"(1..{_STORE_VERSION}); upgrade codebook_lens or re-save the store"
+            f"(1..{STORE_VERSION}); upgrade codebook_lens or re-save the store"
         )
-    sites = header.get("sites")
-    if (
-        not isinstance(sites, list)
-        or not sites
-        or not all(isinstance(s, str) for s in sites)
-        or len(set(sites)) != len(sites)
-    ):
-        raise CheckpointError(f"{file}: 'sites' must be a non-empty list of names, got {sites!r}")
-    _site_map(header, "n_codes", lambda n: _is_int(n) and n >= 1, "an integer >= 1", file)
-    _site_map(header, "per_head", lambda b: isinstance(b, bool), "true or false", file)
-    _site_map(
-        header,
-        "shapes",
-        lambda sh: isinstance(sh, list) and len(sh) == 4 and all(_is_int(x) and x >= 0 for x in sh),
-        "[n_seq, pos, head, k] of integers",
-        file,
+    return v
+
+
+def _incomplete(path: Path, m: dict[str, Any]) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is an incomplete code store: its collection was interrupted or is still "
+        f"running ({len(m['shards'])} complete shard(s), {m['n_seq']} sequences so far). Resume "
+        f"it by running the same collection again (collect_codes(cm, data, out={str(path)!r}) "
+        "with the same settings and data, or the same `codebook-lens collect` command), or open "
+        f"what is there with CodeStore.open({str(path)!r}, allow_partial=True)"
     )
-    _site_map(
-        header,
-        "dtypes",
-        lambda d: isinstance(d, str) and d in _DTYPES,
-        f"one of {sorted(_DTYPES)}",
-        file,
-    )
-    for key, ok, want in (
-        ("has_tokens", lambda b: isinstance(b, bool), "true or false"),
-        ("d_vocab", lambda d: d is None or (_is_int(d) and d >= 1), "null or an integer >= 1"),
-        ("n_shards", lambda n: _is_int(n) and 1 <= n <= 10**6, "an integer in [1, 10**6]"),
-        ("meta", lambda m: isinstance(m, dict), "an object"),
-    ):
-        if key == "meta" and key not in header:
-            continue
-        if not ok(header.get(key)):
-            raise CheckpointError(f"{file}: {key!r} must be {want}, got {header.get(key)!r}")
-    for s in sites:
-        if not header["per_head"][s] and header["shapes"][s][2] != 1:
-            raise CheckpointError(
-                f"{file}: {s} has per_head=false but {header['shapes'][s][2]} heads in 'shapes'; "
-                "the header contradicts itself"
-            )
-
-
-def _read_shards(header: dict[str, Any], data: Path) -> tuple[dict[str, Tensor], Tensor | None]:
-    parts: dict[str, list[Tensor]] = {s: [] for s in header["sites"]}
-    toks: list[Tensor] = []
-    for i in range(header["n_shards"]):
-        f = data / f"shard-{i:05d}.safetensors"
-        shard = read_tensors(f)
-        for s in parts:
-            key = f"codes.{s}"
-            if key not in shard:
-                raise CheckpointError(f"shard {f} lacks {key!r}")
-            c = shard[key]
-            if c.dim() != 4 or list(c.shape[1:]) != header["shapes"][s][1:]:
-                raise CheckpointError(
-                    f"shard {f}: {key} has shape {list(c.shape)}; store.json says "
-                    f"[*, {', '.join(map(str, header['shapes'][s][1:]))}]"
-                )
-            parts[s].append(c)
-        if header["has_tokens"]:
-            if "tokens" not in shard:
-                raise CheckpointError(f"shard {f} lacks 'tokens' (store.json says has_tokens)")
-            toks.append(shard["tokens"])
-    tokens = None
-    if toks:
-        if any(t.dim() != 2 or t.shape[1:] != toks[0].shape[1:] for t in toks):
-            raise CheckpointError(f"the shards in {data} hold tokens of different shapes")
-        tokens = torch.cat(toks)
-    return {s: torch.cat(p) for s, p in parts.items()}, tokens
-
-
-def _check_codes(site: str, c: Tensor, header: dict[str, Any], file: Path) -> None:
-    want, dtype = header["shapes"][site], header["dtypes"][site]
-    if list(c.shape) != want or str(c.dtype).removeprefix("torch.") != dtype:
-        raise CheckpointError(
-            f"codes of {site} have shape {list(c.shape)}, dtype {c.dtype}; {file} says "
-            f"{want}, {dtype}"
-        )
-    n = header["n_codes"][site]
-    if c.numel() and (int(c.min()) < -1 or int(c.max()) >= n):
-        raise CheckpointError(
-            f"codes of {site} lie in [{int(c.min())}, {int(c.max())}], outside [-1, {n}) "
-            f"({file} says n_codes={n}); the store is corrupt"
-        )
-
-
-def _check_tokens(tokens: Tensor, header: dict[str, Any], file: Path) -> None:
-    if tokens.is_floating_point() or tokens.dtype == torch.bool or tokens.is_complex():
-        raise CheckpointError(f"tokens next to {file} have dtype {tokens.dtype}; expected integers")
-    hi = header.get("d_vocab")
-    if tokens.numel() and (int(tokens.min()) < 0 or (hi is not None and int(tokens.max()) >= hi)):
-        raise CheckpointError(
-            f"tokens next to {file} lie in [{int(tokens.min())}, {int(tokens.max())}], outside "
-            f"[0, d_vocab={hi})"
-        )
-
-
-def dedupe_slots(codes: Int[Tensor, "... k"]) -> Int[Tensor, "... k"]:
-    """Codes with repeated ids within a position replaced by -1 (the lowest slot keeps its id),
-    so that each code counts once per position. Slot order is kept."""
-    if codes.shape[-1] < 2:
-        return codes
-    s, i = codes.sort(dim=-1, stable=True)
-    dup_sorted = torch.zeros_like(s, dtype=torch.bool)
-    dup_sorted[..., 1:] = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
-    dup = torch.zeros_like(dup_sorted).scatter_(-1, i, dup_sorted)
-    return codes.masked_fill(dup, -1)
-
-
-def _as_batches(
-    data: Tensor | Iterable[Any], batch_size: int
-) -> tuple[Iterable[Tensor], int | None]:
-    """Batches of tokens and the number of batches (None if unknown)."""
-    if isinstance(data, Tensor):
-        if data.dim() != 2:
-            raise ValueError(f"tokens must be [n_seq, pos], got shape {tuple(data.shape)}")
-        return data.split(batch_size), math.ceil(data.shape[0] / batch_size)
-    total = None
-    try:
-        total = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        pass
-
-    def gen() -> Iterable[Tensor]:
-        for b in data:
-            if isinstance(b, Mapping):
-                for key in ("tokens", "input_ids"):
-                    if key in b:
-                        b = b[key]
-                        break
-                else:
-                    raise ValueError(
-                        f"a dict batch needs a 'tokens' or 'input_ids' entry; got keys {list(b)}"
-                    )
-            b = torch.as_tensor(b)
-            if b.dim() == 1:
-                b = b[None]
-            yield b
-
-    return gen(), total
-
-
-@torch.no_grad()
-def collect_codes(
-    cm: CodebookModel,
-    data: Int[Tensor, "seq pos"] | Iterable[Any],
-    sites: Sequence[str] | None = None,
-    batch_size: int = 32,
-    keep_tokens: bool = True,
-    progress: bool = True,
-) -> CodeStore:
-    """Run ``cm`` over ``data`` and keep the code ids of ``sites`` (default: all).
-
-    Args:
-        cm: A :class:`~codebook_lens.CodebookModel`.
-        data: Tokens ``[n_seq, pos]`` (split into batches of ``batch_size``), or an iterable of
-            batches (tensors ``[b, pos]`` or dicts with ``"tokens"``/``"input_ids"``); all
-            batches must share one sequence length.
-        sites: Sites whose codes to keep.
-        batch_size: Sequences per forward pass when ``data`` is a tensor.
-        keep_tokens: Also keep the tokens (needed for token features and examples).
-        progress: Show a tqdm progress bar.
-
-    Only code ids are kept (no activations, no logits), as the smallest integer dtype that holds
-    them; with a tensor input the store is preallocated, so memory is exactly
-    :attr:`CodeStore.nbytes` plus one batch's forward pass.
-    """
-    sites = list(cm.sites if sites is None else sites)
-    if not sites:
-        raise ValueError("the model has no codebooks; attach one with cm.add_codebook(...)")
-    n_codes = {s: cm.codebook(s).cfg.n_codes for s in sites}
-    dtypes = {s: smallest_int_dtype(n - 1) for s, n in n_codes.items()}
-    d_vocab = int(cm.cfg.d_vocab)
-    batches, n_batches = _as_batches(data, batch_size)
-    n_total = data.shape[0] if isinstance(data, Tensor) else None
-    rows = {s: _Rows(n_total, dtypes[s]) for s in sites}
-    toks = _Rows(n_total, smallest_int_dtype(max(d_vocab - 1, 0)))
-    per_head: dict[str, bool] = {}
-    got: dict[str, Tensor] = {}
-
-    def grab(site: str):
-        def hook(codes: Tensor, hook: Any) -> None:
-            got[site] = codes.to(dtypes[site]).cpu()
-
-        return hook
-
-    fwd_hooks = [(codes_hook_name(s), grab(s)) for s in sites]
-    seq_len = None
-    bar = tqdm(total=n_batches, desc="collecting codes", unit="batch", disable=not progress)
-    device = next(cm.parameters()).device
-    for batch in batches:
-        batch = batch.to(device)
-        if seq_len is None:
-            seq_len = batch.shape[1]
-        elif batch.shape[1] != seq_len:
-            raise ValueError(
-                f"all batches must have the same sequence length; got {batch.shape[1]} after "
-                f"{seq_len} (pad or truncate the dataset to one length)"
-            )
-        got.clear()
-        cm.run_with_hooks(batch, return_type=None, fwd_hooks=fwd_hooks)
-        for s in sites:
-            if s not in got:
-                raise RuntimeError(
-                    f"{codes_hook_name(s)} did not fire; is the codebook at {s} disabled?"
-                )
-            per_head[s] = got[s].dim() == 4
-            rows[s].add(got[s] if per_head[s] else got[s][:, :, None])
-        if keep_tokens:
-            toks.add(batch.cpu())
-        bar.update(1)
-    bar.close()
-    if seq_len is None:
-        raise ValueError("the dataset is empty")
-    codes = {s: r.result() for s, r in rows.items()}
-    tokens = toks.result() if keep_tokens else None
-    return CodeStore(codes, n_codes, per_head, tokens, d_vocab)
-
-
-class _Rows:
-    """Batches ``[b, ...]`` stacked along the first axis: copied into one preallocated
-    ``[n_total, ...]`` tensor when ``n_total`` is known (no second copy at the end), else
-    concatenated at the end."""
-
-    def __init__(self, n_total: int | None, dtype: torch.dtype):
-        self.n_total, self.dtype = n_total, dtype
-        self.parts: list[Tensor] = []
-        self.full: Tensor | None = None
-        self.n = 0
-
-    def add(self, t: Tensor) -> None:
-        t = t.to(self.dtype)
-        if self.n_total is None:
-            self.parts.append(t)
-        else:
-            if self.full is None:
-                self.full = torch.empty((self.n_total, *t.shape[1:]), dtype=self.dtype)
-            self.full[self.n : self.n + t.shape[0]] = t
-        self.n += t.shape[0]
-
-    def result(self) -> Tensor:
-        return self.full if self.full is not None else torch.cat(self.parts)

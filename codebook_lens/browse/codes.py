@@ -76,8 +76,9 @@ def code_stats(
     count = int(index.counts[site][head, code])
     top = top_examples(store, site, code, head, n_examples, before, after, order="slot")
     rnd = top_examples(store, site, code, head, n_examples, before, after, "random", seed)
-    toks = store.require_tokens()[fires]
-    tc = torch.bincount(toks, minlength=len(vocab))
+    tc = torch.zeros(len(vocab), dtype=torch.long)
+    for start, t in store.token_chunks():  # chunk by chunk: the store may exceed memory
+        tc += torch.bincount(t[fires[start : start + t.shape[0]]].long(), minlength=len(vocab))
     tcount, tid = tc.topk(min(15, tc.numel()))
     keep = tcount > 0
     return {
@@ -150,10 +151,10 @@ def context_view(
         raise not_found(
             f"sequence {seq} out of range; the store has sequences 0..{store.n_seq - 1}"
         )
-    toks = store.require_tokens()[seq].tolist()
+    toks = store.token_rows(torch.tensor([seq]))[0].tolist()
     columns = []
     for s in store.sites:
-        c = store.codes[s][seq].long()  # [P, H, K]
+        c = store.code_rows(s, torch.tensor([seq]))[0].long()  # [P, H, K], one sequence read
         for h in range(c.shape[1]):
             columns.append({"site": s, "head": h, "codes": c[:, h].tolist()})
     lab = labels[seq].tolist() if labels is not None else None

@@ -1,9 +1,10 @@
 """Code search: every code at every site ranked as a detector of a feature or a label.
 
-Counts come from :mod:`codebook_lens.analysis` (``CodeStore.code_counts``,
-``label_attribution``); a boolean feature's true positives are one ``bincount`` over the codes
-at the feature's positions. Ranking, thresholds and paging are vectorized over all
-(site, head, code) rows at once.
+Counts come from :mod:`codebook_lens.analysis` (``CodeStore.code_counts``, which a store on
+disk reads from the counts stored with it, and ``label_attribution``); a boolean feature's true
+positives are a ``bincount`` over the codes at the feature's positions, chunk by chunk over the
+store (so a store on disk may be larger than memory). Ranking, thresholds and paging are
+vectorized over all (site, head, code) rows at once.
 """
 
 from __future__ import annotations
@@ -67,18 +68,21 @@ class SearchIndex:
 
     def feature_ranking(self, feature: Bool[Tensor, "seq pos"]) -> Ranking:
         """True positives of every code for a boolean feature (every position counts)."""
-        flat = feature.reshape(-1)
+        feature = torch.as_tensor(feature, dtype=torch.bool)
         tps = []
-        for s in self.sites:  # loop over sites; vectorized over positions, heads and codes
-            c = self.store.codes[s]
+        for s in self.sites:  # loop over sites and chunks; vectorized over the rest
             h, n = self.counts[s].shape
-            sel = dedupe_slots(c.reshape(-1, c.shape[2], c.shape[3])[flat].long())
-            ids = (sel + (torch.arange(h) * n).view(1, h, 1))[sel >= 0]
-            tps.append(torch.bincount(ids, minlength=h * n))
-        tp = torch.cat(tps)
+            tp = torch.zeros(h * n, dtype=torch.long)
+            offs = (torch.arange(h) * n).view(1, h, 1)
+            for start, c in self.store.chunks(s):
+                f = feature[start : start + c.shape[0]].reshape(-1)
+                sel = dedupe_slots(c.reshape(-1, c.shape[2], c.shape[3])[f].long())
+                tp += torch.bincount((sel + offs)[sel >= 0], minlength=h * n)
+            tps.append(tp)
         return Ranking(
-            self.row_site, self.row_head, self.row_code, tp, self.row_count, int(flat.sum())
-        )
+            self.row_site, self.row_head, self.row_code, torch.cat(tps), self.row_count,
+            int(feature.sum()),
+        )  # fmt: skip
 
     def label_ranking(self, label: int) -> Ranking:
         """True positives of every code for one label (positions labelled -1 are left out)."""

@@ -67,13 +67,14 @@ def _precision_matrix(recovery: StateRecovery) -> torch.Tensor:
 
 def _views(cm: CodebookModel, fsm: FSM, recovery: StateRecovery) -> dict[str, Any]:
     store, labels = recovery.store, recovery.labels
-    tokens = store.tokens[0, :33].long()
+    first = torch.tensor([0])  # only the first sequence is read (the store may be on disk)
+    tokens = store.token_rows(first)[0, :33].long()
     toks = ["BOS" if int(t) == fsm.bos else str(int(t)) for t in tokens]
     views: dict[str, Any] = {}
     attn = [s for s in cm.sites if "attn" in s]
     if attn:
         site = attn[-1]
-        codes = store.codes[site][0, :33].long()
+        codes = store.code_rows(site, first)[0, :33].long()
         views[f"which code fires at {site} (per head)"] = viz.which_code_view(toks, codes)
         _, cache = cm.run_with_cache(tokens[None].to(next(cm.parameters()).device))
         layer = site.split(".")[1]
@@ -84,7 +85,7 @@ def _views(cm: CodebookModel, fsm: FSM, recovery: StateRecovery) -> dict[str, An
     best = recovery.best_code
     state = int(labels[0][labels[0] >= 0][0])
     site, head, code = best["site"][state], best["head"][state], best["code"][state]
-    c = store.codes[site][0, :33].long()
+    c = store.code_rows(site, first)[0, :33].long()
     views[f"best code of state {state}: {site} head {head} code {code}"] = viz.code_tokens_view(
         toks, c if c.shape[1] > 1 else c[:, 0], code=code, head=head if c.shape[1] > 1 else None
     )

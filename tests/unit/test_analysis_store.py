@@ -108,7 +108,7 @@ def test_load_errors(tmp_path):
     s = make_store()
     s.save(tmp_path / "st")
     (data_path(tmp_path / "st", STORE_KIND) / "shard-00000.safetensors").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="shard-00000.safetensors is not a readable"):
+    with pytest.raises(CheckpointError, match="shard-00000.safetensors is truncated"):
         CodeStore.load(tmp_path / "st")
 
 
