@@ -36,7 +36,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from codebook_lens.data import BlockStream, hf_texts, iter_blocks, shard_batch
 from codebook_lens.pipeline.models import is_hub_id
-from codebook_lens.validation import ValidatedConfig
+from codebook_lens.validation import Range, ValidatedConfig
 
 __all__ = [
     "BUILDERS",
@@ -134,24 +134,21 @@ class DataConfig(ValidatedConfig):
     eval_tokens: int = 65_536
     """Held-out tokens that evaluation uses (rounded up to whole sequences)."""
 
+    RANGES: ClassVar[dict[str, Range]] = {
+        "context_len": Range(2, 2**20),
+        "batch_size": Range(1, 2**20),
+        "shuffle_buffer": Range(0, 2**24),
+        "eval_fraction": Range(0, 1, lo_open=True, hi_open=True),
+        "train_tokens": Range(1, 2**62),
+        "eval_tokens": Range(1, 2**40),
+        "seed": Range(0, 2**32 - 1),  # times 1_000_003 plus the epoch seeds torch
+    }
+    """Bounds of the numeric fields (checked with the types, before :meth:`validate`)."""
+
     def validate(self) -> None:
-        """Sizes positive, fractions in range, held-out sources consistent."""
+        """A path is given; held-out sources are consistent."""
         if not self.path.strip():
             raise ValueError("DataConfig: path is empty; give a Hub dataset name or local files")
-        for field, low in (("context_len", 2), ("batch_size", 1), ("eval_tokens", 1)):
-            if getattr(self, field) < low:
-                raise ValueError(
-                    f"DataConfig: {field} must be >= {low}, got {getattr(self, field)}"
-                )
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"DataConfig: shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        if self.train_tokens is not None and self.train_tokens < 1:
-            raise ValueError(f"DataConfig: train_tokens must be >= 1, got {self.train_tokens}")
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError(
-                f"DataConfig: eval_fraction must be between 0 and 1 (e.g. 0.01), got "
-                f"{self.eval_fraction}"
-            )
         if self.eval_split is not None and self.eval_path is None and self.eval_split == self.split:
             raise ValueError(
                 f"DataConfig: eval_split={self.eval_split!r} is the training split; training "

@@ -354,7 +354,8 @@ def test_check_context_refuses_a_context_longer_than_the_model(tok, backend):
     [
         (dict(path=" "), "path is empty"),
         (dict(context_len=1), "context_len must be >= 2"),
-        (dict(eval_fraction=0.0), "eval_fraction must be between 0 and 1"),
+        (dict(eval_fraction=0.0), r"eval_fraction must be > 0, got 0.0 \(the range is \(0, 1\)\)"),
+        (dict(seed=-1), "seed must be >= 0"),
         (dict(eval_split="train"), "is the training split"),
         (dict(sample_by="sentence"), "choose one of"),
         (dict(train_tokens=0), "train_tokens must be >= 1"),
