@@ -557,7 +557,14 @@ def hooked_over_hf(hf_model: nn.Module, name: str, tokenizer: Any) -> nn.Module:
                 sd, fold_ln=False, center_writing_weights=False, center_unembed=False,
                 fold_value_biases=False, refactor_factored_attn_matrices=False,
             )  # fmt: skip
-        except (ValueError, KeyError, NotImplementedError, OSError, RuntimeError) as e:
+        except (
+            ValueError,
+            KeyError,
+            AttributeError,
+            NotImplementedError,
+            OSError,
+            RuntimeError,
+        ) as e:  # AttributeError: 3.9 guesses some configs from the name ("llama", "gemma")
             raise BackendError(
                 f"TransformerLens cannot load {name!r} as a HookedTransformer that fits these "
                 f"weights ({str(e)[:300]}); use backend='bridge'"

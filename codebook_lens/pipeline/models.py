@@ -262,13 +262,7 @@ def _load_hooked(cfg: ModelConfig, name: str, local: bool, tokenizer: Any) -> nn
         name, local_files_only=local, trust_remote_code=False
     ).eval()
     try:
-        try:
-            model = hooked_over_hf(hf, name, tokenizer)
-        except AttributeError as e:  # transformer-lens 3.9 guesses some configs from the name
-            raise BackendError(
-                f"TransformerLens cannot read the config of {name!r} as a HookedTransformer "
-                f"({e}); use backend='bridge'"
-            ) from e
+        model = hooked_over_hf(hf, name, tokenizer)
     except BackendError as e:
         if cfg.backend != "auto":
             raise
