@@ -16,6 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from codebook_lens import CodebookModel, codes_hook_name
 from codebook_lens.evaluation import (
@@ -119,6 +120,11 @@ def _pooled(recons: list[dict], usages: list[dict]) -> dict[str, float]:
         "cosine": sum(r["cos"] for r in recons) / n,
         "rel_l2": sum(r["rel"] for r in recons) / sum(r["rel_n"] for r in recons),
     }
+    return {**out, **_pooled_usage(usages)}
+
+
+def _pooled_usage(usages: list[dict]) -> dict[str, float]:
+    out = {}
     counts = [u["counts"] for u in usages]
     n_codes = sum(c.size for c in counts)
     out["dead_frac"] = sum((c == 0).sum() for c in counts) / n_codes
@@ -368,6 +374,55 @@ def test_streaming_equals_one_batch(backend):
     whole = evaluate_codebooks(cm, [tokens])
     split = evaluate_codebooks(cm, list(tokens.split([1, 3, 5])))
     assert split.flat() == pytest.approx(whole.flat(), rel=1e-5, abs=1e-6, nan_ok=True)
+
+
+_BUILT: dict[str, CodebookModel] = {}
+
+
+def _built(name: str) -> CodebookModel:
+    """Models built once for the hypothesis tests (which call the test many times)."""
+    if name not in _BUILT:
+        if name == "two":
+            _BUILT[name] = _cm(make_model("bridge"))
+        else:
+            cm = CodebookModel(make_model("bridge"))
+            cm.add_codebook(MLP, n_codes=6, k=3)
+            _BUILT[name] = cm
+    return _BUILT[name]
+
+
+@pytest.mark.bridge
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(1, 4), min_size=1, max_size=9))
+def test_streaming_any_split_equals_one_batch(sizes):
+    cm = _built("two")
+    tokens = torch.cat(_batches(seed=12, shapes=((9, 8),)))
+    cuts = [c for c in np.cumsum(sizes).tolist() if c < 9]
+    parts = list(torch.tensor_split(tokens, cuts))
+    whole = evaluate_codebooks(cm, [tokens])
+    split = evaluate_codebooks(cm, parts)
+    assert split.flat() == pytest.approx(whole.flat(), rel=1e-5, abs=1e-6, nan_ok=True)
+
+
+@pytest.mark.bridge
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(codes=hnp.arrays(np.int64, (2, 5, 3), elements=st.integers(-1, 5)))
+def test_usage_metrics_of_any_codes(codes):
+    """Whatever codes the model uses (patched in: empty slots, repeats, all empty, one code
+    everywhere), the usage metrics equal a plain recount."""
+    cm = _built("one")
+    patched = torch.from_numpy(codes)
+    hp = cm.model.hook_dict[codes_hook_name(MLP)]
+    hp.add_hook(lambda c, hook: patched.clone(), dir="fwd", is_permanent=True)
+    try:
+        ev = evaluate_codebooks(
+            cm, _batches(seed=14, shapes=((2, 5),)), dense_thresholds=THRESHOLDS
+        )
+    finally:
+        hp.remove_hooks(dir="fwd", including_permanent=True)
+    ref = _pooled_usage([_usage(cm.codebook(MLP), codes)])
+    for k, v in ref.items():
+        assert ev.sites[MLP][k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
 
 
 @pytest.mark.bridge
