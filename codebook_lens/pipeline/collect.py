@@ -3,6 +3,7 @@ run's code store on disk as they are collected (bounded memory, resumable, sever
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -22,15 +23,18 @@ def collect_run(
 ) -> CodeStore:
     """Collect the codes of ``tokens`` tokens (default: the config's ``collect_tokens``) into
     ``RUN/store``; an interrupted collection continues after its last complete shard."""
-    loaded = load_run(path)
+    loaded = load_run(path, device=None if accelerator is None else str(accelerator.device))
     n_tokens = tokens if tokens is not None else loaded.cfg.collect_tokens
-    source = TokenSource(loaded.cfg.data, loaded.cm.tokenizer)
+    data = loaded.cfg.data
+    source = TokenSource(data, loaded.cm.tokenizer)
     store = collect_codes(
         loaded.cm,
-        source.collect_batches(n_tokens),
+        source.collect_batches(n_tokens, batch_size=loaded.cfg.collect_batch_size),
         batch_size=loaded.cfg.collect_batch_size,
         out=loaded.dir.store,
+        max_seqs=math.ceil(n_tokens / data.context_len),
         resume=resume,
+        data_id={"source": "training side, document order", **data.to_dict()},
         accelerator=accelerator,
         progress=progress,
     )

@@ -52,6 +52,24 @@ def _figures(history: list[dict[str, Any]]) -> dict[str, Any]:
     return figs
 
 
+_GROUPS = {  # one table each: a row per site (that codebook alone) and one for all together
+    "held-out loss": ("ce_", "loss_recovered", "kl_to_base"),
+    "reconstruction": ("explained_variance", "cosine", "rel_l2"),
+    "code usage": ("dead_frac", "dense_frac", "usage_entropy", "effective_codes", "l0", "empty"),
+}
+
+
+def _evaluation_tables(evaluation: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    rows = {**evaluation.get("sites", {}), "all codebooks": evaluation.get("all", {})}
+    return {
+        f"evaluation: {name}": {
+            site: {k: v for k, v in metrics.items() if k.startswith(prefixes)}
+            for site, metrics in rows.items()
+        }
+        for name, prefixes in _GROUPS.items()
+    }
+
+
 def write_run_report(run: RunDir) -> Path:
     """Write ``report.html`` of ``run`` from what its steps saved; return its path."""
     doc = run.read()
@@ -62,9 +80,7 @@ def write_run_report(run: RunDir) -> Path:
         "versions": doc.get("versions", {}),
     }
     if evaluation is not None:
-        summary["evaluation, all codebooks"] = evaluation.get("all", {})
-        for site, metrics in evaluation.get("sites", {}).items():
-            summary[f"evaluation, {site} alone"] = metrics
+        summary.update(_evaluation_tables(evaluation))
     return build_report(
         run.report,
         f"codebook_lens run: {run.path.name}",
