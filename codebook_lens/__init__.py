@@ -8,6 +8,7 @@ from codebook_lens.backends import backend_of, boot_hf, build_model
 from codebook_lens.config import CodebookConfig
 from codebook_lens.convert import from_codebook_features
 from codebook_lens.errors import BackendError, CheckpointError
+from codebook_lens.evaluation import Evaluation, evaluate_codebooks
 from codebook_lens.init import init_from_activations, kmeans
 from codebook_lens.maintenance import (
     maintain_codebook,
@@ -40,4 +41,6 @@ __all__ = [
     "replace_dead_codes",
     "reseed_dead_codes",
     "maintain_codebook",
+    "evaluate_codebooks",
+    "Evaluation",
 ]
