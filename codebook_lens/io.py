@@ -7,6 +7,9 @@ checked tensors and never builds a :class:`~codebook_lens.model.CodebookModel` (
 Layout of a saved directory (see :mod:`codebook_lens.atomic` for the versioning and locks)::
 
     cfg.json                 format marker, library version, backend, sites and their configs,
+                             the base model's spec and dtype, "tensors": the record of each
+                             safetensors file (every tensor's dtype, shape and SHA-256),
+                             "files": the SHA-256 of each file under hf_model/,
                              "data_dir": the version directory below (the commit pointer)
     v-model-<hex>/codebooks.safetensors
                              "<site>.codebook" [n_groups, n_codes, d_in], "<site>.code_counts"
@@ -17,10 +20,12 @@ Layout of a saved directory (see :mod:`codebook_lens.atomic` for the versioning 
     v-model-<hex>/hf_model/  (include_model=True, Hugging Face-booted bridge) its config
 
 Checkpoints of earlier versions keep the data files directly beside ``cfg.json`` (no
-``data_dir``); they still load. Loading is data only: the JSON is validated field by field,
-every tensor's dtype, shape and finiteness are checked before use, and nothing is imported,
-executed or downloaded (a saved model config's tokenizer names and ``trust_remote_code`` are
-ignored).
+``data_dir``) or have no record (format version 1); they still load. Loading is data only: the
+JSON is validated field by field, every tensor is compared with the record (a missing, extra,
+swapped or foreign tensor or file is refused, :mod:`codebook_lens.integrity`), its dtype, shape
+and finiteness are checked before use, the base model comes back in its saved dtype, and
+nothing is imported, executed or downloaded (a saved model config's tokenizer names and
+``trust_remote_code`` are ignored).
 """
 
 from __future__ import annotations
@@ -45,8 +50,16 @@ from codebook_lens.backends import (
 )
 from codebook_lens.config import CodebookConfig
 from codebook_lens.errors import CheckpointError
+from codebook_lens.integrity import (
+    check_files,
+    check_tensors,
+    dtype_name,
+    float_dtype,
+    record_files,
+    record_tensors,
+)
 from codebook_lens.quantizer import Codebook
-from codebook_lens.tensor_files import check_tensor, read_tensors, write_tensors
+from codebook_lens.tensor_files import check_tensor, read_tensors, untie, write_tensors
 
 __all__ = [
     "FORMAT",
@@ -60,7 +73,8 @@ __all__ = [
 ]
 
 FORMAT = "codebook_lens"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: ``cfg.json`` records every tensor and hf_model/ file, and the base model's dtype."""
 
 MODEL_KIND = DirKind(
     name="CodebookModel checkpoint",
@@ -103,29 +117,41 @@ def write_codebooks(
     """
     from codebook_lens import __version__  # the package imports this module
 
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "library_version": __version__,
-        "backend": backend,
-        "sites": [{"site": s, "config": cb.cfg.to_dict()} for s, cb in codebooks.items()],
-        "model": None if model is None else model_spec(model),
-    }
     tensors = {}
     for site, cb in codebooks.items():
         tensors[f"{site}.codebook"] = cb.codebook
         tensors[f"{site}.code_counts"] = cb.code_counts
         for name, t in cb.extra_tensors().items():  # e.g. the affine input LayerNorm
             tensors[f"{site}.{name}"] = t
+    files = {"codebooks.safetensors": untie(tensors)}
+    if model is not None:
+        files["model.safetensors"] = untie(model.state_dict())
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "backend": backend,
+        "sites": [{"site": s, "config": cb.cfg.to_dict()} for s, cb in codebooks.items()],
+        "model": None if model is None else {**model_spec(model), "dtype": _model_dtype(model)},
+        "tensors": {name: record_tensors(t) for name, t in files.items()},  # the bytes written
+        "files": {},
+    }
 
     def write(tmp: Path) -> None:
-        write_tensors(tensors, tmp / "codebooks.safetensors", FORMAT)
-        if model is not None:
-            if meta["model"]["source"] == "hf":
-                write_hf_config(model, tmp / HF_DIR)
-            write_tensors(model.state_dict(), tmp / "model.safetensors", FORMAT)
+        for name, ready in files.items():
+            write_tensors(ready, tmp / name, FORMAT)
+        if model is not None and meta["model"]["source"] == "hf":
+            write_hf_config(model, tmp / HF_DIR)
+            # save_dir writes the head after this function returns, so the record lands in it
+            meta["files"] = record_files(tmp, HF_DIR)
 
     save_dir(path, MODEL_KIND, meta, write, overwrite=overwrite)
+
+
+def _model_dtype(model: nn.Module) -> str | None:
+    """The one floating dtype of ``model``'s parameters (None when mixed or none)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtype_name(dtypes.pop()) if len(dtypes) == 1 else None
 
 
 def _check_meta(meta: dict[str, Any], file: Path) -> None:
@@ -162,6 +188,37 @@ def _check_meta(meta: dict[str, Any], file: Path) -> None:
         if entry["site"] in seen:
             raise CheckpointError(f"{file}: site {entry['site']!r} is listed twice")
         seen.add(entry["site"])
+    _check_model_meta(meta, file)
+    if version >= 2:
+        _check_record(meta, file)
+
+
+def _check_model_meta(meta: dict[str, Any], file: Path) -> None:
+    """Refuse a base-model spec whose dtype names no floating dtype."""
+    spec = meta.get("model")
+    if not spec:
+        return
+    config = spec.get("config")
+    if isinstance(config, dict) and config.get("dtype") is not None:
+        float_dtype(config["dtype"], f"{file}: model.config.dtype")
+    if spec.get("dtype") is not None:
+        float_dtype(spec["dtype"], f"{file}: model.dtype")
+
+
+def _check_record(meta: dict[str, Any], file: Path) -> None:
+    """A version-2 head records every data file it points to."""
+    want = ["codebooks.safetensors"] + (["model.safetensors"] if meta.get("model") else [])
+    rec = meta.get("tensors")
+    if not isinstance(rec, dict) or not all(isinstance(rec.get(n), dict) for n in want):
+        raise CheckpointError(
+            f"{file}: 'tensors' must hold the record of {want} (format version 2 writes it), "
+            f"got {str(rec)[:200]}; the head file is corrupt"
+        )
+    if not isinstance(meta.get("files"), dict):
+        raise CheckpointError(
+            f"{file}: 'files' must map paths to SHA-256, got {meta.get('files')!r}; the head "
+            "file is corrupt"
+        )
 
 
 def _names(types: tuple[type, ...]) -> str:
@@ -200,12 +257,19 @@ def _base_model(meta: dict[str, Any], data: Path, path: Path, backend: str) -> n
             "CodebookModel.load(path, model), or save with include_model=True"
         )
     file = data / "model.safetensors"
+    if meta["format_version"] >= 2:
+        check_files(data, HF_DIR, meta["files"], path)
     sd = read_tensors(file)
+    if meta["format_version"] >= 2:
+        check_tensors(sd, meta["tensors"]["model.safetensors"], file)
     for k, v in sd.items():  # buffers may hold -inf (attention masks); NaN is never valid
         if v.is_floating_point() and bool(torch.isnan(v).any()):
             raise CheckpointError(f"{file}: {k} holds NaN values; load an earlier checkpoint")
     try:
+        dtype = _saved_dtype(spec, sd, path)
         model = rebuild_model(spec, data, backend, n_saved=sum(v.numel() for v in sd.values()))
+        if dtype is not None and {p.dtype for p in model.parameters()} != {dtype}:
+            model.to(dtype)  # before the weights go in, so that they are copied exactly
         load_weights(model, sd, spec)
     except CheckpointError:
         raise
@@ -215,6 +279,18 @@ def _base_model(meta: dict[str, Any], data: Path, path: Path, backend: str) -> n
         if not bool(torch.isfinite(p).all()):
             raise CheckpointError(f"{file}: parameter {name} holds inf values; it is corrupt")
     return model.eval()
+
+
+def _saved_dtype(
+    spec: dict[str, Any], sd: dict[str, torch.Tensor], path: Path
+) -> torch.dtype | None:
+    """The base model's saved dtype: recorded (format 2), else the one floating dtype of its
+    saved weights (format 1), else None (mixed)."""
+    if "dtype" in spec:
+        name = spec["dtype"]
+        return None if name is None else float_dtype(name, f"{path}: model.dtype")
+    dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 def _site_tensors(
@@ -254,5 +330,7 @@ def read_codebooks(
         file = data / "codebooks.safetensors"
         tensors = read_tensors(file)
         checked = {s: _site_tensors(s, c, tensors, file) for s, c in configs.items()}
+        if meta["format_version"] >= 2:  # after the config checks, whose messages are sharper
+            check_tensors(tensors, meta["tensors"]["codebooks.safetensors"], file)
         model = _base_model(meta, data, path, backend) if with_model else None
     return SavedCodebooks(configs, checked, model)

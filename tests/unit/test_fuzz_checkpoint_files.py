@@ -143,7 +143,7 @@ def test_per_head_false_with_head_axis_is_refused(saved, tmp_path):
     [("sites", None, "'sites' must be a list"), ("sites", {}, "'sites' must be a list"),
      ("format_version", "2", "format_version must be an integer"),
      ("format_version", True, "format_version must be an integer"),
-     ("format_version", 2, "Upgrade codebook_lens")],
+     ("format_version", 3, "Upgrade codebook_lens")],
 )  # fmt: skip
 def test_malformed_cfg_json_names_the_field(saved, tmp_path, field, value, match):
     shutil.copytree(saved / "model", tmp_path / "m")
