@@ -394,36 +394,33 @@ def _rounds(
     shards: Iterator[Tensor], batch_size: int, settings: dict[str, Any], bar: Any,
 ) -> None:  # fmt: skip
     """Every rank collects its shards; after each round rank 0 commits the new ones."""
-    keep = settings["has_tokens"]
-    n_shards = 0
+    keep, w = settings["has_tokens"], group.world
+    n_shards, prepared = 0, False
+    args = (batch_size, keep)
     pending: tuple[int, Tensor] | None = None  # this rank's shard of the current round
     for i, t in enumerate(shards):
         n_shards = i + 1
-        if i % group.world == group.rank:
+        if i % w == group.rank:
             pending = (i, t)
         bar.update(t.shape[0])
-        if i % group.world == group.world - 1:
-            _exchange(group, writer, runner, plan, pending, batch_size, keep)
+        if i % w == w - 1:
+            prepared = _exchange(group, writer, runner, plan, pending, i, prepared, *args)
             pending = None
-    if n_shards % group.world:
-        _exchange(group, writer, runner, plan, pending, batch_size, keep)
-
-    def enough() -> None:
-        if n_shards < plan.n_done:
-            raise CheckpointError(
-                f"the data ran out after {n_shards} shard(s), but the store already holds "
-                f"{plan.n_done}: it was collected from other data. Pass the same data, or "
-                "resume=False to collect anew"
-            )
-
-    group.agree(enough)
+    if n_shards % w:
+        _exchange(group, writer, runner, plan, pending, n_shards - 1, prepared, *args)
+    group.agree(lambda: writer.check_end(n_shards) if writer is not None else None)
 
 
 def _exchange(
     group: _Group, writer: StoreWriter | None, runner: _Runner, plan: WritePlan,
-    pending: tuple[int, Tensor] | None, batch_size: int, keep: bool,
-) -> None:  # fmt: skip
-    """Collect this rank's shard of the round, then let rank 0 commit the round."""
+    pending: tuple[int, Tensor] | None, last: int, prepared: bool, batch_size: int, keep: bool,
+) -> bool:  # fmt: skip
+    """Collect this rank's shard of the round ending at shard ``last``, then let rank 0 commit
+    the round. Before the first round with new shards, rank 0 prepares the store (all wait).
+    Returns whether the store is prepared."""
+    if not prepared and last >= plan.n_done:
+        group.agree(lambda: writer.prepare() if writer is not None else None)
+        prepared = True
 
     def work() -> dict[str, Any] | None:
         if pending is None:
@@ -433,3 +430,4 @@ def _exchange(
     records = [r for r in group.agree(work) if r is not None]
     if writer is not None and records:
         writer.commit(records)
+    return prepared

@@ -461,19 +461,26 @@ class CodeStore:
 
     # ------------------------------------------------------------------ io
     def save(
-        self, path: str | os.PathLike[str], shard_mb: float = 256.0, overwrite: bool = False
+        self,
+        path: str | os.PathLike[str],
+        shard_mb: float = 256.0,
+        overwrite: bool = False,
+        shard_seqs: int | None = None,
     ) -> None:
         """Write the store to directory ``path`` in one atomic step (format version 2:
         ``store.json`` and ``shard-NNNNN.safetensors`` files of whole sequences, at most about
         ``shard_mb`` MiB each, with hashes and code counts; see
         :mod:`~codebook_lens.analysis.store_manifest`). Works for disk stores too (a copy).
 
-        A directory holding anything other than a CodeStore is refused unless ``overwrite=True``
-        (which still replaces only codebook_lens's own files)."""
+        ``shard_seqs`` sets the sequences per shard instead. A directory holding anything other
+        than a CodeStore is refused unless ``overwrite=True`` (which still replaces only
+        codebook_lens's own files)."""
         if not 0 < shard_mb <= 2**20:
             raise ValueError(f"shard_mb={shard_mb}; pass a size in (0, 2**20] MiB")
+        if shard_seqs is not None and shard_seqs < 1:
+            raise ValueError(f"shard_seqs={shard_seqs}; pass a positive number of sequences")
         per_seq = max(1, self.nbytes // max(self.n_seq, 1))
-        seqs_per_shard = max(1, int(shard_mb * 2**20) // per_seq)
+        seqs_per_shard = shard_seqs or max(1, int(shard_mb * 2**20) // per_seq)
         m = new_manifest(self._settings(seqs_per_shard), uuid.uuid4().hex, self.meta, None)
 
         def write(tmp: Path) -> None:

@@ -56,6 +56,7 @@ __all__ = [
     "check_codes_range",
     "check_tokens_range",
     "dtype_name",
+    "is_dtype_name",
     "new_manifest",
     "with_shards",
 ]
@@ -80,6 +81,11 @@ _FIX = "restore the file from a copy of the store, or collect the store again"
 def dtype_name(t: Tensor) -> str:
     """``"int16"`` for an int16 tensor."""
     return str(t.dtype).removeprefix("torch.")
+
+
+def is_dtype_name(v: Any) -> bool:
+    """Whether ``v`` names a dtype a store file may hold (``"int16"``)."""
+    return isinstance(v, str) and v in DTYPE_NAMES
 
 
 def expected_keys(sites: list[str], has_tokens: bool) -> list[str]:
@@ -120,7 +126,7 @@ def _check_sites(m: dict[str, Any], file: Path) -> None:
     )
     _site_map(m, "n_codes", lambda n: _is_int(n, 1), "an integer >= 1", file)
     _site_map(m, "per_head", lambda b: isinstance(b, bool), "true or false", file)
-    _site_map(m, "dtypes", lambda d: isinstance(d, str) and d in DTYPE_NAMES, f"one of {sorted(DTYPE_NAMES)}", file)
+    _site_map(m, "dtypes", is_dtype_name, f"one of {sorted(DTYPE_NAMES)}", file)
     _site_map(
         m,
         "shapes",
@@ -151,7 +157,7 @@ def _check_scalars(m: dict[str, Any], file: Path) -> None:
     d = m.get("d_vocab")
     _need(d is None or _is_int(d, 1), file, "'d_vocab' must be null or an integer >= 1")
     td = m.get("token_dtype")
-    want_td = (isinstance(td, str) and td in DTYPE_NAMES) if m["has_tokens"] else td is None
+    want_td = is_dtype_name(td) if m["has_tokens"] else td is None
     _need(want_td, file, f"'token_dtype' = {td!r:.40} does not fit has_tokens={m['has_tokens']}")
     _need(isinstance(m.get("meta", {}), dict), file, "'meta' must be an object")
     c = m.get("collect")

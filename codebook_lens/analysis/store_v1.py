@@ -16,6 +16,7 @@ from codebook_lens.analysis.store_manifest import (
     check_codes_range,
     check_tokens_range,
     dtype_name,
+    is_dtype_name,
 )
 from codebook_lens.errors import CheckpointError
 from codebook_lens.tensor_files import read_tensors
@@ -55,7 +56,7 @@ def _check_header(header: dict[str, Any], file: Path) -> None:
         "[n_seq, pos, head, k] of integers",
         file,
     )
-    _site_map(header, "dtypes", lambda d: isinstance(d, str) and d in DTYPE_NAMES, f"one of {sorted(DTYPE_NAMES)}", file)
+    _site_map(header, "dtypes", is_dtype_name, f"one of {sorted(DTYPE_NAMES)}", file)
     for key, ok, want in (
         ("has_tokens", lambda b: isinstance(b, bool), "true or false"),
         ("d_vocab", lambda d: d is None or (_is_int(d) and d >= 1), "null or an integer >= 1"),

@@ -105,12 +105,19 @@ def _remove(p: Path) -> None:
 
 
 class StoreWriter:
-    """The manifest side of a store being collected (rank 0). Use :meth:`begin`, then
-    :meth:`commit` after each round of shards, then :meth:`finish`; :meth:`close` always."""
+    """The manifest side of a store being collected (rank 0). Use :meth:`begin`; before the
+    first new shard is written, :meth:`prepare`; :meth:`commit` after each round of shards;
+    then :meth:`finish`; :meth:`close` always.
 
-    def __init__(self, path: Path, manifest: dict[str, Any], lock: int | None, finished: bool):
-        self.path, self.m, self._lock, self._finished = path, manifest, lock, finished
-        self.n_done = len(manifest["shards"])
+    A resumed store is left as it is until :meth:`prepare` (which drops a short last shard and
+    marks the store incomplete), so a resume that fails while it checks the finished shards
+    (other data, say) leaves a complete store complete."""
+
+    def __init__(
+        self, path: Path, m: dict[str, Any], lock: int | None, keep: list[dict] | None
+    ) -> None:
+        self.path, self.m, self._lock, self._keep = path, m, lock, keep
+        self.n_done = len(m["shards"] if keep is None else keep)
 
     @property
     def data(self) -> Path:
@@ -120,8 +127,11 @@ class StoreWriter:
     @property
     def plan(self) -> WritePlan:
         """The plan every process follows."""
+        finished = (
+            self.m["complete"] and self._keep is not None and self.n_done == len(self.m["shards"])
+        )
         return WritePlan(
-            str(self.data), self.m["store_id"], self.m["shard_seqs"], self.n_done, self._finished
+            str(self.data), self.m["store_id"], self.m["shard_seqs"], self.n_done, finished
         )
 
     @classmethod
@@ -165,7 +175,7 @@ class StoreWriter:
         vname = f"v-{STORE_KIND.tag}-{uuid.uuid4().hex}"
         (p / vname).mkdir()
         m = new_manifest(settings, uuid.uuid4().hex, {}, collect)
-        w = cls(p, {**m, "data_dir": vname}, lock, finished=False)
+        w = cls(p, {**m, "data_dir": vname}, lock, keep=None)
         w.write_manifest()
         with _no_readers(p):  # the previous store (any version) and leftovers go
             for e in os.listdir(p):
@@ -202,31 +212,47 @@ class StoreWriter:
                 f"{p} already holds {old['n_seq']} sequences, more than max_seqs={want}; pass "
                 "resume=False to collect a new, smaller store there (it replaces this one)"
             )
-        finished = old["complete"] and want == old["n_seq"]
-        full = [r for r in old["shards"] if r["n_seq"] == old["shard_seqs"]]
-        keep = old["shards"] if finished else full  # a short last shard is collected again
-        counts = old["counts"] if finished else None
-        m = with_shards({**old, "collect": collect}, keep, complete=finished, counts=counts)
-        w = cls(p, m, lock, finished)
-        if not finished:
-            w.write_manifest()
-            w.tidy()
-        return w
+        if old["complete"] and want == old["n_seq"]:
+            return cls(p, old, lock, keep=old["shards"])  # finished: nothing to collect
+        keep = [r for r in old["shards"] if r["n_seq"] == old["shard_seqs"]]  # a short last
+        return cls(p, {**old, "collect": collect}, lock, keep=keep)  # shard is collected again
 
     def write_manifest(self) -> None:
         write_file(self.path / STORE_KIND.head, json.dumps(self.m, indent=1))
 
-    def tidy(self) -> None:
-        """Delete shard files past the complete ones, the stale counts file and leftovers."""
+    def _tidy(self, n: int) -> None:
+        """Delete shard files from index ``n``, the stale counts file and leftovers."""
         with _no_readers(self.path):
             for e in os.listdir(self.data):
                 i = shard_index(e)
-                if (i is not None and i >= self.n_done) or e == COUNTS_FILE or e.endswith(".tmp"):
+                if (i is not None and i >= n) or e == COUNTS_FILE or e.endswith(".tmp"):
                     (self.data / e).unlink()
+
+    def prepare(self) -> None:
+        """Before new shards are written: list only the shards a resume keeps (the store
+        becomes incomplete) and delete every other shard file. Idempotent."""
+        if self._keep is not None:
+            self.m = with_shards(self.m, self._keep, complete=False, counts=None)
+            self.write_manifest()
+            self._tidy(len(self._keep))
+            self._keep = None
+
+    def check_end(self, n_shards: int) -> None:
+        """CheckpointError if the data ended after ``n_shards`` shards, before the shards the
+        store already lists (it was collected from longer, hence other, data)."""
+        have = len(self.m["shards"])
+        if n_shards < have:
+            raise CheckpointError(
+                f"the data ran out after {n_shards} shard(s), but {self.path} already holds "
+                f"{have}: it was collected from other data. Pass the same data, or resume=False "
+                "to collect anew"
+            )
 
     def commit(self, records: list[dict[str, Any]]) -> None:
         """List the new complete shards ``records`` (the next indices, any order) in the
-        manifest, replaced atomically."""
+        manifest, replaced atomically (after :meth:`prepare`)."""
+        if self._keep is not None:
+            raise RuntimeError("StoreWriter.prepare() must run before new shards are committed")
         records = sorted(records, key=lambda r: r["index"])
         first = len(self.m["shards"])
         if [r["index"] for r in records] != list(range(first, first + len(records))):
@@ -236,6 +262,9 @@ class StoreWriter:
 
     def finish(self) -> None:
         """Sum the shards' code counts into the counts file and mark the store complete."""
+        if self._keep is not None:  # no new shard: the stored ones stay, leftovers go
+            self._tidy(len(self.m["shards"]))
+            self._keep = None
         m = self.m
         totals = {
             s: torch.zeros(m["shapes"][s][2], m["n_codes"][s], dtype=torch.long) for s in m["sites"]
