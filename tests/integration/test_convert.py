@@ -1,9 +1,9 @@
 """The converter against the reference's own outputs (fixtures made by codebook-features 0.1.2).
 
 For every fixture under ``tests/fixtures/codebook_features`` and on every backend this
-transformer-lens has, the converted model's logits equal the reference's within 1e-4, its codes
-equal the reference's ``hook_codebook_ids``, and with the codebooks disabled it gives the base
-model's logits.
+transformer-lens has, the converted model's logits equal the reference's within 1e-7 (the
+README's promise, :data:`TOL`), its codes equal the reference's ``hook_codebook_ids``, and with
+the codebooks disabled it gives the base model's logits.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ from tests.conftest import has_hooked_transformer
 ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "codebook_features"
 FIXTURES = sorted(p.name for p in ROOT.iterdir() if (p / "spec.json").exists())
 BACKENDS = [pytest.param("bridge", marks=pytest.mark.bridge), "hooked"]
+# The README ("The paper's models") promises logits within 1e-7 of the reference's; measured
+# at most 6.0e-08 on every fixture and backend (docs/paper_models.md), so this is the promise
+# itself, not a loosened bound.
+TOL = 1e-7
 
 
 def _site(key: str) -> str:
@@ -62,7 +66,7 @@ def test_logits_and_codes_equal_the_reference(name, backend):
         with cm.disabled():
             base = cm(tokens)
     diff = (logits - torch.from_numpy(exp["logits"])).abs().max().item()
-    assert diff < 1e-4, f"{name}/{backend}: max logit difference {diff}"
+    assert diff < TOL, f"{name}/{backend}: max logit difference {diff}"
     # the codebooks matter: the base model's logits are far from the quantized ones
     assert (logits - base).abs().max().item() > 1e-2
     keys = [k for k in exp.files if k.startswith("codes/")]
@@ -70,7 +74,7 @@ def test_logits_and_codes_equal_the_reference(name, backend):
     for key in keys:
         np.testing.assert_array_equal(cache[_site(key)].numpy(), exp[key], err_msg=key)
     base_diff = (base - torch.from_numpy(exp["logits_base"])).abs().max().item()
-    assert base_diff < 1e-4, f"{name}/{backend}: base logits differ by {base_diff}"
+    assert base_diff < TOL, f"{name}/{backend}: base logits differ by {base_diff}"
 
 
 @pytest.mark.bridge
@@ -94,7 +98,7 @@ def test_save_and_load_round_trip_with_the_base_model(tmp_path):
     again = CodebookModel.load(tmp_path / "out", model=_convert("neox_ip_k3", "bridge").detach())
     with torch.no_grad():
         torch.testing.assert_close(
-            again(tokens), torch.from_numpy(exp["logits"]), atol=1e-4, rtol=0
+            again(tokens), torch.from_numpy(exp["logits"]), atol=TOL, rtol=0
         )
 
 
@@ -117,7 +121,7 @@ def test_hub_repo_ids_read_from_the_cache_offline(tmp_path, monkeypatch):
     exp = np.load(ROOT / "gpt2_ip_k1" / "expected.npz", allow_pickle=False)
     with torch.no_grad():
         logits = cm(torch.from_numpy(exp["tokens"]))
-    assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < 1e-4
+    assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < TOL
     with pytest.raises(CheckpointError, match="could not get 'ref/missing'"):
         from_codebook_features("ref/missing", "ref/base")
 
@@ -200,7 +204,7 @@ def test_convert_checkpoint_writes_a_self_contained_directory(tmp_path):
     exp = np.load(ROOT / "neox_ip_k3" / "expected.npz", allow_pickle=False)
     with torch.no_grad():
         logits, cache = cm.run_with_cache(torch.from_numpy(exp["tokens"]))
-    assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < 1e-4
+    assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < TOL
     np.testing.assert_array_equal(
         cache["blocks.1.hook_mlp_out.hook_codes"].numpy(), exp["codes/layer1_mlp"]
     )
@@ -244,7 +248,7 @@ def test_from_pretrained_reads_our_format_from_a_dir_and_the_hub_cache(tmp_path,
         cm = CodebookModel.from_pretrained(src)
         with torch.no_grad():
             logits = cm(torch.from_numpy(exp["tokens"]))
-        assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < 1e-4
+        assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -262,7 +266,7 @@ def test_cli_convert(tmp_path, capsys, backend):
     exp = np.load(d / "expected.npz", allow_pickle=False)
     with torch.no_grad():
         logits = cm(torch.from_numpy(exp["tokens"]))
-    assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < 1e-4
+    assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < TOL
     with pytest.raises(SystemExit, match="codebook-lens convert: .*model_type 'codebook'"):
         main(["convert", str(d / "base"), str(tmp_path / "bad"), "--base", str(d / "base")])
     assert not (tmp_path / "bad").exists()
@@ -302,7 +306,7 @@ def test_base_given_as_a_hf_model_or_a_bridge():
         cm = from_codebook_features(d / "checkpoint", base, tokenizer=tok)
         with torch.no_grad():
             logits = cm(torch.from_numpy(exp["tokens"]))
-        assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < 1e-4
+        assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < TOL
     cm.detach().enable_compatibility_mode()
     with pytest.raises(ValueError, match="processed weights"):
         from_codebook_features(d / "checkpoint", cm.model)

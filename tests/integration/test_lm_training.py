@@ -84,12 +84,53 @@ def test_one_process_accelerator_equals_plain_pytorch():
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
-def test_bf16_mixed_precision_trains_on_cpu():
+def _train_seeing_dtypes(mixed_precision: str) -> tuple[dict[str, set], list[float], dict]:
+    """Train ``_cm()`` 4 steps under ``mixed_precision``; the dtypes that plain PyTorch forward
+    hooks saw during training (the input a codebook quantizes, a matmul output of a site without
+    a codebook), the losses and the final parameters."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
     cm = _cm()
-    acc = make_accelerator(cpu=True, mixed_precision="bf16")
-    res = train_codebooks(cm, _batches(4), _cfg(steps=4), accelerator=acc)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res.history)
-    assert cm.codebooks["blocks.0.attn.hook_z"].codebook.dtype == torch.float32
+    seen: dict[str, set] = {"codebook input": set(), "mlp_out without codebook": set()}
+    blocks = cm.model.blocks
+    handles = [
+        blocks[0].attn.hook_z.register_forward_hook(
+            lambda m, inp, out: seen["codebook input"].add(inp[0].dtype)
+        ),
+        blocks[0].hook_mlp_out.register_forward_hook(
+            lambda m, inp, out: seen["mlp_out without codebook"].add(out.dtype)
+        ),
+    ]
+    acc = make_accelerator(cpu=True, mixed_precision=mixed_precision)
+    res = train_codebooks(cm, _batches(4), _cfg(steps=4, log_every=1), accelerator=acc)
+    for h in handles:
+        h.remove()
+    return seen, [r["loss"] for r in res.history], _params(cm)
+
+
+def test_bf16_mixed_precision_trains_on_cpu():
+    seen, losses, params = _train_seeing_dtypes("bf16")
+    # autocast was on: the matmul outputs of the training forward, including what the codebook
+    # quantizes, were bfloat16 (in the fp32 run below the same hooks see float32)
+    assert seen == {
+        "codebook input": {torch.bfloat16},
+        "mlp_out without codebook": {torch.bfloat16},
+    }
+    assert all(torch.isfinite(torch.tensor(x)) for x in losses) and len(losses) == 4
+    # the parameters and the optimizer stay float32 (mixed precision, not a bf16 model)
+    assert {v.dtype for v in params.values() if v.is_floating_point()} == {torch.float32}
+    seen32, losses32, params32 = _train_seeing_dtypes("no")
+    assert seen32 == {
+        "codebook input": {torch.float32},
+        "mlp_out without codebook": {torch.float32},
+    }
+    # bf16 arithmetic gives other losses than fp32 from the same start, but close ones (bf16 has
+    # 8 bits of mantissa: a relative error of ~0.4% per op; 5% leaves room for 4 steps of drift)
+    assert losses != losses32
+    assert losses == pytest.approx(losses32, rel=0.05)
+    assert any(not torch.equal(params[k], params32[k]) for k in params)
     with pytest.raises(ValueError, match="mixed_precision"):
         make_accelerator(cpu=True, mixed_precision="half")
 
