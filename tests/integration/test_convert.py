@@ -97,9 +97,7 @@ def test_save_and_load_round_trip_with_the_base_model(tmp_path):
     cm.save(tmp_path / "out")
     again = CodebookModel.load(tmp_path / "out", model=_convert("neox_ip_k3", "bridge").detach())
     with torch.no_grad():
-        torch.testing.assert_close(
-            again(tokens), torch.from_numpy(exp["logits"]), atol=TOL, rtol=0
-        )
+        torch.testing.assert_close(again(tokens), torch.from_numpy(exp["logits"]), atol=TOL, rtol=0)
 
 
 @pytest.mark.bridge
