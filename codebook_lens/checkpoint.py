@@ -4,22 +4,26 @@ A checkpoint is a directory ``<checkpoint_dir>/checkpoint`` (see :mod:`codebook_
 for its versions and locks) holding
 
 * ``state.json`` (the commit pointer): format marker, optimizer step, micro-batches consumed,
-  optimizer hyperparameters, training history and the config it was written with;
+  optimizer hyperparameters, training history, the config it was written with and the record
+  of every tensor (dtype, shape, SHA-256; :mod:`codebook_lens.integrity`);
 * ``v-train-<hex>/state.safetensors``: base-model weights (unless the model is frozen),
   codebooks with their usage counters, affine input norms and recent activations, optimizer
   tensors (AdamW moments and step counts), metric accumulators and the RNG state.
 
 A new checkpoint replaces the previous one in one atomic step, so an interrupted run always
 finds a whole checkpoint and loses at most the steps since it. A state holding NaN or inf is
-never written (:class:`NonFiniteStateError`), and a loaded one is validated (finite tensors,
-shapes that fit the model and optimizer, step within the run, field types) before anything is
-restored. No pickle: tensors go to safetensors, everything else to JSON.
+never written (:class:`NonFiniteStateError`), and a loaded one is validated before anything is
+restored (tensors as recorded and finite, shapes that fit the model and optimizer, the step
+within the run, the data position consistent with it, RNG states the generators accept, field
+types); restoring is then all or nothing. No pickle: tensors go to safetensors, everything else
+to JSON.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from codebook_lens.atomic import (
     save_dir,
 )
 from codebook_lens.errors import CheckpointError
+from codebook_lens.integrity import check_tensors, record_tensors
 from codebook_lens.model import CodebookModel
 from codebook_lens.tensor_files import read_tensors, untie, write_tensors
 
@@ -52,7 +57,7 @@ __all__ = [
 ]
 
 CKPT_FORMAT = "codebook_lens.train_state"
-_VERSION = 1
+_VERSION = 2  # 2: state.json records every tensor; 1 (no record) still resumes
 TRAIN_KIND = DirKind(
     name="training checkpoint",
     head="state.json",
@@ -81,7 +86,8 @@ class TrainState:
     """Optimizer steps completed."""
 
     consumed: int = 0
-    """Batches taken from the data iterable (micro-batches, counted once per global batch)."""
+    """Batches taken from the data iterable (micro-batches, counted once per global batch):
+    ``step`` times the micro-batches per step."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     """Logged rows so far."""
@@ -224,6 +230,7 @@ def save_train_state(
     }
     path = checkpoint_path(checkpoint_dir)
     ready = untie(tensors)  # copied to the CPU now: the model may train on while it is written
+    meta["tensors"] = record_tensors(ready)
 
     def write(tmp: Path) -> None:
         write_tensors(ready, tmp / "state.safetensors", CKPT_FORMAT)
@@ -243,12 +250,17 @@ def load_train_state(
     set_rng: bool = True,
     steps: int | None = None,
     config: dict[str, Any] | None = None,
+    micro_batches: int | None = None,
+    loop_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> TrainState | None:
     """Restore ``cm`` and ``optimizer`` from the checkpoint in ``checkpoint_dir``.
 
     Returns the loop state, or None when there is no checkpoint yet. Everything is validated
-    before anything is restored: field types, the step (within ``[0, steps]``), ``config``'s
-    structural fields, every tensor's shape against the model and optimizer, and finiteness.
+    before anything is restored, and then everything is restored: field types, the tensors
+    against their record, the step (within ``[0, steps]``), the data position ``consumed``
+    (``step * micro_batches``, the micro-batches per optimizer step, when given or saved),
+    ``config``'s structural fields, every tensor's shape against the model, the optimizer and
+    ``loop_shapes`` (the loop tensors' expected shapes, by name), the RNG states, finiteness.
     Raises :class:`~codebook_lens.CheckpointError` on a corrupt or incomplete checkpoint (a
     missing ``state.json`` next to other files is one) or one from another setup.
     """
@@ -267,9 +279,10 @@ def load_train_state(
     with open_dir(path, TRAIN_KIND) as (meta, data):
         file = path / TRAIN_KIND.head
         _check_meta(meta, file, cm, steps, config)
+        _check_position(meta, file, micro_batches)
         tensors = read_tensors(data / "state.safetensors", "delete the checkpoint to restart")
     plan = _Plan(meta, tensors, data / "state.safetensors", cm, optimizer)
-    plan.check()
+    plan.check(dict(loop_shapes or {}))
     plan.apply()
     out = TrainState(
         step=meta["step"],
@@ -311,8 +324,8 @@ def _check_meta(
     steps: int | None,
     config: dict[str, Any] | None,
 ) -> None:
-    if meta.get("version") != _VERSION or not _is_int(meta.get("version")):
-        raise _bad(file, "version", str(_VERSION), meta.get("version"))
+    if meta.get("version") not in (1, _VERSION) or not _is_int(meta.get("version")):
+        raise _bad(file, "version", f"1 or {_VERSION}", meta.get("version"))
     for key in ("step", "consumed"):
         if not _is_int(meta.get(key)) or meta[key] < 0:
             raise _bad(file, key, "an integer >= 0", meta.get(key))
@@ -355,6 +368,44 @@ def _check_meta(
                 f"checkpoint {file.parent} was written with {k}={meta['config'].get(k)!r}, this "
                 f"run has {k}={config[k]!r}; use the same setting or a fresh checkpoint_dir"
             )
+
+
+def _check_position(meta: dict[str, Any], file: Path, micro_batches: int | None) -> None:
+    """The data position must be where ``step`` optimizer steps leave it: ``consumed = step *
+    micro-batches per step``; the loop's accumulators and history must lie before it."""
+    step, consumed = meta["step"], meta["consumed"]
+    saved = meta["scalars"].get("n_micro")
+    if saved is not None and (not _is_int(saved) or saved < 1):
+        raise _bad(file, "scalars.n_micro", "an integer >= 1", saved)
+    if saved is not None and micro_batches is not None and saved != micro_batches:
+        raise CheckpointError(
+            f"checkpoint {file.parent} was written with {saved} micro-batches per step, this run "
+            f"takes {micro_batches} (grad_accum or the accelerator's gradient accumulation); use "
+            "the same setting or a fresh checkpoint_dir"
+        )
+    per_step = micro_batches if micro_batches is not None else saved
+    if per_step is not None:
+        ok = consumed == step * per_step
+        unit = "micro-batches" if per_step > 1 else "micro-batch"
+        want = f"step {step} x {per_step} {unit} = {step * per_step}"
+    else:  # a version-1 checkpoint: at least one micro-batch per step, the same number each
+        ok = consumed >= step and (consumed % step == 0 if step else consumed == 0)
+        want = f"a multiple of step {step}"
+    if not ok:
+        raise CheckpointError(
+            f"{file}: the data position consumed={consumed} does not fit the checkpoint's step "
+            f"{step} (expected {want}); resuming would continue on other data than the "
+            "interrupted run. The checkpoint is corrupt: delete it to restart"
+        )
+    n_acc = meta["scalars"].get("n_acc", 0)
+    if n_acc > consumed:
+        raise _bad(file, "scalars.n_acc", f"at most consumed={consumed}", n_acc)
+    late = [r["step"] for r in meta["history"] + meta["evals"] if r.get("step", 0) > step]
+    if late:
+        raise CheckpointError(
+            f"{file}: the history has a row at step {late[0]}, after the checkpoint's step "
+            f"{step}; the checkpoint is corrupt: delete it to restart"
+        )
 
 
 def _check_optimizer_meta(opt: dict[str, Any], file: Path) -> None:
@@ -410,24 +461,16 @@ class _Plan:
             )
         return t
 
-    def check(self) -> None:
-        for site, cb in self.cm.codebooks.items():
-            self._shape(f"cb.{site}.codebook", tuple(cb.codebook.shape))
-            self._shape(f"cb.{site}.code_counts", tuple(cb.code_counts.shape))
-            self._shape(f"cb.{site}.window_counts", tuple(cb.window_counts.shape))
-            for name, t in cb.extra_tensors().items():
-                self._shape(f"cb.{site}.{name}", tuple(t.shape))
-            r = self.tensors.get(f"cb.{site}.recent")
-            if r is not None and (r.dim() < 1 or r.shape[-1] != cb.codebook.shape[-1]):
-                raise CheckpointError(f"{self.file}: cb.{site}.recent has shape {tuple(r.shape)}")
+    def check(self, loop_shapes: dict[str, tuple[int, ...]]) -> None:
+        """Everything :meth:`apply` relies on, so that applying cannot fail half-way."""
+        self._check_codebooks()
+        self._check_optimizer_groups()
         self._check_optimizer_tensors()
-        if self.meta["include_model"]:
-            own = self.cm.model.state_dict()
-            for k, v in own.items():
-                self._shape(f"model.{k}", tuple(v.shape))
+        self._check_model()
+        self._check_rng()
+        for name, shape in loop_shapes.items():
+            self._shape(f"loop.{name}", shape)
         for k, t in self.tensors.items():
-            if k.startswith("rng.") and (t.dtype != torch.uint8 or t.dim() != 1):
-                raise CheckpointError(f"{self.file}: {k} is not an RNG state (a uint8 vector)")
             if k.startswith(("cb.", "opt.", "loop.")) and not (k.endswith(".step") or _real(t)):
                 raise CheckpointError(f"{self.file}: {k} has dtype {t.dtype}; expected floats")
         nan = [
@@ -440,6 +483,67 @@ class _Plan:
                 "it; delete the checkpoint (or restore an earlier copy) and lower the learning "
                 "rate"
             )
+        if self.meta["version"] >= 2 or "tensors" in self.meta:  # last: the sharper errors first
+            check_tensors(self.tensors, self.meta.get("tensors"), self.file)
+
+    def _check_codebooks(self) -> None:
+        for site, cb in self.cm.codebooks.items():
+            self._shape(f"cb.{site}.codebook", tuple(cb.codebook.shape))
+            self._shape(f"cb.{site}.code_counts", tuple(cb.code_counts.shape))
+            self._shape(f"cb.{site}.window_counts", tuple(cb.window_counts.shape))
+            for name, t in cb.extra_tensors().items():
+                self._shape(f"cb.{site}.{name}", tuple(t.shape))
+            r = self.tensors.get(f"cb.{site}.recent")
+            if r is not None and (r.dim() < 1 or r.shape[-1] != cb.codebook.shape[-1]):
+                raise CheckpointError(f"{self.file}: cb.{site}.recent has shape {tuple(r.shape)}")
+
+    def _check_model(self) -> None:
+        """The saved base model's tensors are exactly this model's (none when not saved)."""
+        own = self.cm.model.state_dict() if self.meta["include_model"] else {}
+        for k, v in own.items():
+            self._shape(f"model.{k}", tuple(v.shape))
+        extra = [k for k in self.tensors if k.startswith("model.") and k[6:] not in own]
+        if extra:
+            raise CheckpointError(
+                f"{self.file}: {extra[0]} is not a tensor of this model "
+                f"({'no base model was saved' if not own else 'another architecture?'}); use a "
+                "fresh checkpoint_dir for a different setup"
+            )
+
+    def _check_rng(self) -> None:
+        """RNG states of the right size that the generators accept (tried, then undone)."""
+        for k, t in self.tensors.items():
+            if k.startswith("rng.") and (t.dtype != torch.uint8 or t.dim() != 1):
+                raise CheckpointError(f"{self.file}: {k} is not an RNG state (a uint8 vector)")
+        cpu = self._get("rng.cpu")
+        if cpu.numel() != torch.get_rng_state().numel() or not _accepted(cpu, None):
+            raise CheckpointError(
+                f"{self.file}: rng.cpu is not a valid CPU RNG state ({cpu.numel()} bytes, "
+                f"this torch uses {torch.get_rng_state().numel()}); the checkpoint is corrupt or "
+                "from another torch version: delete it to restart"
+            )
+        cuda = sorted(k for k in self.tensors if k.startswith("rng.cuda."))
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            for i, k in enumerate(cuda):  # restore_rng sets exactly these
+                if not _accepted(self.tensors[k], i):
+                    raise CheckpointError(f"{self.file}: {k} is not a valid CUDA RNG state")
+
+    def _check_optimizer_groups(self) -> None:
+        """What ``Optimizer.load_state_dict`` requires, checked before anything is touched."""
+        groups = self.meta["optimizer"]["param_groups"]
+        own = self.opt.param_groups
+        if len(groups) != len(own) or any(
+            len(g["params"]) != len(o["params"]) for g, o in zip(groups, own)
+        ):
+            raise CheckpointError(
+                f"{self.file}: this run's optimizer has {len(own)} parameter groups of "
+                f"{[len(o['params']) for o in own]} parameters, the checkpoint's has "
+                f"{len(groups)} of {[len(g['params']) for g in groups]}; use a fresh "
+                "checkpoint_dir for a different setup"
+            )
+        ids = [i for g in groups for i in g["params"]]
+        if sorted(ids) != list(range(len(ids))):
+            raise _bad(self.file, "optimizer.param_groups.params", "the indices 0..n-1", ids)
 
     def _check_optimizer_tensors(self) -> None:
         params = [p for g in self.opt.param_groups for p in g["params"]]
@@ -461,22 +565,10 @@ class _Plan:
 
     @torch.no_grad()
     def apply(self) -> None:
+        """Restore the optimizer (which checks its own layout before it changes anything),
+        then the model and codebooks, whose every key and shape :meth:`check` has verified."""
         cm, tensors = self.cm, self.tensors
         device = next(cm.parameters()).device
-        if self.meta["include_model"]:
-            sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-            try:
-                cm.model.load_state_dict(sd, strict=True)
-            except RuntimeError as e:
-                raise CheckpointError(f"checkpoint {self.file} does not fit this model: {e}") from e
-        for site, cb in cm.codebooks.items():
-            cb.codebook.copy_(tensors[f"cb.{site}.codebook"])
-            cb.code_counts.copy_(tensors[f"cb.{site}.code_counts"])
-            cb.window_counts.copy_(tensors[f"cb.{site}.window_counts"])
-            for name, t in cb.extra_tensors().items():
-                t.copy_(tensors[f"cb.{site}.{name}"])
-            r = tensors.get(f"cb.{site}.recent")
-            cb.recent = r.to(device) if r is not None else None
         opt_meta = self.meta["optimizer"]
         state: dict[int, dict[str, Any]] = {}
         for k, v in tensors.items():
@@ -489,6 +581,36 @@ class _Plan:
             self.opt.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"optimizer state in {self.file} does not fit: {e}") from e
+        if self.meta["include_model"]:
+            sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+            cm.model.load_state_dict(sd, strict=True)
+        for site, cb in cm.codebooks.items():
+            cb.codebook.copy_(tensors[f"cb.{site}.codebook"])
+            cb.code_counts.copy_(tensors[f"cb.{site}.code_counts"])
+            cb.window_counts.copy_(tensors[f"cb.{site}.window_counts"])
+            for name, t in cb.extra_tensors().items():
+                t.copy_(tensors[f"cb.{site}.{name}"])
+            r = tensors.get(f"cb.{site}.recent")
+            cb.recent = r.to(device) if r is not None else None
+
+
+def _accepted(state: Tensor, cuda_index: int | None) -> bool:
+    """Whether the CPU (or CUDA device ``cuda_index``) generator accepts ``state``; the
+    generator is left as it was."""
+    get = (
+        torch.get_rng_state if cuda_index is None else lambda: torch.cuda.get_rng_state(cuda_index)
+    )
+    put = torch.set_rng_state if cuda_index is None else (
+        lambda t: torch.cuda.set_rng_state(t, cuda_index)
+    )  # fmt: skip
+    before = get()
+    try:
+        put(state)
+    except (RuntimeError, ValueError):
+        return False
+    finally:
+        put(before)
+    return True
 
 
 def restore_rng(state: TrainState) -> None:

@@ -378,8 +378,7 @@ def train_codebooks(
         rows = "".join(json.dumps(r) + "\n" for r in loop.result.history)
         write_text(cfg.metrics_path, rows)  # drops rows logged after the checkpoint
     wb = _open_wandb(cfg, s.dist)
-    for _ in range(state.consumed):  # resume: the data position after the checkpoint
-        next(loop.batches)
+    _skip(loop, state.consumed)  # resume: the data position after the checkpoint
     restore_rng(state)  # after the skip, so data drawing from the global RNG resumes exactly
     loop.start = time.perf_counter() - state.seconds
     bar = tqdm(
@@ -451,9 +450,14 @@ def _resume(s: _Setup) -> TrainState | None:
     cfg = s.cfg
     if not (cfg.checkpoint_dir and cfg.resume):
         return None
+    loop_shapes = {
+        "sums": (3,),
+        **{f"log_counts.{site}": tuple(cb.code_counts.shape) for site, cb in s.cbs.items()},
+    }
     return load_train_state(
-        cfg.checkpoint_dir, s.cm, s.opt, set_rng=False, steps=cfg.steps, config=s.ckpt_cfg
-    )
+        cfg.checkpoint_dir, s.cm, s.opt, set_rng=False, steps=cfg.steps, config=s.ckpt_cfg,
+        micro_batches=s.n_micro, loop_shapes=loop_shapes,
+    )  # fmt: skip
 
 
 def _start_loop(
@@ -484,8 +488,16 @@ def _train_step(s: _Setup, loop: _Loop, step: int) -> None:
     for g, lr in zip(s.opt.param_groups, s.base_lrs):
         g["lr"] = lr * f
     s.opt.zero_grad(set_to_none=True)
-    for _micro in range(s.n_micro):
-        _micro_step(s, loop)
+    try:
+        for _micro in range(s.n_micro):
+            _micro_step(s, loop)
+    except _RanOut as e:
+        raise ValueError(
+            f"train_codebooks: the data ran out after {_batches(e.n)}, at step {step + 1} of "
+            f"{s.cfg.steps} ({s.n_micro} per step); an iterator is read only once, so pass a "
+            "re-iterable (a list, a DataLoader), which is cycled, or an iterator long enough, "
+            "or lower steps"
+        ) from None
     s.dist.average_grads(s.params)
     if s.cfg.grad_clip > 0:
         if s.acc is not None:
@@ -587,7 +599,7 @@ def _maybe_checkpoint(s: _Setup, loop: _Loop, done: int) -> None:
         evals=loop.result.evals,
         seconds=time.perf_counter() - loop.start,
         tensors={"sums": loop.sums, **{f"log_counts.{k}": c for k, c in loop.log_counts.items()}},
-        scalars={"n_acc": loop.n_acc},
+        scalars={"n_acc": loop.n_acc, "n_micro": s.n_micro},
     )
     if s.dist.main:
         save_train_state(
@@ -664,11 +676,42 @@ def _reset_moments(opt: torch.optim.Optimizer, param: Tensor, rows: Tensor) -> N
             buf.masked_fill_(rows[..., None], 0.0)
 
 
+class _RanOut(Exception):
+    """The data stopped yielding after ``n`` batches (an exhausted iterator)."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.n = n
+
+
+def _batches(n: int) -> str:
+    return f"{n} batch" if n == 1 else f"{n} batches"
+
+
 def _cycle(data: Iterable[Tensor]) -> Iterator[Tensor]:
+    """``data`` over and over; raises :class:`_RanOut` when a pass yields nothing after
+    earlier passes did (an iterator), ``ValueError`` when the first pass does."""
+    n = 0
     while True:
         empty = True
         for batch in data:
             empty = False
+            n += 1
             yield batch
+        if empty and n:
+            raise _RanOut(n)
         if empty:
             raise ValueError("train_codebooks: the data iterable yielded no batches")
+
+
+def _skip(loop: _Loop, consumed: int) -> None:
+    """Draw the ``consumed`` batches that the checkpointed run already trained on."""
+    try:
+        for _ in range(consumed):
+            next(loop.batches)
+    except _RanOut as e:
+        raise ValueError(
+            f"train_codebooks: the data ran out after {_batches(e.n)} while resuming: the "
+            f"checkpoint's data position is {consumed}; pass the data of the interrupted run "
+            "(a re-iterable such as a list or DataLoader, or an iterator long enough)"
+        ) from None
