@@ -8,7 +8,7 @@ import torch
 
 from codebook_lens import CodebookConfig, CodebookModel
 from tests.conftest import make_model
-from tests.unit.bruteforce import bf_quantize
+from tests.unit.bruteforce import bf_decode, bf_quantize, bf_select
 
 SITES = {
     "blocks.0.hook_resid_pre": dict(n_codes=40, k=3),
@@ -153,13 +153,44 @@ def test_codebooks_survive_reset_hooks(model, tokens):
 
 def test_shared_and_flat_head_layouts(model, tokens):
     cm = CodebookModel(model)
-    cm.add_codebook("blocks.0.attn.hook_z", CodebookConfig(d_in=8, n_codes=10, k=1))
+    shared = cm.add_codebook("blocks.0.attn.hook_z", CodebookConfig(d_in=8, n_codes=10, k=1))
     cm.add_codebook("blocks.1.attn.hook_z", CodebookConfig(d_in=32, n_codes=10, k=2))
     cm.add_codebook("blocks.0.hook_resid_post", CodebookConfig(d_in=8, n_groups=4, n_codes=10))
-    _, cache = cm.run_with_cache(tokens)
-    assert cache["blocks.0.attn.hook_z.hook_codes"].shape == (3, 10, 4, 1)
-    assert cache["blocks.1.attn.hook_z.hook_codes"].shape == (3, 10, 2)
-    assert cache["blocks.0.hook_resid_post.hook_codes"].shape == (3, 10, 4, 1)
+    cm.init_codebooks(tokens)
+    logits, cache = cm.run_with_cache(tokens)
+    codes = {s: cache[f"{s}.hook_codes"] for s in cm.sites}
+    assert codes["blocks.0.attn.hook_z"].shape == (3, 10, 4, 1)
+    assert codes["blocks.1.attn.hook_z"].shape == (3, 10, 2)
+    assert codes["blocks.0.hook_resid_post"].shape == (3, 10, 4, 1)
+    assert [cm.site_layout(s) for s in cm.sites] == ["heads", "heads_flat", "split"]
+    # one shared codebook: a single [1, n_codes, d_head] table, and every head's output is the
+    # vector of its code in that same table
+    assert tuple(shared.codebook.shape) == (1, 10, 8)
+    z, c = cache["blocks.0.attn.hook_z"], codes["blocks.0.attn.hook_z"][..., 0]
+    torch.testing.assert_close(z, shared.codebook[0].detach()[c], rtol=0, atol=0)
+    assert len(torch.unique(c)) > 1  # not one code everywhere
+    # the codes are the brute-force nearest codes: each head against the shared table, the
+    # concatenated heads against one table, each of the 4 residual groups against its own
+    seen: dict[str, np.ndarray] = {}
+
+    def bf(site, cb):
+        def hook(act, hook):
+            g = cb.cfg.n_groups
+            flat = act.detach().double().numpy().reshape(-1, g, cb.cfg.d_in)
+            ids = bf_select(flat, cb.codebook.detach().double().numpy(), cb.cfg.k, "cosine")
+            seen[site] = ids
+            out = bf_decode(ids, cb.codebook.detach().double().numpy(), "sum", cb.cfg.k)
+            return torch.from_numpy(out).to(act.dtype).reshape(act.shape)
+
+        return hook
+
+    with cm.disabled():
+        ref = cm.run_with_hooks(
+            tokens, fwd_hooks=[(s, bf(s, cb)) for s, cb in cm.codebooks.items()]
+        )
+    for site, got in codes.items():
+        np.testing.assert_array_equal(got.reshape(seen[site].shape).numpy(), seen[site], site)
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_inputs_give_clear_errors(model):
