@@ -44,6 +44,11 @@ class Codebook(nn.Module):
     device-side step with no host sync. With ``check_finite`` (the attribute, or the argument of
     :meth:`encode`/:meth:`forward`) they raise ``ValueError`` instead, at the cost of one host
     sync per call; :class:`CodebookModel` turns it on in its analysis entry points.
+
+    Memory: on the CPU the codebook keeps the memory of its score tile between calls (the
+    ``workspace`` attribute, a :class:`codebook_lens.topk.Workspace`: at most 64 MiB, or
+    ``chunk_mb`` if smaller), because fresh pages on every call cost about a third of the tile's
+    GEMM. ``cb.workspace.clear()`` lets it go; codebooks may share one workspace.
     """
 
     def __init__(self, cfg: CodebookConfig):
@@ -72,6 +77,8 @@ class Codebook(nn.Module):
         self.recent: Tensor | None = None
         self.enabled = True
         self.check_finite = False
+        # memory of the score tile, reused by every encode (kept on the CPU only; see Workspace)
+        self.workspace = topk.Workspace()
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -200,6 +207,7 @@ class Codebook(nn.Module):
                 self.cfg.k,
                 self.cfg.similarity,
                 self.cfg.chunk_mb,
+                self.workspace,
             )
             # one cheap fp32 row sum (no host sync): NaN/inf anywhere in a row makes it non-finite
             finite = torch.isfinite(flat.sum(-1, dtype=torch.float32))  # [T, G]

@@ -2,12 +2,16 @@
 
 :func:`topk_codes` scores activations against a (grouped) codebook one tile of tokens x codes at
 a time, each tile one batched GEMM reduced right away, with a running top-k across code chunks;
-the ``tokens x n_codes`` score matrix never exists whole and nothing is kept for backward. The
-tile geometry and the block-max reduction are explained in docs/performance.md.
+the ``tokens x n_codes`` score matrix never exists whole and nothing is kept for backward. A
+:class:`Workspace` keeps the tile's memory between calls. The tile geometry and the block-max
+reduction are explained in docs/performance.md.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -15,7 +19,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["topk_codes"]
+__all__ = ["Workspace", "topk_codes"]
 
 
 # Tile geometry, tuned on a 2-core AVX-512 Xeon (docs/performance.md). A score tile is computed by
@@ -34,6 +38,52 @@ _POOL = 128
 _BLOCK = 128
 _SUB = 8
 _INF = float("inf")
+
+
+class Workspace:
+    """Memory for :func:`topk_codes`'s score tile, kept from one call to the next.
+
+    On the CPU a fresh tile is paid for again on every call: the kernel maps new pages and zeroes
+    them on first touch, which at the default 64 MiB tile costs about as much as a third of the
+    tile's GEMM (docs/performance.md). A workspace keeps the largest tile asked for so far (at most
+    ``chunk_mb``) and hands it out again. On other devices nothing is kept: their caching
+    allocators already reuse memory. Calls that overlap (another thread) get a fresh tile instead
+    of waiting. Copies (``copy.deepcopy``, pickling) start empty.
+    """
+
+    def __init__(self) -> None:
+        self._bytes: Tensor | None = None
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> Workspace:
+        return Workspace()
+
+    def __reduce__(self) -> tuple:
+        return (Workspace, ())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now (0 until a CPU call needed a tile)."""
+        return 0 if self._bytes is None else self._bytes.numel()
+
+    def clear(self) -> None:
+        """Let go of the kept memory (the next call allocates again)."""
+        self._bytes = None
+
+    @contextmanager
+    def tile(self, n: int, dtype: torch.dtype, device: torch.device) -> Iterator[Tensor]:
+        """A flat tensor of ``n`` elements, uninitialised, for the duration of the block."""
+        if device.type != "cpu" or not self._lock.acquire(blocking=False):
+            yield torch.empty(n, dtype=dtype, device=device)
+            return
+        try:
+            size = n * torch.empty((), dtype=dtype).element_size()
+            if self._bytes is None or self._bytes.numel() < size:
+                self._bytes = None  # free the old tile before taking the new one
+                self._bytes = torch.empty(size, dtype=torch.uint8)
+            yield self._bytes[:size].view(dtype)
+        finally:
+            self._lock.release()
 
 
 def _prepare_codebook(codebook: Tensor, similarity: str) -> tuple[Tensor, Tensor | None]:
@@ -99,12 +149,13 @@ def _geometry_topk(n_tok: int, n_codes: int, k: int, per_group: int) -> tuple[in
     return max(1, min(n_tok, per_group // padded)), min(width, n_codes), padded, blocked
 
 
-def _top1(xs: Tensor, codes: Tensor, bias: Tensor | None, per_group: int) -> Tensor:
-    """Best code per token for ``xs`` [G, d, T] -> [G, T], in tiles of codes x tokens."""
+def _top1(
+    xs: Tensor, codes: Tensor, bias: Tensor | None, buf: Tensor, rows: int, width: int
+) -> Tensor:
+    """Best code per token for ``xs`` [G, d, T] -> [G, T], in tiles of ``width`` codes x ``rows``
+    tokens held by ``buf`` (flat, at least G * rows * width elements)."""
     n_groups, _, n_tok = xs.shape
     n_codes = codes.shape[1]
-    rows, width = _geometry_top1(n_tok, n_codes, per_group)
-    buf = xs.new_empty(n_groups * width * rows)
     out = torch.empty(n_groups, n_tok, dtype=torch.long, device=xs.device)
     for t0 in range(0, n_tok, rows):
         xt = xs[:, :, t0 : t0 + rows]
@@ -140,13 +191,18 @@ def _two_stage(tile: Tensor, rows: Tensor, first: Tensor, k: int) -> tuple[Tenso
     return v, code
 
 
-def _topk_rows(xg: Tensor, codes_t: Tensor, bias: Tensor | None, k: int, per_group: int) -> Tensor:
-    """Top-k codes per token for ``xg`` [G, T, d] -> [G, T, k], in tiles of tokens x codes."""
+def _topk_rows(
+    xg: Tensor, codes_t: Tensor, bias: Tensor | None, k: int, flat: Tensor, geometry: tuple
+) -> Tensor:
+    """Top-k codes per token for ``xg`` [G, T, d] -> [G, T, k], in tiles of tokens x codes
+    (``geometry`` from :func:`_geometry_topk`) held by ``flat`` (at least G * rows * padded)."""
     n_groups, n_tok, _ = xg.shape
     n_codes = codes_t.shape[2]
-    rows, width, padded, blocked = _geometry_topk(n_tok, n_codes, k, per_group)
-    # one tile buffer; pad columns hold -inf so that whole blocks can be reduced
-    buf = torch.full((n_groups, rows, padded), -_INF, dtype=xg.dtype, device=xg.device)
+    rows, width, padded, blocked = geometry
+    buf = flat[: n_groups * rows * padded].view(n_groups, rows, padded)
+    # pad columns hold -inf so that whole blocks can be reduced (only they: the GEMM writes the
+    # rest, and a full fill would touch the whole tile once more)
+    buf[:, :, width:] = -_INF
     buf_rows = buf.view(-1, _BLOCK) if blocked else buf
     first = torch.arange(n_groups * rows, device=xg.device).view(n_groups, rows, 1)
     first = first * (padded // _BLOCK)
@@ -181,6 +237,7 @@ def topk_codes(
     k: int,
     similarity: Literal["cosine", "dot", "euclidean"] = "cosine",
     chunk_mb: float = 256.0,
+    workspace: Workspace | None = None,
 ) -> Int[Tensor, "n_tok n_groups k"]:
     """Ids of the k most similar codes for each token and group, most similar first.
 
@@ -193,17 +250,24 @@ def topk_codes(
     :meth:`codebook_lens.quantizer.Codebook.encode` marks them empty (-1).
 
     ``similarity``: ``"cosine"`` (the default), ``"dot"`` or ``"euclidean"`` (negative
-    distance).
+    distance). ``workspace``: where the score tile lives; pass the same :class:`Workspace` to
+    repeated calls (a :class:`~codebook_lens.quantizer.Codebook` keeps one) to skip allocating it.
     """
     if x.dtype == torch.float16:  # fp16 scores overflow (max 65504) and fp16 GEMM is slow on CPU
         x = x.float()
-    n_groups = x.shape[1]
+    n_tok, n_groups = x.shape[:2]
+    n_codes = codebook.shape[1]
     codes, bias = _prepare_codebook(codebook.to(x.dtype), similarity)
+    ws = workspace if workspace is not None else Workspace()
     elem = x.element_size()
     if k == 1:
         per_group = _budget(chunk_mb, _TILE_BYTES * n_groups, n_groups, elem)
-        ids = _top1(x.permute(1, 2, 0), codes, bias, per_group)  # [G, T]
+        rows, width = _geometry_top1(n_tok, n_codes, per_group)
+        with ws.tile(n_groups * rows * width, x.dtype, x.device) as buf:
+            ids = _top1(x.permute(1, 2, 0), codes, bias, buf, rows, width)  # [G, T]
         return ids.t().unsqueeze(-1)
     per_group = _budget(chunk_mb, _TILE_BYTES_K, n_groups, elem)
-    ids = _topk_rows(x.transpose(0, 1), codes.transpose(1, 2), bias, k, per_group)
+    geometry = _geometry_topk(n_tok, n_codes, k, per_group)
+    with ws.tile(n_groups * geometry[0] * geometry[2], x.dtype, x.device) as buf:
+        ids = _topk_rows(x.transpose(0, 1), codes.transpose(1, 2), bias, k, buf, geometry)
     return ids.transpose(0, 1)
