@@ -11,7 +11,11 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from codebook_lens.analysis import code_logit_attribution, force_codes  # noqa: E402
+from codebook_lens.analysis import (  # noqa: E402
+    ablate_codes,
+    code_logit_attribution,
+    force_codes,
+)
 from codebook_lens.browse import create_app, load_browse_data  # noqa: E402
 from codebook_lens.model import CodebookModel, codes_hook_name  # noqa: E402
 from tests.integration.browse_helpers import tiny_dir  # noqa: E402
@@ -68,12 +72,42 @@ def test_force_and_ablate_match_the_analysis_hooks(setup):
     assert all(c == -1 for row in abl["patched"]["codes"][MLP] for c in row[0])
 
 
+def _sample(cm, ids, hooks, n_new, seed):
+    """Sampling as the Lab documents it, step by step: no KV cache, the hooks on every step,
+    one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.tensor([ids])
+    for _ in range(n_new):
+        logits = cm.run_with_hooks(seq, fwd_hooks=hooks)[0, -1].float()
+        seq = torch.cat([seq, torch.multinomial(logits.softmax(-1), 1, generator=g)[None]], 1)
+    return seq[0, len(ids) :].tolist()
+
+
 def test_continuation_is_seeded_and_patched_differently(setup):
-    client, _ = setup
+    client, cm = setup
     a = lab(client, prompt="10 1 2", n_new=12, seed=3)
     b = lab(client, prompt="10 1 2", n_new=12, seed=3)
     assert a["unpatched"]["continuation"] == b["unpatched"]["continuation"]
-    assert len(a["unpatched"]["continuation"]) == 12
+    assert a["unpatched"]["continuation"] == _sample(cm, [10, 1, 2], [], 12, 3)
+    assert (
+        lab(client, prompt="10 1 2", n_new=12, seed=4)["unpatched"]["continuation"]
+        == (_sample(cm, [10, 1, 2], [], 12, 4))
+        != a["unpatched"]["continuation"]
+    )  # the seed matters
+    # an intervention: the patched continuation is the one sampled with the same hooks (the
+    # prompt position stays forced at every step), and the unpatched one is unchanged
+    ivs = [
+        {"site": ATTN, "action": "force", "code": 9, "head": 2, "positions": [-1]},
+        {"site": MLP, "action": "ablate", "positions": [0, 1, 2]},
+    ]
+    hooks = [
+        (codes_hook_name(ATTN), force_codes(9, positions=[2], heads=2)),
+        (codes_hook_name(MLP), ablate_codes(None, positions=[0, 1, 2])),
+    ]
+    res = lab(client, prompt="10 1 2", interventions=ivs, n_new=12, seed=3)
+    assert res["unpatched"]["continuation"] == a["unpatched"]["continuation"]
+    assert res["patched"]["continuation"] == _sample(cm, [10, 1, 2], hooks, 12, 3)
+    assert res["patched"]["continuation"] != res["unpatched"]["continuation"]
     capped = lab(client, prompt=" ".join(["1"] * 60), n_new=10)
     assert capped["n_new"] == 4 and len(capped["patched"]["continuation"]) == 4  # n_ctx = 64
 
