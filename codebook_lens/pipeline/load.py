@@ -8,7 +8,7 @@ from pathlib import Path
 
 from codebook_lens.model import CodebookModel
 from codebook_lens.pipeline.config import RunConfig
-from codebook_lens.pipeline.models import resolve_device
+from codebook_lens.pipeline.models import load_tokenizer, resolve_device
 from codebook_lens.pipeline.rundir import RunDir
 
 __all__ = ["LoadedRun", "load_run"]
@@ -39,5 +39,10 @@ def load_run(path: str | os.PathLike[str], device: str | None = None) -> LoadedR
             f"--resume --out {run.path}` first"
         )
     cm = CodebookModel.load(run.model_dir)
-    cm.to(resolve_device(device or cfg.model.device))
+    if getattr(cm.model, "tokenizer", None) is None:
+        # A HookedTransformer is saved as a native model, without the Hugging Face tokenizer.
+        cm.model.set_tokenizer(load_tokenizer(cfg.model))
+    target = resolve_device(device or cfg.model.device)
+    if next(cm.parameters()).device != target:
+        cm.to(target)
     return LoadedRun(run, cfg, cm.eval())

@@ -41,6 +41,7 @@ __all__ = [
     "ModelConfig",
     "is_hub_id",
     "load_model",
+    "load_tokenizer",
     "local_model_dir",
     "resolve_device",
 ]
@@ -199,6 +200,12 @@ def _tokenizer(name: str, local: bool) -> Any:
             f"cannot load the tokenizer in {name!r} ({why}); save a tokenizer beside the model "
             "with tokenizer.save_pretrained(dir)"
         ) from e
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The Hugging Face tokenizer of ``cfg``'s model (its local directory, or the Hub)."""
+    local = local_model_dir(cfg.name)
+    return _tokenizer(str(local) if local is not None else cfg.name, local is not None)
 
 
 def load_model(cfg: ModelConfig) -> nn.Module:
