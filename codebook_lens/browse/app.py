@@ -13,7 +13,9 @@ Routes (all GET unless noted)::
     /api/bookmarks (GET, POST), /api/bookmarks/{id} (DELETE)
 
 Every client error is a 4xx ``{"error": message}``; nothing outside the package's static files
-and DIR is read.
+and DIR is read. With ``access`` (as :func:`~codebook_lens.browse.server.serve` always passes),
+requests for another ``Host``, writes from another ``Origin`` and, beyond loopback, requests
+without the token are refused first (:mod:`codebook_lens.browse.access`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from codebook_lens.browse.access import Access, AccessGuard
 from codebook_lens.browse.bookmarks import Bookmarks
 from codebook_lens.browse.codes import check_code, code_stats, context_view, nearest_codes
 from codebook_lens.browse.errors import BrowseError, bad_request
@@ -145,10 +148,16 @@ def overview(st: BrowseState) -> dict[str, Any]:
     }
 
 
-def create_app(data: BrowseData, regex_budget_s: float = 2.0) -> FastAPI:
-    """The app serving ``data`` (see the module docstring for the routes)."""
+def create_app(
+    data: BrowseData, regex_budget_s: float = 2.0, access: Access | None = None
+) -> FastAPI:
+    """The app serving ``data`` (see the module docstring for the routes). ``access``
+    (:func:`~codebook_lens.browse.access.access_for`) guards it; without it every request is
+    answered, which suits an in-process client but not a server."""
     st = BrowseState(data, regex_budget_s)
     app = FastAPI(title="codebook-lens browse", docs_url=None, redoc_url=None, openapi_url=None)
+    if access is not None:
+        app.add_middleware(AccessGuard, access=access)
     app.state.browse = st
     _errors(app)
     _static_routes(app)

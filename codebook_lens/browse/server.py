@@ -20,23 +20,34 @@ def serve(
     port: int = 8765,
     log: Any = None,
 ) -> None:
-    """Serve DIR (or ``store`` + ``model``) at ``http://host:port/`` until interrupted."""
+    """Serve DIR (or ``store`` + ``model``) at ``http://host:port/`` until interrupted.
+
+    Requests naming another host (DNS rebinding) and writes from another origin are refused;
+    bound beyond loopback, the browser also needs the token printed in its URL
+    (:mod:`codebook_lens.browse.access`)."""
     try:
         import uvicorn
     except ImportError as e:  # pragma: no cover - depends on the optional extra
         raise SystemExit(
             "codebook-lens browse needs the browse extra: pip install 'codebook-lens[browse]'"
         ) from e
+    from codebook_lens.browse.access import WILDCARD_HOSTS, access_for, is_loopback
     from codebook_lens.browse.app import create_app
     from codebook_lens.browse.layout import load_browse_data
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    access = access_for(host, port)  # a bad port fails before DIR is loaded
     data = load_browse_data(root, store, model)
     log(f"loaded {data.store.n_tokens:,} positions at {len(data.store.sites)} sites")
-    app = create_app(data)
-    if host not in (LOOPBACK, "localhost", "::1"):
-        log(f"warning: serving on {host}: other machines can reach this browser")
-    print(f"codebook-lens browse: http://{host}:{port}/", flush=True)
+    app = create_app(data, access=access)
+    if not is_loopback(host):
+        log(f"warning: serving on {host}: other machines can reach this browser; it asks for "
+            "the token in its URL")  # fmt: skip
+    if host in WILDCARD_HOSTS:
+        import socket
+
+        log(f"from another machine: {access.url(socket.gethostname())}")
+    print(f"codebook-lens browse: {access.url(host)}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
