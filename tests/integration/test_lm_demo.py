@@ -6,14 +6,19 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from codebook_lens import CodebookModel, codes_hook_name
+from codebook_lens.data import pack_labelled_blocks
 from codebook_lens.lm import (
     TOPICS,
     LMDemoConfig,
+    StoryConfig,
     TopicClassifier,
+    generate_stories,
     load_tokenizer,
     run_lm_demo,
+    story_token_labels,
     topic_codes,
     topic_steering_hooks,
 )
@@ -41,7 +46,15 @@ def test_lm_demo_smoke(tmp_path):
     ]
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(m))
     loss = m["loss"]
-    assert 0 < loss["base"] < 10 and 0 < loss["codebooks_after_finetuning"] < 10
+    # Values a broken pipeline fails. Measured at this size (seeded, both transformer-lens
+    # generations): base 3.58 (4.3) / 3.67 (3.9) against ln(512) = 6.24 for a uniform guess;
+    # codebooks 3.64 / 3.72 at attach, 3.49 / 3.58 after finetuning (-2.4% / -2.5%).
+    assert loss["base"] < 5.0  # the base model learnt (untrained: >= 6.2)
+    assert loss["codebooks_after_finetuning"] < loss["codebooks_at_attach"]  # finetuning helps
+    assert loss["relative_increase"] == pytest.approx(
+        (loss["codebooks_after_finetuning"] - loss["base"]) / loss["base"], rel=1e-12
+    )
+    assert loss["relative_increase"] <= 0.10  # the README's goal holds even at this size
     assert set(m["steering"]) == set(TOPICS) == set(m["topic_codes"])
     for topic, st in m["steering"].items():
         assert 0.0 <= st["steered_rate"] <= 1.0 and st["n_heads"] >= 1
@@ -57,6 +70,16 @@ def test_lm_demo_smoke(tmp_path):
     cm = CodebookModel.load(tmp_path / "codebook_model")
     assert cm.cfg.d_vocab == len(tok)
     assert len(cm.sites) == cfg.n_layers
+    # the reported loss is the saved model's next-token loss on the held-out stories, recounted
+    # here with a plain cross-entropy
+    ids, labels = story_token_labels(
+        tok, generate_stories(cfg.n_eval_stories, StoryConfig(), seed=cfg.seed + 10_000)
+    )
+    blocks, _ = pack_labelled_blocks(ids, labels, cfg.block_len, tok.bos_token_id, tok.eos_token_id)
+    with torch.no_grad():
+        logits = cm.eval()(blocks)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), blocks[:, 1:].flatten())
+    assert float(ce) == pytest.approx(loss["codebooks_after_finetuning"], abs=1e-5)
     with pytest.raises(TypeError):
         run_lm_demo(tmp_path, small=True, no_such_field=1)
 
