@@ -69,27 +69,47 @@ def smallest_int_dtype(max_value: int, min_value: int = -1) -> torch.dtype:
     raise ValueError(f"no integer dtype holds [{min_value}, {max_value}]")
 
 
+def _repeats(codes: Tensor) -> Tensor:
+    """Bool ``[..., k]``: True where a slot repeats an id of an earlier slot. Pairwise
+    comparisons of the ``k`` slot columns (a loop over slots, vectorized over the rest) for
+    small ``k``, a sort for large ``k``."""
+    k = codes.shape[-1]
+    if k > 16:
+        s, i = codes.sort(dim=-1, stable=True)
+        dup_sorted = torch.zeros_like(s, dtype=torch.bool)
+        dup_sorted[..., 1:] = s[..., 1:] == s[..., :-1]
+        return torch.zeros_like(dup_sorted).scatter_(-1, i, dup_sorted)
+    dup = torch.zeros_like(codes, dtype=torch.bool)
+    for j in range(1, k):
+        d = dup[..., j]
+        for i in range(j):
+            d |= codes[..., i] == codes[..., j]
+    return dup
+
+
 def dedupe_slots(codes: Int[Tensor, "... k"]) -> Int[Tensor, "... k"]:
     """Codes with repeated ids within a position replaced by -1 (the lowest slot keeps its id),
     so that each code counts once per position. Slot order is kept."""
     if codes.shape[-1] < 2:
         return codes
-    s, i = codes.sort(dim=-1, stable=True)
-    dup_sorted = torch.zeros_like(s, dtype=torch.bool)
-    dup_sorted[..., 1:] = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
-    dup = torch.zeros_like(dup_sorted).scatter_(-1, i, dup_sorted)
-    return codes.masked_fill(dup, -1)
+    return codes.masked_fill(_repeats(codes), -1)
 
 
 def count_codes(codes: Int[Tensor, "n pos head k"], n_codes: int) -> Int[Tensor, "head n_codes"]:
-    """How many positions each code fires at, per head (once per position), in ``codes``."""
+    """How many positions each code fires at, per head (once per position), in ``codes``.
+    Works on the compact dtype (int32 ids; empty and repeated slots go to a discarded bin)."""
     h, k = codes.shape[2], codes.shape[3]
-    counts = torch.zeros(h * n_codes, dtype=torch.long)
-    offs = (torch.arange(h) * n_codes).view(1, h, 1)
-    for chunk in codes.reshape(-1, h, k).split(max(1, _CHUNK_SLOTS // max(h * k, 1))):
-        chunk = dedupe_slots(chunk.long())
-        counts += torch.bincount((chunk + offs)[chunk >= 0], minlength=h * n_codes)
-    return counts.view(h, n_codes)
+    size = h * n_codes
+    counts = torch.zeros(size + 1, dtype=torch.long)
+    offs = (torch.arange(h, dtype=torch.int64) * n_codes).view(1, h, 1)
+    wide = torch.int32 if size < 2**31 else torch.int64
+    for x in codes.reshape(-1, h, k).split(max(1, _CHUNK_SLOTS // max(h * k, 1))):
+        skip = x < 0
+        if k > 1:
+            skip |= _repeats(x)
+        ids = torch.where(skip, size, x.to(wide) + offs.to(wide))
+        counts += torch.bincount(ids.reshape(-1), minlength=size + 1)
+    return counts[:size].view(h, n_codes)
 
 
 @dataclass
@@ -528,17 +548,24 @@ class CodeStore:
         shards are opened). A version-1 store (no hashes) is loaded into memory instead.
         Raises CheckpointError naming the file and the fix."""
         with open_dir(path, STORE_KIND) as (head, data):
-            file = Path(path) / STORE_KIND.head
-            if _version(head, file) == 1:
-                return cls._from_v1(head, data, file)
-            check_manifest(head, file)
-            if not head["complete"] and not allow_partial:
-                raise _incomplete(Path(path), head)
-            shards = check_shards(head, data)
-            counts = check_counts_file(head, data)
-            if verify:
-                verify_hashes(head, data)
-        return cls._from_files(Path(path), head, shards, counts)
+            return cls._open_locked(Path(path), head, data, allow_partial, verify)
+
+    @classmethod
+    def _open_locked(
+        cls, path: Path, head: dict[str, Any], data: Path, allow_partial: bool, verify: bool
+    ) -> CodeStore:
+        """:meth:`open`, inside :func:`~codebook_lens.atomic.open_dir` (files stay put)."""
+        file = path / STORE_KIND.head
+        if _version(head, file) == 1:
+            return cls._from_v1(head, data, file)
+        check_manifest(head, file)
+        if not head["complete"] and not allow_partial:
+            raise _incomplete(path, head)
+        shards = check_shards(head, data)
+        counts = check_counts_file(head, data)
+        if verify:
+            verify_hashes(head, data)
+        return cls._from_files(path, head, shards, counts)
 
     @classmethod
     def _from_files(
@@ -575,16 +602,17 @@ class CodeStore:
         """Load a saved or collected store into memory. Checks what :meth:`open` checks, every
         content hash and every value (code ids in ``[-1, n_codes)``, tokens in
         ``[0, d_vocab)``); raises CheckpointError naming the file and the fix."""
-        disk = cls.open(path, verify=True)
-        if disk.path is None:
-            return disk  # version 1: already in memory and checked
-        file = Path(path) / STORE_KIND.head
-        codes = {s: disk.code_range(s, 0, disk.n_seq).clone() for s in disk.sites}
-        for s, c in codes.items():
-            check_codes_range(s, c, disk.n_codes[s], file)
-        tokens = disk.token_range(0, disk.n_seq).clone() if disk.has_tokens else None
-        if tokens is not None:
-            check_tokens_range(tokens, disk.d_vocab, file)
+        with open_dir(path, STORE_KIND) as (head, data):  # read while no writer deletes
+            disk = cls._open_locked(Path(path), head, data, False, True)
+            if disk.path is None:
+                return disk  # version 1: already in memory and checked
+            file = Path(path) / STORE_KIND.head
+            codes = {s: disk.code_range(s, 0, disk.n_seq).clone() for s in disk.sites}
+            for s, c in codes.items():
+                check_codes_range(s, c, disk.n_codes[s], file)
+            tokens = disk.token_range(0, disk.n_seq).clone() if disk.has_tokens else None
+            if tokens is not None:
+                check_tokens_range(tokens, disk.d_vocab, file)
         return cls(codes, disk.n_codes, disk.per_head, tokens, disk.d_vocab, disk.meta)
 
     def verify(self) -> None:

@@ -101,6 +101,10 @@ def _entry(file: Path, key: str, v: object, data_start: int, size: int, fix: str
     return TensorEntry(dtype, tuple(shape), data_start + offs[0])
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class ShardFile:
     """The parsed header of one safetensors file; :meth:`tensor` maps a tensor from it."""
@@ -113,6 +117,9 @@ class ShardFile:
     """Its ``__metadata__`` (string pairs)."""
     entries: dict[str, TensorEntry]
     """Tensor name -> where it lies."""
+    identity: tuple[int, int, int, int]
+    """``(device, inode, size, mtime_ns)`` when read: a replaced file is refused, never mapped
+    with the old header's offsets."""
 
     @classmethod
     def read(cls, path: Path, fix: str) -> ShardFile:
@@ -120,7 +127,8 @@ class ShardFile:
         truncated or not a safetensors file of integer tensors. Reads only the header."""
         try:
             with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+                st = os.fstat(f.fileno())
+                size = st.st_size
                 raw = f.read(8)
                 n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
                 if not 0 < n <= min(size - 8, _MAX_HEADER):
@@ -136,7 +144,7 @@ class ShardFile:
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise _bad(path, "has malformed metadata", fix)
         entries = {k: _entry(path, k, v, 8 + n, size, fix) for k, v in header.items()}
-        return cls(path, size, meta, entries)
+        return cls(path, size, meta, entries, _identity(st))
 
     def tensor(self, key: str) -> Tensor:
         """Tensor ``key``, memory-mapped copy-on-write: no data is read until it is used, and
@@ -144,13 +152,17 @@ class ShardFile:
         e = self.entries[key]
         if math.prod(e.shape) == 0:
             return torch.empty(e.shape, dtype=e.dtype)
+        gone = (
+            f"{self.path} changed or vanished since the store was opened (a collection or a "
+            "save replaced it); open the store again"
+        )
         try:
-            arr = np.memmap(self.path, dtype=_NP[e.dtype], mode="c", offset=e.offset, shape=e.shape)
+            with open(self.path, "rb") as f:
+                if _identity(os.fstat(f.fileno())) != self.identity:
+                    raise CheckpointError(gone)
+                arr = np.memmap(f, dtype=_NP[e.dtype], mode="c", offset=e.offset, shape=e.shape)
         except (OSError, ValueError) as err:
-            raise CheckpointError(
-                f"{self.path} could not be mapped ({err}); it changed or vanished after the "
-                "store was opened. Open the store again"
-            ) from err
+            raise CheckpointError(f"{gone} ({err})") from err
         return torch.from_numpy(arr)
 
 

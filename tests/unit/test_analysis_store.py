@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from codebook_lens.analysis import CodeStore, dedupe_slots, smallest_int_dtype
-from codebook_lens.analysis.store import STORE_KIND
+from codebook_lens.analysis.store import STORE_KIND, count_codes
 from codebook_lens.atomic import data_path
 from codebook_lens.io import CheckpointError
 
@@ -123,3 +125,29 @@ def test_from_codes_validates():
             },
             5,
         )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(0, 30),
+    heads=st.integers(1, 3),
+    k=st.integers(1, 20),
+    n_codes=st.integers(1, 6),
+)
+def test_dedupe_and_count_codes_vs_brute_force(seed, n, heads, k, n_codes):
+    """Few codes and many slots: repeats are common; k > 16 takes the sort path."""
+    c = random_codes(seed, (n, 2, heads, k), n_codes, empty=0.3)
+    brute_d = c.clone()
+    brute = np.zeros((heads, n_codes), dtype=np.int64)
+    for i, j, h in np.ndindex(n, 2, heads):
+        seen = set()
+        for s in range(k):
+            v = int(c[i, j, h, s])
+            if v in seen:
+                brute_d[i, j, h, s] = -1
+            elif v >= 0:
+                brute[h, v] += 1
+            seen.add(v)
+    assert torch.equal(dedupe_slots(c), brute_d)
+    assert np.array_equal(count_codes(c.to(torch.int8), n_codes).numpy(), brute)

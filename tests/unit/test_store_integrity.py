@@ -253,3 +253,18 @@ def test_version_1_store_still_loads(tmp_path):
     want.save(path)  # saving over it writes version 2 and removes the flat shards
     assert json.loads((path / "store.json").read_text())["version"] == 2
     assert not list(path.glob("shard-*")) and CodeStore.open(path).n_seq == 5
+
+
+def test_shard_replaced_after_open_is_refused_not_misread(saved, store):
+    s = CodeStore.open(store)
+    before = s.get("a")
+    f = shard(store, 1)
+    tmp = f.with_suffix(".new")
+    shutil.copy(shard(saved / "other", 1), tmp)  # same size, other codes
+    tmp.replace(f)
+    with pytest.raises(CheckpointError, match="shard-00001.safetensors changed or vanished"):
+        s.get("a")
+    f.unlink()
+    with pytest.raises(CheckpointError, match="open the store again"):
+        list(s.chunks("a"))
+    assert torch.equal(before, make(0).get("a"))
