@@ -89,7 +89,8 @@ def _entry(record: Any, key: str, file: Path) -> tuple[str, list[int], str]:
     e = record[key]
     ok = (
         isinstance(e, dict)
-        and e.get("dtype") in _DTYPES
+        and isinstance(e.get("dtype"), str)
+        and e["dtype"] in _DTYPES
         and isinstance(e.get("shape"), list)
         and all(type(n) is int and n >= 0 for n in e["shape"])
         and isinstance(e.get("sha256"), str)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from codebook_lens import CheckpointError, CodebookModel
@@ -212,3 +214,44 @@ def test_hugging_face_files_are_checked(hf_saved, tmp_path, edit):
              "lacks hf_model/config.json"}[edit]  # fmt: skip
     with pytest.raises(CheckpointError, match=match):
         CodebookModel.load(path, backend="bridge")
+
+
+@pytest.fixture(scope="module")
+def saved_once(tmp_path_factory):
+    cm = _trained("auto", 1)
+    return _save(cm, tmp_path_factory.mktemp("fuzz") / "m"), cm(_tokens())
+
+
+RECORD_JUNK = st.one_of(
+    st.none(), st.booleans(), st.integers(-2, 40), st.text(max_size=4),
+    st.sampled_from(["float16", "bfloat16", "float32", "int64", "torch.float32", "0" * 64]),
+    st.lists(st.integers(-1, 40), max_size=4), st.dictionaries(st.text(max_size=3), st.none()),
+)  # fmt: skip
+
+
+@pytest.mark.bridge
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_the_record_in_cfg_json(saved_once, data):
+    """Any change to a recorded dtype, shape or digest is refused (or, when it changes
+    nothing, the checkpoint loads with the same logits); never another exception."""
+    path, logits = saved_once
+    head = path / "cfg.json"
+    meta = json.loads(head.read_text())
+    name = data.draw(st.sampled_from(sorted(meta["tensors"])))
+    key = data.draw(st.sampled_from(sorted(meta["tensors"][name])))
+    field = data.draw(st.sampled_from(["dtype", "shape", "sha256", None]))
+    mutated = json.loads(json.dumps(meta))
+    value = data.draw(RECORD_JUNK)
+    if field is None:
+        mutated["tensors"][name][key] = value
+    else:
+        mutated["tensors"][name][key][field] = value
+    head.write_text(json.dumps(mutated))
+    try:
+        got = CodebookModel.load(path)(_tokens())
+        assert mutated == meta and torch.equal(got, logits)
+    except CheckpointError:
+        assert mutated != meta
+    finally:
+        head.write_text(json.dumps(meta))
