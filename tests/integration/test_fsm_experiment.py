@@ -21,6 +21,11 @@ from codebook_lens.fsm.experiment import (
 )
 from codebook_lens.fsm.metrics import append_digit_prefixes, next_state_distribution
 from tests.conftest import make_model
+from tests.integration.fsm_reference import (
+    assert_interventions_match,
+    reference_intervention_probs,
+    reference_rates,
+)
 
 
 def _tiny_cm():
@@ -92,17 +97,25 @@ def test_append_digit_prefixes_matches_a_loop():
     assert append_digit_prefixes(prompts, 3, 0).tolist() == prompts.tolist()
 
 
-def test_interventions_report_both_variants_with_valid_rates():
+def test_interventions_equal_a_loop_reference():
+    """Every reported rate and JSD (each site set, the last-position-only variant, the baseline)
+    equals a one-prompt-at-a-time recount with plain codes hooks (tests/integration/
+    fsm_reference.py), at the default success rule and at looser ones that make rates nonzero."""
     fsm, cm = _tiny_cm()
     cfg = ExperimentConfig.small()
-    itv = interventions(cm, fsm, cfg)
-    assert itv["n_interventions"] == fsm.n_states * cfg.intervention_prompts
-    for name, r in itv["per_site_set"].items():
-        variants = (r, r["last_position_only"]) if name == "all" else (r,)
-        assert ("last_position_only" in r) == (name == "all")
-        for v in variants:
-            assert 0.0 <= v["success_rate"] <= 1.0 and v["jsd"] >= 0.0
-    assert itv["success_rate"] == itv["per_site_set"]["all"]["success_rate"]
+    cfg.intervention_prompts = 1  # one prompt per target state: 20 loops of the reference
+    targets, probs = reference_intervention_probs(cm, fsm, cfg)
+    seen = set()
+    for top, need in ((None, None), (4, 1), (2, 1)):
+        itv = interventions(cm, fsm, cfg, top=top, need=need)
+        assert itv["n_interventions"] == fsm.n_states * cfg.intervention_prompts
+        for name, r in itv["per_site_set"].items():
+            assert ("last_position_only" in r) == (name == "all")
+            assert r["sites"] == site_sets(cm)[name]
+        ref = reference_rates(fsm, targets, probs, top, need)
+        assert_interventions_match(itv, ref)
+        seen |= {v["success_rate"] for v in ref.values()}
+    assert len(seen) > 2  # the comparison covers distinct nonzero rates, not only 0 == 0
 
 
 def test_small_demo_end_to_end(tmp_path):
