@@ -17,6 +17,8 @@ from typing import Any
 
 from codebook_lens.atomic import write_text
 from codebook_lens.browse import write_fsm_browse_data
+from codebook_lens.evaluation import evaluate_codebooks
+from codebook_lens.fsm.data import eval_set
 from codebook_lens.fsm.experiment import (
     ExperimentConfig,
     StateRecovery,
@@ -34,7 +36,7 @@ from codebook_lens.fsm.report import summary_rows, write_report
 from codebook_lens.model import CodebookModel
 from codebook_lens.training import TrainResult
 
-__all__ = ["run_demo", "default_cache_dir", "summary_rows"]
+__all__ = ["run_demo", "default_cache_dir", "summary_rows", "held_out_evaluation", "EVAL_WALKS"]
 
 
 def default_cache_dir() -> Path:
@@ -172,6 +174,20 @@ def _analysis_step(
     clock.lap("interventions_s")
 
 
+EVAL_WALKS = 64
+"""Held-out walks of :func:`held_out_evaluation` (a seed the training stream never uses)."""
+
+
+def held_out_evaluation(
+    cm: CodebookModel, base: Any, fsm: FSM, cfg: ExperimentConfig
+) -> dict[str, Any]:
+    """The SAE-style evaluation (:func:`~codebook_lens.evaluation.evaluate_codebooks`: loss
+    recovered, KL, explained variance, usage) of the finetuned codebooks against the base model,
+    on held-out walks as long as the training walks."""
+    tokens = eval_set(fsm, EVAL_WALKS, cfg.walk_states, seed=cfg.seed + 777)
+    return evaluate_codebooks(cm, list(tokens.split(16)), base_model=base).to_dict()
+
+
 def _write_artefacts(out: Path, run: _Run, cfg: ExperimentConfig, clock: _Clock) -> dict[str, Any]:
     """Step 6: the model, browse data, samples, history, ``metrics.json`` and the report."""
     cm, rec, result = run.cm, run.recovery, run.result
@@ -199,6 +215,9 @@ def _write_artefacts(out: Path, run: _Run, cfg: ExperimentConfig, clock: _Clock)
         "intervention": run.itv,
         "config": cfg.to_dict(),
     }
+    evaluation = held_out_evaluation(cm, run.base, run.fsm, cfg)
+    _write_json(out / "evaluation.json", evaluation)
+    metrics["evaluation"] = evaluation["all"]
     metrics["timings"] = clock.finish()
     _write_json(out / "metrics.json", metrics)
     write_report(out, metrics, cm, rec, run.fsm, history=result.history)

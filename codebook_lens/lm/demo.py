@@ -19,9 +19,11 @@ to ``out_dir`` and returns the metrics.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from codebook_lens.atomic import write_text
 from codebook_lens.backends import Backend, build_model
 from codebook_lens.browse import write_lm_browse_data
 from codebook_lens.data import BlockStream, pack_labelled_blocks
+from codebook_lens.evaluation import evaluate_codebooks
 from codebook_lens.lm.corpus import (
     TOPICS,
     StoryConfig,
@@ -233,6 +236,7 @@ class _LMRun:
     best: dict[int, TopicCodes] = field(default_factory=dict)
     steering: dict[str, Any] = field(default_factory=dict)
     base_texts: list[str] = field(default_factory=list)
+    base_model: nn.Module | None = None
 
 
 def run_lm_demo(
@@ -267,6 +271,11 @@ def run_lm_demo(
     _steering_step(run, cfg)
     t = _stage(timings, "steering", t)
     metrics = _metrics(run, cfg, timings)
+    evaluation = evaluate_codebooks(
+        run.cm, list(run.eval_tokens.split(cfg.batch_size)), base_model=run.base_model
+    ).to_dict()  # held-out stories; after steering, so no measured step changes
+    write_text(out / "evaluation.json", json.dumps(evaluation, indent=2))
+    metrics["evaluation"] = evaluation["all"]
     metrics["wall_time_s"] = round(time.perf_counter() - t_start, 1)
     metrics["summary"] = _summary(metrics)
     write_text(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -313,6 +322,9 @@ def _base_step(run: _LMRun, cfg: LMDemoConfig) -> None:
         ),
     )
     run.loss["base"] = eval_loss(cm, run.eval_tokens)
+    with warnings.catch_warnings():  # the base, kept for the evaluation after finetuning
+        warnings.simplefilter("ignore")
+        run.base_model = copy.deepcopy(cm.model)
 
 
 def _codebook_step(run: _LMRun, cfg: LMDemoConfig, out: Path) -> None:
