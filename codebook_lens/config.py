@@ -61,7 +61,6 @@ class CodebookConfig(ValidatedConfig):
         "commit_coef": Range(0, 1e6),
         "kmeans_iters": Range(1, 10**6, what=_POSITIVE),
         "dead_code_threshold": Range(0, 2**53),
-        "merge_threshold": Range(0, 1, hi_open=True),
         "replace_every": Range(1, 10**9, what=_POSITIVE),
         "recent_size": Range(0, 2**31 - 1),
         "chunk_mb": Range(1 / 64, 65536),
@@ -162,6 +161,11 @@ class CodebookConfig(ValidatedConfig):
             "(the paper uses k << n_codes)",
         )
         need(self.k <= 2**16, f"k must lie in [1, 65536], got {self.k}")
+        need(
+            0 <= self.merge_threshold < 1,
+            f"merge_threshold must be in [0, 1) (a cosine similarity; 0 disables), got "
+            f"{self.merge_threshold!r}",
+        )
         g, n, d = self.n_groups, self.n_codes, self.d_in
         need(
             g * n * d <= MAX_CODEBOOK_ELEMENTS,
