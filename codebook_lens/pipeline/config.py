@@ -27,6 +27,7 @@ A config file mirrors the dataclasses; site groups are ``[[sites]]`` tables::
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -117,6 +118,14 @@ class RunConfig(ValidatedConfig):
                 f"RunConfig: sites must be SiteGroup objects (or tables in a file), got "
                 f"{type(bad[0]).__name__}"
             )
+        want = _steps_for_tokens(self.data, self.train.grad_accum)
+        if want is not None and self.train.steps != want:
+            raise ValueError(
+                f"RunConfig: data.train_tokens={self.data.train_tokens} is {want} steps of "
+                f"{self.train.grad_accum} x {self.data.batch_size} x {self.data.context_len} "
+                f"tokens, but train.steps={self.train.steps}; give one of them (in a config file "
+                "or on the command line, train.steps follows train_tokens when it is not given)"
+            )
         patterns = [g.pattern for g in self.sites]
         if len(set(patterns)) != len(patterns):
             raise ValueError(f"RunConfig: site patterns repeat: {patterns}; merge those groups")
@@ -140,7 +149,21 @@ class RunConfig(ValidatedConfig):
                 f"{type(sites).__name__}"
             )
         d["sites"] = [g if isinstance(g, SiteGroup) else SiteGroup.from_dict(g) for g in sites]
+        data, train = d.get("data"), d.get("train")
+        if isinstance(data, Mapping) and data.get("train_tokens") is not None:
+            train = dict(train) if isinstance(train, Mapping) else {}
+            if "steps" not in train:  # the steps follow the tokens to train on
+                data_cfg = DataConfig.from_dict(data)
+                train["steps"] = _steps_for_tokens(data_cfg, int(train.get("grad_accum", 1)))
+                d["train"] = train
         return super().from_dict(d)
+
+
+def _steps_for_tokens(data: DataConfig, grad_accum: int) -> int | None:
+    """Optimizer steps covering ``data.train_tokens`` (None when it is not set)."""
+    if data.train_tokens is None:
+        return None
+    return math.ceil(data.train_tokens / (grad_accum * data.batch_size * data.context_len))
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

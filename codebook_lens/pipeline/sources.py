@@ -128,8 +128,8 @@ class DataConfig(ValidatedConfig):
     """Seeds the held-out choice and the training shuffle (a new order each epoch)."""
 
     train_tokens: int | None = None
-    """Tokens to train on; :meth:`train_steps` turns it into optimizer steps. None: the
-    training config's ``steps`` decides."""
+    """Tokens to train on: a run's ``train.steps`` follows from it (``ceil(train_tokens /
+    (grad_accum x batch_size x context_len))``) when not given. None: ``train.steps`` decides."""
 
     eval_tokens: int = 65_536
     """Held-out tokens that evaluation uses (rounded up to whole sequences)."""
@@ -155,12 +155,6 @@ class DataConfig(ValidatedConfig):
                 "would see the evaluation documents. Give another split, or leave it unset to "
                 "hold out eval_fraction of the documents"
             )
-
-    def train_steps(self) -> int | None:
-        """Optimizer steps that cover :attr:`train_tokens` (rounded up), or None."""
-        if self.train_tokens is None:
-            return None
-        return math.ceil(self.train_tokens / (self.batch_size * self.context_len))
 
 
 # ---------------------------------------------------------------------- finding the data

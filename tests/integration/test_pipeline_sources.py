@@ -372,4 +372,3 @@ def test_config_fields_documented_and_round_trip():
     assert all(doc.strip() for doc in field_docs(DataConfig).values())
     cfg = DataConfig(path="d/*.jsonl", tokens_column="input_ids", train_tokens=10**6)
     assert DataConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.train_steps() == math.ceil(10**6 / (32 * 128))

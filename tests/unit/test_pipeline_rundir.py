@@ -60,3 +60,18 @@ def test_corrupt_run_files_are_refused(tmp_path, text, match):
     with pytest.raises(CheckpointError, match=match):
         RunDir(tmp_path).read()
     assert not RunDir(tmp_path).is_run()
+
+
+def test_train_tokens_decide_the_steps_unless_steps_disagree():
+    from codebook_lens.pipeline import RunConfig
+
+    d = {
+        "model": {"name": "m"},
+        "data": {"path": "d.jsonl", "train_tokens": 10_000, "context_len": 32, "batch_size": 4},
+        "sites": [{"pattern": "blocks.*.attn.hook_z"}],
+        "train": {"grad_accum": 2},
+    }
+    assert RunConfig.from_dict(d).train.steps == 40  # ceil(10000 / (2 * 4 * 32))
+    with pytest.raises(ValueError, match="train_tokens=10000 is 40 steps.*train.steps=7"):
+        RunConfig.from_dict({**d, "train": {"grad_accum": 2, "steps": 7}})
+    assert RunConfig.from_dict({**d, "train": {"grad_accum": 2, "steps": 40}}).train.steps == 40
