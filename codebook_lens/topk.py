@@ -32,11 +32,10 @@ _TILE_BYTES_K = 64 * 2**20  # k>1 tiles, all groups: tokens x codes, whole codeb
 _MIN_ROWS_K = 64  # fewer tokens than this per k>1 tile: split the codebook instead
 # k=1 uses channels-last max pooling, a vectorized max-with-index (torch's max/argmax/topk over
 # a dim are scalar loops, much slower than amax); pooling blocks of _POOL codes first keeps both
-# cores busy. k>1 narrows candidates in two vectorized block-max stages (blocks of _BLOCK codes,
-# then sub-blocks of _SUB) before an exact top-k over k * _SUB scores.
+# cores busy. k>1 narrows candidates with one vectorized block-max pass (blocks of _BLOCK codes)
+# and a top-k over the block maxima before an exact top-k over the k best blocks' scores.
 _POOL = 128
 _BLOCK = 128
-_SUB = 8
 _INF = float("inf")
 
 
@@ -176,19 +175,15 @@ def _top1(
 
 
 def _two_stage(tile: Tensor, rows: Tensor, first: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Exact top-k of a tile ``[G, r, blocks * _BLOCK]`` (pad scores -inf). The k blocks with
-    the largest maxima hold the k largest scores, and so on down to sub-blocks. ``rows`` views the
+    """Exact top-k of a tile ``[G, r, blocks * _BLOCK]`` (pad scores -inf): the k blocks with
+    the largest maxima hold the k largest scores, so one vectorized block-max pass and a top-k
+    over the block maxima leave ``k * _BLOCK`` candidates for an exact top-k. ``rows`` views the
     tile buffer as rows of one block; ``first`` [G, r, 1] is each token's first row there."""
     g, r = tile.shape[:2]
-    nsub = _BLOCK // _SUB
     blk = tile.unflatten(-1, (-1, _BLOCK)).amax(-1).topk(k, dim=-1).indices  # [G, r, k]
-    cand = rows.index_select(0, (blk + first).view(-1)).view(g * r * k * nsub, _SUB)
-    sub = cand.view(g, r, k * nsub, _SUB).amax(-1).topk(k, dim=-1).indices  # [G, r, k]
-    first2 = torch.arange(0, g * r * k * nsub, k * nsub, device=tile.device).view(g, r, 1)
-    v, j = cand.index_select(0, (sub + first2).view(-1)).view(g, r, k * _SUB).topk(k, dim=-1)
-    sub = sub.gather(-1, j // _SUB)
-    code = blk.gather(-1, sub // nsub) * _BLOCK + (sub % nsub) * _SUB + j % _SUB
-    return v, code
+    cand = rows.index_select(0, (blk + first).view(-1)).view(g, r, k * _BLOCK)
+    v, j = cand.topk(k, dim=-1)
+    return v, blk.gather(-1, j // _BLOCK) * _BLOCK + j % _BLOCK
 
 
 def _topk_rows(

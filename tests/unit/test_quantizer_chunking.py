@@ -42,7 +42,6 @@ def small_tiles(monkeypatch):
         ("_MIN_ROWS_K", 4),
         ("_POOL", 4),
         ("_BLOCK", 8),
-        ("_SUB", 2),
     ]:
         monkeypatch.setattr(kernel, name, value)
 
