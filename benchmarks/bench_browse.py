@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -32,11 +33,12 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import load_line, print_table  # noqa: E402
 
-__all__ = ["main", "build_dir"]
+__all__ = ["main", "build_dir", "write_big_store"]
 
 TARGETS = {"code page": 0.200, "search": 0.500, "lab (128 tokens)": 1.0}
 N_LAYERS, N_HEADS, N_CODES = 4, 4, 1000
@@ -159,6 +161,103 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+# ---------------------------------------------------------------- the large-store mode (issue 20)
+BIG_SITE, BIG_HEADS, BIG_K, BIG_CODES, BIG_VOCAB = "blocks.0.attn.hook_z", 8, 8, 10_000, 50_000
+BIG_TARGETS = {"code page": 0.300, "search": 1.0}
+
+
+def _power_codes(g: torch.Generator, shape: tuple[int, ...], n: int, a: float = 3.0) -> Tensor:
+    """Zipf-like code ids: ``floor(n * u**a)`` (code 0 most used; about 1/a of codes take half
+    the firings), drawn per head with a head-specific shift so heads differ."""
+    u = torch.rand(shape, generator=g)
+    c = (u.pow_(a).mul_(n)).long().clamp_(max=n - 1)
+    shift = torch.arange(shape[2]).view(1, 1, -1, 1) * 997
+    return ((c + shift) % n).to(torch.int16)
+
+
+def write_big_store(
+    path: Path, n_positions: int, seq_len: int = 128, shard_seqs: int = 4096
+) -> Path:
+    """Write a store of ``n_positions`` (whole sequences) at one per-head site (8 heads, k=8,
+    10,000 codes, a 50k vocabulary) through the store writer, one shard in memory at a time."""
+    from codebook_lens.analysis.store import count_codes
+    from codebook_lens.analysis.store_files import write_store_shard
+    from codebook_lens.analysis.store_writer import StoreWriter
+
+    n_seq = n_positions // seq_len
+    settings = {
+        "sites": [BIG_SITE], "n_codes": {BIG_SITE: BIG_CODES}, "per_head": {BIG_SITE: True},
+        "dtypes": {BIG_SITE: "int16"}, "shapes": {BIG_SITE: [0, seq_len, BIG_HEADS, BIG_K]},
+        "seq_len": seq_len, "has_tokens": True, "token_dtype": "int32", "d_vocab": BIG_VOCAB,
+        "shard_seqs": shard_seqs,
+    }  # fmt: skip
+    collect = {"data": {"synthetic": "bench_browse"}, "codebooks": "synthetic", "max_seqs": n_seq}
+    w = StoreWriter.begin(path, settings, collect, resume=False, default_shard_seqs=shard_seqs)
+    try:
+        w.prepare()
+        g = torch.Generator().manual_seed(0)
+        for i, a in enumerate(range(0, n_seq, shard_seqs)):
+            n = min(shard_seqs, n_seq - a)
+            codes = _power_codes(g, (n, seq_len, BIG_HEADS, BIG_K), BIG_CODES)
+            tok = (torch.rand(n, seq_len, generator=g).pow_(2.0) * BIG_VOCAB).to(torch.int32)
+            counts = {BIG_SITE: count_codes(codes, BIG_CODES)}
+            rec = write_store_shard(w.data, w.plan.store_id, i, {BIG_SITE: codes}, tok, counts)
+            w.commit([rec])
+        w.finish()
+    finally:
+        w.close()
+    return path
+
+
+def _vm(pid: int, key: str) -> float:
+    """``VmHWM`` / ``VmRSS`` of process ``pid`` in GiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def run_big(args: argparse.Namespace) -> int:
+    """Build (or reuse) the large store, serve it, time code pages and searches, report RSS."""
+    d = Path(args.dir or tempfile.mkdtemp(prefix="bench-browse-big-")) / f"store-{args.positions}"
+    t0 = time.perf_counter()
+    if not (d / "store.json").exists():
+        write_big_store(d, args.positions)
+    size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**30
+    print(f"store {d}: {args.positions:,} positions, {size:.2f} GiB on disk, "
+          f"ready in {time.perf_counter() - t0:.1f} s; {load_line()}")  # fmt: skip
+    port = _free_port()
+    proc, started = _start(d, port)
+    rng = random.Random(0)
+    c = Client(f"http://127.0.0.1:{port}")
+    try:
+        print(f"server ready in {started:.1f} s, RSS {_vm(proc.pid, 'VmRSS'):.2f} GiB")
+        queries = [r"12\d", r"^7", r"99", r"(3)4", r"5\d\d8"]
+        for i in range(args.requests):
+            code = min(int(rng.expovariate(1 / 200)), BIG_CODES - 1)
+            head = rng.randrange(BIG_HEADS)
+            c.call("code page", f"/api/code/{urllib.parse.quote(BIG_SITE)}/{head}/{code}")
+            q = {"kind": "regex", "q": queries[i % len(queries)], "min_count": 5, "limit": 25}
+            c.call("search", "/api/search?" + urllib.parse.urlencode(q))
+        hwm = _vm(proc.pid, "VmHWM")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    rows, ok = [], not c.errors and hwm <= 2.0
+    for name, xs in c.times.items():
+        p95 = _pct(xs, 0.95)
+        ok &= p95 <= BIG_TARGETS[name]
+        rows.append((name, len(xs), f"{1000 * statistics.median(xs):.0f}", f"{1000 * p95:.0f}",
+                     f"{1000 * BIG_TARGETS[name]:.0f}"))  # fmt: skip
+    print_table(["endpoint", "n", "p50 ms", "p95 ms", "target p95 ms"], rows)
+    print(f"server peak RSS (VmHWM) {hwm:.2f} GiB (target 2.00); {load_line()}")
+    print(f"errors: {len(c.errors)}" + "".join(f"\n  {e}" for e in c.errors[:5]))
+    if not args.keep:
+        shutil.rmtree(d if args.dir else d.parent)
+    print("targets met" if ok else "TARGETS MISSED")
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the tables; exit 1 if a target is missed or a request failed."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -167,7 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=40, help="sequential requests per endpoint")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--dir", default=None, help="reuse / keep the DIR here")
+    ap.add_argument(
+        "--positions",
+        type=int,
+        default=0,
+        help="the large-store mode: this many positions at one per-head site",
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the large store (--positions)")
     args = ap.parse_args(argv)
+    if args.positions:
+        return run_big(args)
     rng = random.Random(0)
     with tempfile.TemporaryDirectory(prefix="bench-browse-") as tmp:
         d = Path(args.dir) if args.dir else Path(tmp) / "dir"
