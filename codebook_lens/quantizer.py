@@ -41,7 +41,8 @@ class Codebook(nn.Module):
     float16 in float32; the losses are float32.
 
     Non-finite activations: rows with NaN/inf get empty codes (-1) instead of arbitrary ones, a
-    device-side step with no host sync. With ``check_finite`` (the attribute, or the argument of
+    device-side step with no host sync, and the NaN/inf is carried into the output, so a broken
+    model is never made to look finite by its codebooks. With ``check_finite`` (the attribute, or the argument of
     :meth:`encode`/:meth:`forward`) they raise ``ValueError`` instead, at the cost of one host
     sync per call; :class:`CodebookModel` turns it on in its analysis entry points.
 
@@ -316,7 +317,9 @@ class Codebook(nn.Module):
         if self.cfg.use_error_term:
             return x if not is_patched else x + (x_hat - x_hat_clean)
         if not torch.is_grad_enabled():
-            return x_hat  # the straight-through term below is exactly zero; skip two passes
+            # x_n - x_n is 0 where x_n is finite and NaN where it is not: a broken activation
+            # stays visible downstream (its codes are empty), with no host sync.
+            return x_hat + (x_n - x_n)
         # straight-through: forward value x_hat, identity gradient to the (normalised) input
         return x_hat + (x_n - x_n.detach())
 
