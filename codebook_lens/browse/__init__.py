@@ -23,11 +23,12 @@ __all__ = [
 ]
 
 
-def create_app(data: BrowseData, regex_budget_s: float = 2.0) -> Any:
-    """The FastAPI app serving ``data`` (see :mod:`codebook_lens.browse.app`)."""
+def create_app(data: BrowseData, regex_budget_s: float = 2.0, access: Any = None) -> Any:
+    """The FastAPI app serving ``data`` (see :mod:`codebook_lens.browse.app`); ``access``
+    guards it (Host, Origin and token checks, :mod:`codebook_lens.browse.access`)."""
     from codebook_lens.browse.app import create_app as _create
 
-    return _create(data, regex_budget_s)
+    return _create(data, regex_budget_s, access=access)
 
 
 def serve(*args: Any, **kwargs: Any) -> None:
