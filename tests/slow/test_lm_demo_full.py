@@ -1,4 +1,5 @@
-"""The full-size lm-demo meets its goals (about 10 minutes on a 2-core CPU)."""
+"""The full-size lm-demo meets the README's Results goals (the README measured 139 s on a 2-core
+CPU; ``make test-slow`` runs it in CI)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ from codebook_lens.lm import TOPICS, run_lm_demo
 @pytest.mark.timeout(3600)
 def test_full_lm_demo_meets_its_goals(tmp_path):
     m = run_lm_demo(tmp_path, progress=False)
-    assert m["loss"]["relative_increase"] <= 0.10, m["loss"]
-    s = m["steering_summary"]
-    assert s["topics_with_10x"] > len(TOPICS) / 2, m["steering"]
-    best = [t["best_precision"] for t in m["topic_codes"].values()]
-    assert min(best) >= 0.5, m["topic_codes"]
+    loss = m["loss"]
+    # README "Results", LM rows: held-out loss increase with codebooks <= 10%
+    rel = (loss["codebooks_after_finetuning"] - loss["base"]) / loss["base"]
+    assert loss["relative_increase"] == pytest.approx(rel, rel=1e-12)
+    assert rel <= 0.10, loss
+    # ... and topics steered to >= 10x their unsteered rate: more than half
+    steered = sum((st.get("ratio") or 0.0) >= 10 for st in m["steering"].values())
+    assert m["steering_summary"]["topics_with_10x"] == steered
+    assert steered > len(TOPICS) / 2, m["steering"]
