@@ -6,8 +6,9 @@ One pass over the site's codes (chunk by chunk, bounded memory) keeps per (head,
 - ``first``: its first ``m`` firings ordered by slot, then dataset order: exactly what
   :func:`~codebook_lens.analysis.top_examples` with ``order="slot"`` returns for ``n <= m``;
 - ``sample``: a seeded uniform random sample of ``m`` of its firings (all of them when it fires
-  fewer times), in random order: the ``m`` firings with the smallest of a random key drawn per
-  firing (a bottom-``m`` sketch, so chunks merge exactly);
+  fewer times), in random order: the ``m`` firings with the smallest of a pseudo-random key
+  hashed from (position, head, seed) (a bottom-``m`` sketch: chunks merge exactly, and a store
+  in memory and the same store on disk give the same sample);
 - ``by_position``: exactly how often it fires at each position of a sequence.
 
 A firing is a position where the code holds any slot at that head (a code repeated in several
@@ -27,6 +28,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from jaxtyping import Int
 from safetensors import SafetensorError
@@ -56,11 +58,11 @@ class CodeIndex:
     first: Int[Tensor, "head n_codes m"]
     """First firings by slot, then dataset order (flat positions, -1 pads)."""
     first_slot: Int[Tensor, "head n_codes m"]
-    """Their slots (-1 pads)."""
+    """Their slots (int8, -1 pads)."""
     sample: Int[Tensor, "head n_codes m"]
     """A uniform random sample of firings, in random order (flat positions, -1 pads)."""
     sample_slot: Int[Tensor, "head n_codes m"]
-    """Their slots (-1 pads)."""
+    """Their slots (int8, -1 pads)."""
     by_position: Int[Tensor, "head n_codes pos"] | None
     """Firings per position of a sequence (None when head x codes x seq_len is too large)."""
 
@@ -74,17 +76,16 @@ class CodeIndex:
         acc = _Acc(h * n, m, store.k(site))
         pos_bins = h * n * p if h * n * p <= _MAX_BY_POSITION else 0
         by_pos = torch.zeros(pos_bins, dtype=torch.long)
-        g = torch.Generator().manual_seed(seed)
         offs = (torch.arange(h) * n).view(1, h, 1)
-        for start, c in store.chunks(site, max_seqs=256):
+        for start, c in store.chunks(site, max_seqs=256):  # keys do not depend on chunks
             d = dedupe_slots(c.long())  # [S, P, H, K]
             key = (d + offs).reshape(-1)
             ok = (d >= 0).reshape(-1)
-            rnd = torch.randint(0, 2**31, (key.numel(),), generator=g)
             flat = torch.arange(key.numel())
             k, hk = d.shape[3], d.shape[2] * d.shape[3]
             pos = start * p + flat // hk
             slot = flat % k
+            rnd = _random_key(pos * h + (flat // k) % h, seed)
             key, pos, slot, rnd = key[ok], pos[ok], slot[ok], rnd[ok]
             if pos_bins:
                 by_pos += torch.bincount(key * p + pos % p, minlength=pos_bins)
@@ -92,8 +93,9 @@ class CodeIndex:
         first, fslot, sample, sslot = acc.result()
         shape = (h, n, m)
         return cls(
-            site, m, seed, first.view(shape), fslot.view(shape), sample.view(shape),
-            sslot.view(shape), by_pos.view(h, n, p).int() if pos_bins else None,
+            site, m, seed, first.view(shape), fslot.view(shape).to(torch.int8),
+            sample.view(shape), sslot.view(shape).to(torch.int8),
+            by_pos.view(h, n, p).int() if pos_bins else None,
         )  # fmt: skip
 
     @classmethod
@@ -140,8 +142,7 @@ class CodeIndex:
         if bp is not None and (bp.shape != (h, n, p) or bool((bp < 0).any())):
             return None
         return cls(
-            site, m, seed, t["first"], t["first_slot"].long(), t["sample"],
-            t["sample_slot"].long(), bp,
+            site, m, seed, t["first"], t["first_slot"], t["sample"], t["sample_slot"], bp,
         )  # fmt: skip
 
 
@@ -150,6 +151,17 @@ def index_file(store: CodeStore, site: str) -> Path | None:
     if store.path is None:
         return None
     return Path(store.path) / f"code-index.{site}.safetensors"
+
+
+def _random_key(ids: Tensor, seed: int) -> Tensor:
+    """A 31-bit pseudo-random key per id (splitmix64 of ``id`` and ``seed``, in numpy's
+    wrapping uint64 arithmetic): the same for a firing however the store is chunked."""
+    x = ids.numpy().astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return torch.from_numpy((x >> np.uint64(33)).astype(np.int64))
 
 
 def _meta(store: CodeStore, site: str, m: int, seed: int) -> dict[str, str]:
@@ -167,6 +179,8 @@ def _valid(t: dict[str, Tensor], shape: tuple[int, int, int], n_pos: int, k: int
     if any(name not in t or tuple(t[name].shape) != shape for name in need):
         return False
     for name in ("first", "sample"):
+        if t[name].dtype != torch.int64 or t[name + "_slot"].dtype != torch.int8:
+            return False
         v, s = t[name], t[name + "_slot"].long()
         if bool(((v < -1) | (v >= n_pos)).any()) or bool(((s < -1) | (s >= k)).any()):
             return False

@@ -70,17 +70,47 @@ def code_stats(
     after: int = 4,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Everything on a code page except what needs the model (logit effect, nearest codes)."""
+    """Everything on a code page except what needs the model (logit effect, nearest codes).
+
+    Read from the site's :class:`~codebook_lens.analysis.store_index.CodeIndex` (built once),
+    so a page costs the rows of its examples, not a pass over the store: ``top`` and
+    ``by_position`` are exact (``top`` equals ``top_examples(order="slot")``; more examples than
+    the index keeps fall back to a scan); ``random`` is a seeded draw from the index's uniform
+    sample; ``tokens`` are counted over that sample (``tokens_sampled`` firings; all of them,
+    hence exact, when the code fires at most ``index.m`` times)."""
     check_code(store, site, head, code)
-    fires = store.fires(site, code, head)  # [S, P]
+    ci = index.code_index(site)
     count = int(index.counts[site][head, code])
-    top = top_examples(store, site, code, head, n_examples, before, after, order="slot")
-    rnd = top_examples(store, site, code, head, n_examples, before, after, "random", seed)
-    tc = torch.zeros(len(vocab), dtype=torch.long)
-    for start, t in store.token_chunks():  # chunk by chunk: the store may exceed memory
-        tc += torch.bincount(t[fires[start : start + t.shape[0]]].long(), minlength=len(vocab))
-    tcount, tid = tc.topk(min(15, tc.numel()))
-    keep = tcount > 0
+    if n_examples > ci.m:
+        return _scanned_stats(store, index, site, head, code, vocab, label_names,
+                              n_examples, before, after, seed)  # fmt: skip
+    first, fslot = _valid(ci.first[head, code], ci.first_slot[head, code])
+    samp, sslot = _valid(ci.sample[head, code], ci.sample_slot[head, code])
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(samp.numel(), generator=g)[:n_examples]
+    window = (before, after)
+    p = store.seq_len
+    toks = store.token_rows(samp // p).long()[torch.arange(samp.numel()), samp % p]
+    tc = torch.bincount(toks, minlength=len(vocab))
+    return {
+        **_head(store, site, head, code, count),
+        "by_position": ci.by_position[head, code].tolist()
+        if ci.by_position is not None
+        else store.fires(site, code, head).sum(0).tolist(),
+        "top": _rows_json(store, site, head, code, first[:n_examples], fslot, window, vocab),
+        "random": _rows_json(store, site, head, code, samp[pick], sslot[pick], window, vocab),
+        "tokens": _top_tokens(tc, vocab),
+        "tokens_sampled": int(samp.numel()),
+        "labels": _labels(index, site, head, code, label_names),
+    }
+
+
+def _valid(pos: Tensor, slot: Tensor) -> tuple[Tensor, Tensor]:
+    keep = pos >= 0
+    return pos[keep], slot[keep].long()
+
+
+def _head(store: CodeStore, site: str, head: int, code: int, count: int) -> dict[str, Any]:
     return {
         "site": site,
         "head": head,
@@ -90,13 +120,81 @@ def code_stats(
         "count": count,
         "frequency": count / max(store.n_tokens, 1),
         "n_tokens": store.n_tokens,
+    }
+
+
+def _top_tokens(tc: Tensor, vocab: list[str], top: int = 15) -> list[dict[str, Any]]:
+    tcount, tid = tc.topk(min(top, tc.numel()))
+    keep = tcount > 0
+    return [
+        {"id": int(i), "text": vocab[int(i)], "count": int(c)}
+        for i, c in zip(tid[keep].tolist(), tcount[keep].tolist())
+    ]
+
+
+def _rows_json(
+    store: CodeStore,
+    site: str,
+    head: int,
+    code: int,
+    flat: Tensor,
+    slot: Tensor,
+    window: tuple[int, int],
+    vocab: list[str],
+) -> list[dict[str, Any]]:
+    """Examples at flat positions ``flat``, as :func:`examples_json` writes them, reading only
+    their sequences' tokens and codes."""
+    before, after = window
+    p = store.seq_len
+    seq, pos = flat // p, flat % p
+    rows = store.token_rows(seq).long()
+    hot = (store.code_rows(site, seq)[:, :, head] == code).any(-1)  # [n, P]
+    cols = pos[:, None] + torch.arange(before + after + 1)
+    ar = torch.arange(seq.numel())[:, None]
+    ctx = F.pad(rows, (before, after), value=-1)[ar, cols]
+    fires = F.pad(hot, (before, after), value=False)[ar, cols]
+    return [
+        {
+            "seq": int(seq[i]),
+            "pos": int(pos[i]),
+            "slot": int(slot[i]),
+            "center": before,
+            "tokens": [vocab[t] if t >= 0 else None for t in ctx[i].tolist()],
+            "fires": fires[i].tolist(),
+        }
+        for i in range(seq.numel())
+    ]
+
+
+def _scanned_stats(
+    store: CodeStore,
+    index: SearchIndex,
+    site: str,
+    head: int,
+    code: int,
+    vocab: list[str],
+    label_names: list[str],
+    n_examples: int,
+    before: int,
+    after: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The code page by passes over the store (exact token counts; more examples than the
+    index keeps)."""
+    fires = store.fires(site, code, head)  # [S, P]
+    count = int(index.counts[site][head, code])
+    top = top_examples(store, site, code, head, n_examples, before, after, order="slot")
+    rnd = top_examples(store, site, code, head, n_examples, before, after, "random", seed)
+    tc = torch.zeros(len(vocab), dtype=torch.long)
+    for start, t in store.token_chunks():  # chunk by chunk: the store may exceed memory
+        tc += torch.bincount(t[fires[start : start + t.shape[0]]].long(), minlength=len(vocab))
+    return {
+        **_head(store, site, head, code, count),
         "by_position": fires.sum(0).tolist(),
         "top": examples_json(store, top, fires, vocab),
         "random": examples_json(store, rnd, fires, vocab),
-        "tokens": [
-            {"id": int(i), "text": vocab[int(i)], "count": int(c)}
-            for i, c in zip(tid[keep].tolist(), tcount[keep].tolist())
-        ],
+        "tokens": _top_tokens(tc, vocab),
+        "tokens_sampled": count,
         "labels": _labels(index, site, head, code, label_names),
     }
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from codebook_lens.analysis import AttributionResult, label_attribution
 from codebook_lens.analysis.store import CodeStore, dedupe_slots
+from codebook_lens.analysis.store_index import CodeIndex
 from codebook_lens.browse.errors import bad_request
 
 __all__ = ["SearchIndex", "Ranking", "SORT_KEYS"]
@@ -60,6 +61,12 @@ class SearchIndex:
         self.row_head = torch.cat([r[1] for r in rows])
         self.row_code = torch.cat([r[2] for r in rows])
         self.row_count = torch.cat([self.counts[s].flatten() for s in self.sites])
+        # per-code position indexes, built at start-up (or read from beside a disk store)
+        self.code_indexes = {s: CodeIndex.for_store(store, s) for s in self.sites}
+
+    def code_index(self, site: str) -> CodeIndex:
+        """The site's per-code position index (code pages read their examples from it)."""
+        return self.code_indexes[site]
 
     def _rows(self, i: int, site: str) -> tuple[Tensor, Tensor, Tensor]:
         h, n = self.counts[site].shape

@@ -117,3 +117,36 @@ def test_persisted_beside_a_disk_store_and_rebuilt_when_stale(tmp_path) -> None:
 def test_bad_m() -> None:
     with pytest.raises(ValueError, match="at least one"):
         CodeIndex.build(_store(0, 2, 2, 1, 1, 3), "s", m=0)
+
+
+def test_code_page_from_the_index_equals_the_scan() -> None:
+    """The browser's code page read from the index against the same page by passes over the
+    store (asking for more examples than the index keeps takes that path)."""
+    from codebook_lens.browse.codes import code_stats
+    from codebook_lens.browse.search import SearchIndex
+
+    store = _store(3, 300, 8, 2, 2, 40)
+    index = SearchIndex(store)
+    vocab = [f"t{i}" for i in range(50)]
+    m = index.code_index("s").m
+    for head in range(2):
+        for code in (0, 1, 7, 39):
+            fast = code_stats(store, index, "s", head, code, vocab, [], n_examples=10)
+            slow = code_stats(store, index, "s", head, code, vocab, [], n_examples=m + 1)
+            assert fast["top"] == slow["top"][:10]
+            for key in ("count", "by_position", "n_tokens", "labels"):
+                assert fast[key] == slow[key]
+            if fast["count"] <= m:  # the sample holds every firing: exact token counts
+                assert fast["tokens"] == slow["tokens"]
+                assert fast["tokens_sampled"] == fast["count"]
+            else:
+                assert fast["tokens_sampled"] == m
+                assert sum(t["count"] for t in fast["tokens"]) <= m
+            # random examples: distinct firings of the code, seeded
+            again = code_stats(store, index, "s", head, code, vocab, [], n_examples=10)
+            assert again["random"] == fast["random"]
+            fired = {(e["seq"], e["pos"]) for e in slow["top"]} if slow["count"] <= m else None
+            for e in fast["random"]:
+                assert e["fires"][e["center"]]
+                if fired is not None:
+                    assert (e["seq"], e["pos"]) in fired
