@@ -7,19 +7,20 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from codebook_lens.backends import backend_of, build_model
+from codebook_lens.config import MAX_CODEBOOK_ELEMENTS
 from codebook_lens.fsm.data import TokFSMStream, eval_set
 from codebook_lens.fsm.machine import FSM
 from codebook_lens.fsm.metrics import evaluate_transition_accuracy
 from codebook_lens.model import CodebookModel
 from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
-from codebook_lens.validation import ValidatedConfig, renamed
+from codebook_lens.validation import Range, ValidatedConfig, renamed
 
 __all__ = [
     "BaseTrainConfig",
@@ -29,6 +30,12 @@ __all__ = [
     "sinusoidal_positions",
     "train_base_model",
 ]
+
+_MAX_STEPS = 10**9
+"""The most optimizer steps (or steps between events) a config accepts."""
+
+_SEED = Range(-(2**62), 2**62)
+"""Seeds: 64-bit, with room for the per-stream offsets added to them."""
 
 History = dict[str, list[int | float]]
 """Training history: metric name -> values (see :func:`train_base_model`)."""
@@ -42,7 +49,37 @@ class BaseTrainConfig(ValidatedConfig):
     The defaults train on full 64-state walks (129 tokens), so the model is valid over its
     whole context: a model works only at positions it was trained on. Tuning notes and
     measured figures: ``docs/results/tokfsm.md``.
+
+    Ranges (:attr:`RANGES`, checked on construction and on every assignment): sizes are
+    bounded so the model can be allocated (its weights, and one layer's activations of a batch,
+    are at most 2**32 elements each; ``d_model`` divisible by ``n_heads``), learning rates lie
+    in ``(0, 10]``, ``min_lr_frac`` in ``[0, 1]``, step counts up to a billion.
     """
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "n_layers": Range(1, 1024),
+        "d_model": Range(1, 2**16),
+        "n_heads": Range(1, 2**16),  # <= d_model: it divides it
+        "d_mlp": Range(1, 2**20),
+        "n_ctx": Range(2, 2**16),  # BOS and one digit at least
+        "steps": Range(1, _MAX_STEPS),
+        "batch_size": Range(1, 2**20),
+        "walk_states": Range(1, 2**16),
+        "lr": Range(0, 10, lo_open=True),
+        "weight_decay": Range(0, 10),
+        "warmup_steps": Range(0, _MAX_STEPS),
+        "min_lr_frac": Range(0, 1),
+        "grad_clip": Range(0, 1e6),
+        "seed": _SEED,
+        "eval_every": Range(0, _MAX_STEPS),
+        "log_every": Range(1, _MAX_STEPS),
+        "eval_prompts": Range(1, 2**20),
+        "eval_prompt_states": Range(1, 2**16),
+        "eval_new_states": Range(1, 2**16),
+        "eval_seed": _SEED,
+    }
+    """Bounds of the numeric fields (as :attr:`TrainConfig.RANGES
+    <codebook_lens.training.TrainConfig.RANGES>` for the shared ones)."""
 
     n_layers: int = 2
     """Transformer blocks."""
@@ -96,15 +133,22 @@ class BaseTrainConfig(ValidatedConfig):
     """Seed of the held-out evaluation prompts and sampling (differs from ``seed``)."""
 
     def validate(self) -> None:
-        for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"BaseTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        """``d_model`` divisible by ``n_heads`` and sizes that can be allocated (the
+        :attr:`RANGES` are checked before this runs)."""
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
-        if self.walk_states < 1 or self.lr <= 0 or self.warmup_steps < 0:
-            raise ValueError("need walk_states >= 1, lr > 0 and warmup_steps >= 0")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+            raise ValueError(
+                f"BaseTrainConfig: d_model={self.d_model} must be divisible by "
+                f"n_heads={self.n_heads}"
+            )
+        weights = self.n_layers * (4 * self.d_model**2 + 2 * self.d_model * self.d_mlp)
+        acts = self.batch_size * self.n_ctx * max(self.d_mlp, self.n_heads * self.n_ctx)
+        for what, n in (("the weights", weights), ("one layer's activations of a batch", acts)):
+            if n > MAX_CODEBOOK_ELEMENTS:
+                raise ValueError(
+                    f"BaseTrainConfig: {what} would hold {n} elements, over the limit of 2**32 "
+                    f"= {MAX_CODEBOOK_ELEMENTS} (16 GiB of float32); make n_layers, d_model, "
+                    "d_mlp, n_ctx or batch_size smaller"
+                )
 
 
 def base_model_config(

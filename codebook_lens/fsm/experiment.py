@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -55,7 +55,7 @@ from codebook_lens.fsm.metrics import (
 )
 from codebook_lens.model import CodebookModel, codes_hook_name
 from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
-from codebook_lens.validation import ValidatedConfig
+from codebook_lens.validation import Range, ValidatedConfig
 
 __all__ = [
     "CodebookPlan",
@@ -79,11 +79,30 @@ __all__ = [
 Placement = Literal["attn", "mlp", "attn+mlp"]
 """Where :func:`attach_codebooks` puts codebooks."""
 
+_SEED = Range(-(2**62), 2**62)
+"""Seeds: 64-bit, with room for the per-stream offsets added to them."""
+
 
 @dataclass
 class CodebookPlan(ValidatedConfig):
     """Where codebooks go in the TokFSM model and how they are trained (tuning notes:
-    ``docs/results/tokfsm.md``)."""
+    ``docs/results/tokfsm.md``).
+
+    Ranges (:attr:`RANGES`): code counts as :class:`~codebook_lens.config.CodebookConfig`'s
+    ``n_codes``, ``1 <= k <= `` the code count of each placed codebook, merge thresholds (cosine
+    similarities) in ``[0, 1)``."""
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "attn_codes": Range(1, 2**31 - 1),
+        "mlp_codes": Range(1, 2**31 - 1),
+        "k": Range(1, 2**16),
+        "dead_code_threshold": Range(0, 2**53),
+        "mlp_merge_threshold": Range(0, 1, hi_open=True),
+        "attn_merge_threshold": Range(0, 1, hi_open=True),
+        "replace_every": Range(1, 10**9),
+    }
+    """Bounds of the numeric fields (those of the :class:`~codebook_lens.config.CodebookConfig`
+    fields they set)."""
 
     placement: Placement = "attn+mlp"
     """``"attn"`` (per-head codebooks at every ``attn.hook_z``), ``"mlp"`` (every
@@ -122,11 +141,42 @@ class CodebookPlan(ValidatedConfig):
     replace_every: int = 100
     """Steps between codebook maintenance rounds (dead-code replacement, merging)."""
 
+    def validate(self) -> None:
+        """``k`` at most the code count of each codebook placed (the :attr:`RANGES` are checked
+        before this runs)."""
+        for kind in ("attn", "mlp"):
+            codes = getattr(self, f"{kind}_codes")
+            if kind in self.placement and self.k > codes:
+                raise ValueError(
+                    f"CodebookPlan: k={self.k} exceeds {kind}_codes={codes}; choose k <= "
+                    f"{kind}_codes (or place no {kind} codebooks)"
+                )
+
 
 @dataclass
 class ExperimentConfig(ValidatedConfig):
     """Every setting of the TokFSM demo (the defaults are the tuned, shipped ones; measured
-    results: ``docs/results/tokfsm.md``)."""
+    results: ``docs/results/tokfsm.md``).
+
+    Ranges (:attr:`RANGES`): ``1 <= n_edges <= n_states <= 2**16`` (the dense transition matrix
+    has ``n_states**2`` entries), every count of walks, prompts or states at least 1."""
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "n_states": Range(1, 2**16),
+        "n_edges": Range(1, 2**16),  # <= n_states: validate()
+        "fsm_seed": _SEED,
+        "batch_size": Range(1, 2**20),
+        "walk_states": Range(1, 2**16),
+        "eval_prompts": Range(1, 2**20),
+        "eval_prompt_states": Range(1, 2**16),
+        "eval_new_states": Range(1, 2**16),
+        "recovery_walks": Range(1, 2**20),
+        "recovery_states": Range(1, 2**16),
+        "intervention_prompts": Range(1, 2**16),
+        "intervention_prompt_states": Range(1, 2**16),
+        "seed": _SEED,
+    }
+    """Bounds of the numeric fields."""
 
     n_states: int = 100
     """FSM states."""
@@ -168,6 +218,14 @@ class ExperimentConfig(ValidatedConfig):
     backend: Backend = "auto"
     """TransformerLens backend of the base model: ``"auto"`` (the default), ``"hooked"`` or
     ``"bridge"`` (:func:`~codebook_lens.backends.resolve_backend`)."""
+
+    def validate(self) -> None:
+        """``n_edges <= n_states`` (the :attr:`RANGES` are checked before this runs)."""
+        if self.n_edges > self.n_states:
+            raise ValueError(
+                f"ExperimentConfig: n_edges={self.n_edges} exceeds n_states={self.n_states}; "
+                "each state's successors are distinct states, so choose n_edges <= n_states"
+            )
 
     @classmethod
     def small(cls) -> ExperimentConfig:

@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ from codebook_lens.analysis import AttributionResult, attribution_by_site, colle
 from codebook_lens.atomic import write_text
 from codebook_lens.backends import Backend, build_model
 from codebook_lens.browse import write_lm_browse_data
+from codebook_lens.config import MAX_CODEBOOK_ELEMENTS
 from codebook_lens.data import BlockStream, pack_labelled_blocks
 from codebook_lens.evaluation import evaluate_codebooks
 from codebook_lens.lm.corpus import (
@@ -49,9 +50,12 @@ from codebook_lens.lm.steering import TopicCodes, sample_texts, topic_codes, top
 from codebook_lens.lm.tokenizer import save_tokenizer, train_bpe_tokenizer
 from codebook_lens.model import CodebookModel
 from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
-from codebook_lens.validation import ValidatedConfig, renamed, upgrade_names
+from codebook_lens.validation import Range, ValidatedConfig, renamed, upgrade_names
 
 __all__ = ["LMDemoConfig", "run_lm_demo", "eval_loss", "build_lm"]
+
+_MAX_STEPS = 10**9
+"""The most optimizer steps a config accepts."""
 
 PROMPT = "Once upon a time, there was a little girl named Lily."
 """The steering prompt: the generic opener of a story."""
@@ -61,7 +65,38 @@ PROMPT = "Once upon a time, there was a little girl named Lily."
 @dataclass
 class LMDemoConfig(ValidatedConfig):
     """Sizes and hyperparameters of the LM demo (defaults: the full run; :meth:`small` for a
-    smoke run). Measured results: ``docs/results/lm.md``."""
+    smoke run). Measured results: ``docs/results/lm.md``.
+
+    Ranges (:attr:`RANGES`, checked on construction and on every assignment): sizes are
+    bounded so the model can be allocated (its weights, and one layer's activations or logits of
+    a batch, are at most 2**32 elements each; ``d_model`` divisible by ``n_heads``), learning
+    rates lie in ``(0, 10]``, ``min_precision`` in ``[0, 1]``, ``1 <= k <= n_codes``."""
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "n_train_stories": Range(1, 10**7),
+        "n_eval_stories": Range(1, 10**7),
+        "vocab_size": Range(258, 2**20, what=">= 258 (256 bytes, the special token, a merge)"),
+        "block_len": Range(2, 2**16),  # a next-token loss needs two tokens
+        "n_layers": Range(1, 1024),
+        "d_model": Range(1, 2**16),
+        "n_heads": Range(1, 2**16),
+        "d_mlp": Range(1, 2**20),
+        "batch_size": Range(1, 2**20),
+        "base_steps": Range(1, _MAX_STEPS),
+        "base_lr": Range(0, 10, lo_open=True),
+        "n_codes": Range(1, 2**31 - 1),
+        "k": Range(1, 2**16),  # <= n_codes: validate()
+        "codebook_steps": Range(1, _MAX_STEPS),
+        "codebook_lr": Range(0, 10, lo_open=True),
+        "min_count": Range(0, 2**53),
+        "min_precision": Range(0, 1),
+        "steer_per_head": Range(1, 2**16),  # <= k: validate()
+        "n_samples": Range(1, 10**6),
+        "n_baseline": Range(1, 10**6),
+        "max_new_tokens": Range(1, 2**16),
+        "seed": Range(-(2**62), 2**62),  # room for the per-stream offsets added to it
+    }
+    """Bounds of the numeric fields (``None`` in ``steer_per_head`` passes)."""
 
     n_train_stories: int = 40000
     """Training stories (about 45 tokens each)."""
@@ -118,11 +153,31 @@ class LMDemoConfig(ValidatedConfig):
     """TransformerLens backend: ``"auto"`` (the default), ``"hooked"`` or ``"bridge"``."""
 
     def validate(self) -> None:
+        """Cross-field rules and sizes that can be allocated (the :attr:`RANGES` are checked
+        before this runs)."""
         if self.steer_per_head is not None and not 1 <= self.steer_per_head <= self.k:
             raise ValueError(
                 f"LMDemoConfig: steer_per_head={self.steer_per_head} must lie in [1, k={self.k}] "
                 "(or be None for k // 2)"
             )
+        if self.k > self.n_codes:
+            raise ValueError(
+                f"LMDemoConfig: k={self.k} exceeds n_codes={self.n_codes}; choose k <= n_codes"
+            )
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"LMDemoConfig: d_model={self.d_model} must be divisible by n_heads={self.n_heads}"
+            )
+        d, n_ctx = self.d_model, self.block_len
+        weights = self.n_layers * (4 * d * d + 2 * d * self.d_mlp) + 2 * self.vocab_size * d
+        acts = self.batch_size * n_ctx * max(self.d_mlp, self.n_heads * n_ctx, self.vocab_size)
+        for what, n in (("the weights", weights), ("one layer's activations of a batch", acts)):
+            if n > MAX_CODEBOOK_ELEMENTS:
+                raise ValueError(
+                    f"LMDemoConfig: {what} would hold {n} elements, over the limit of 2**32 = "
+                    f"{MAX_CODEBOOK_ELEMENTS} (16 GiB of float32); make n_layers, d_model, "
+                    "d_mlp, vocab_size, block_len or batch_size smaller"
+                )
 
     @property
     def steer_slots(self) -> int:
