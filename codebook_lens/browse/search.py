@@ -74,21 +74,32 @@ class SearchIndex:
         return torch.full((h * n,), i), head, torch.arange(n).repeat(h)
 
     def feature_ranking(self, feature: Bool[Tensor, "seq pos"]) -> Ranking:
-        """True positives of every code for a boolean feature (every position counts)."""
+        """True positives of every code for a boolean feature (every position counts).
+
+        Reads only the codes at the feature's positions (found once with ``nonzero``), so a
+        rare feature costs its own size, not a pass over the store (pages of a disk store
+        holding no feature position are never read)."""
         feature = torch.as_tensor(feature, dtype=torch.bool)
+        where = feature.reshape(-1).nonzero().flatten()  # flat positions, sorted
+        p = feature.shape[1]
         tps = []
         for s in self.sites:  # loop over sites and chunks; vectorized over the rest
             h, n = self.counts[s].shape
             tp = torch.zeros(h * n, dtype=torch.long)
             offs = (torch.arange(h) * n).view(1, h, 1)
             for start, c in self.store.chunks(s):
-                f = feature[start : start + c.shape[0]].reshape(-1)
-                sel = dedupe_slots(c.reshape(-1, c.shape[2], c.shape[3])[f].long())
+                lo, hi = torch.searchsorted(
+                    where, torch.tensor([start * p, (start + c.shape[0]) * p])
+                ).tolist()
+                if lo == hi:
+                    continue
+                rows = c.reshape(-1, c.shape[2], c.shape[3])[where[lo:hi] - start * p]
+                sel = dedupe_slots(rows.long())
                 tp += torch.bincount((sel + offs)[sel >= 0], minlength=h * n)
             tps.append(tp)
         return Ranking(
             self.row_site, self.row_head, self.row_code, torch.cat(tps), self.row_count,
-            int(feature.sum()),
+            int(where.numel()),
         )  # fmt: skip
 
     def label_ranking(self, label: int) -> Ranking:
