@@ -149,13 +149,14 @@ class RunConfig(ValidatedConfig):
                 f"{type(sites).__name__}"
             )
         d["sites"] = [g if isinstance(g, SiteGroup) else SiteGroup.from_dict(g) for g in sites]
-        data, train = d.get("data"), d.get("train")
-        if isinstance(data, Mapping) and data.get("train_tokens") is not None:
-            train = dict(train) if isinstance(train, Mapping) else {}
-            if "steps" not in train:  # the steps follow the tokens to train on
-                data_cfg = DataConfig.from_dict(data)
-                train["steps"] = _steps_for_tokens(data_cfg, int(train.get("grad_accum", 1)))
-                d["train"] = train
+        given = d.get("train", {})
+        if isinstance(given, Mapping):  # a [train] table changes the run's defaults, field by field
+            d["train"] = train = {**_default_train().to_dict(), **given}
+            data = d.get("data")
+            if isinstance(data, Mapping) and data.get("train_tokens") is not None:
+                if "steps" not in given:  # the steps follow the tokens to train on
+                    steps = _steps_for_tokens(DataConfig.from_dict(data), train["grad_accum"])
+                    train["steps"] = steps
         return super().from_dict(d)
 
 

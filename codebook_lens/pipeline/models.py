@@ -42,6 +42,7 @@ __all__ = [
     "is_hub_id",
     "load_model",
     "load_tokenizer",
+    "without_dropout",
     "local_model_dir",
     "resolve_device",
 ]
@@ -210,10 +211,11 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
 def load_model(cfg: ModelConfig) -> nn.Module:
     """Boot the model of ``cfg`` as a TransformerLens model (``HookedTransformer`` or
-    ``TransformerBridge``) in eval mode, with ``.tokenizer`` set, on ``cfg.device`` in
-    ``cfg.dtype``. Errors: ``FileNotFoundError`` for a local path that does not exist,
-    ``ValueError`` for a directory without ``config.json`` or tokenizer, :class:`BackendError`
-    for a backend this transformer-lens lacks or that cannot run the architecture."""
+    ``TransformerBridge``) in eval mode without dropout (:func:`without_dropout`), with
+    ``.tokenizer`` set, on ``cfg.device`` in ``cfg.dtype``. Errors: ``FileNotFoundError`` for
+    a local path that does not exist, ``ValueError`` for a directory without ``config.json``
+    or tokenizer, :class:`BackendError` for a backend this transformer-lens lacks or that
+    cannot run the architecture."""
     local = local_model_dir(cfg.name)
     name = str(local) if local is not None else cfg.name
     device = resolve_device(cfg.device)
@@ -222,13 +224,29 @@ def load_model(cfg: ModelConfig) -> nn.Module:
         kind = "bridge"  # "auto" with a bridge switch asks for the bridge
     tokenizer = _tokenizer(name, local is not None)
     if kind == "bridge":
-        return _boot_bridge(cfg, name, tokenizer, device).eval()
+        return without_dropout(_boot_bridge(cfg, name, tokenizer, device)).eval()
     model = _load_hooked(cfg, name, local is not None, tokenizer)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.to(device)  # HookedTransformer.to takes a device or a dtype, one at a time
         model.to(DTYPES[cfg.dtype])
-    return model.eval()
+    return without_dropout(model).eval()
+
+
+def without_dropout(model: nn.Module) -> nn.Module:
+    """``model`` with every dropout probability set to 0 (in place).
+
+    TransformerLens's own models have no dropout, and a run trains on the model's deterministic
+    activations whatever the backend, as SAEs are trained; it also makes a run on N processes
+    equal one on a single process (each process would draw its own dropout masks)."""
+    hf = getattr(model, "original_model", None)  # a bridge's HF model: not all registered
+    extra = list(hf.modules()) if isinstance(hf, nn.Module) else []
+    for m in [*model.modules(), *extra]:
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):  # Llama, NeoX attention
+            m.attention_dropout = 0.0
+    return model
 
 
 def _bridge_options(model: nn.Module, cfg: ModelConfig) -> nn.Module:

@@ -227,3 +227,15 @@ def test_config_fields_documented_and_round_trip():
     assert all(doc.strip() for doc in field_docs(ModelConfig).values())
     cfg = ModelConfig(name="EleutherAI/pythia-70m", backend="bridge", dtype="bfloat16")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_load_model_turns_dropout_off(tmp_path):
+    from codebook_lens.pipeline.models import ModelConfig, load_model
+    from tests.hf_fixtures import save_hf_model
+
+    d = save_hf_model(tmp_path / "gpt2", "gpt2")  # GPT2Config: dropout 0.1 everywhere
+    model = load_model(ModelConfig(name=str(d))).train()
+    tokens = torch.randint(1, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # train mode and still deterministic: no dropout mask is drawn
+        assert torch.equal(model(tokens), model(tokens))
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))

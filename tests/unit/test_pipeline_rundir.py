@@ -75,3 +75,13 @@ def test_train_tokens_decide_the_steps_unless_steps_disagree():
     with pytest.raises(ValueError, match="train_tokens=10000 is 40 steps.*train.steps=7"):
         RunConfig.from_dict({**d, "train": {"grad_accum": 2, "steps": 7}})
     assert RunConfig.from_dict({**d, "train": {"grad_accum": 2, "steps": 40}}).train.steps == 40
+
+
+def test_a_train_table_changes_only_the_fields_it_names():
+    from codebook_lens.pipeline import RunConfig
+
+    base = {"model": {"name": "m"}, "data": {"path": "d.jsonl"}, "sites": [{"pattern": "x"}]}
+    default = RunConfig.from_dict(base).train
+    assert default.freeze_model and default.codebook_lr == 1e-3  # the run's defaults
+    cfg = RunConfig.from_dict({**base, "train": {"steps": 7}}).train
+    assert cfg.steps == 7 and cfg.freeze_model and cfg.lr == default.lr  # not TrainConfig's
