@@ -1,20 +1,23 @@
 """A per-code position index of one site of a code store: where each (head, code) fires,
 without scanning the store.
 
-One pass over the site's codes (chunk by chunk, bounded memory) keeps per (head, code):
+One pass over the site's codes (chunk by chunk, bounded memory, no sort of the store) keeps
+per (head, code):
 
 - ``first``: its first ``m`` firings ordered by slot, then dataset order: exactly what
   :func:`~codebook_lens.analysis.top_examples` with ``order="slot"`` returns for ``n <= m``;
 - ``sample``: a seeded uniform random sample of ``m`` of its firings (all of them when it fires
   fewer times), in random order: the ``m`` firings with the smallest of a pseudo-random key
-  hashed from (position, head, seed) (a bottom-``m`` sketch: chunks merge exactly, and a store
-  in memory and the same store on disk give the same sample);
+  hashed from (position, head, seed) (a bottom-``m`` sketch: a store in memory and the same
+  store on disk give the same sample). Only firings whose key lies below a bound set from the
+  code's count (about ``m`` + 4 standard deviations + 8 expected) are kept while scanning, so
+  a code may, with a chance of about 3e-5, end with a few fewer than ``m``;
 - ``by_position``: exactly how often it fires at each position of a sequence.
 
 A firing is a position where the code holds any slot at that head (a code repeated in several
 slots counts once, at its lowest slot). Positions are flat: ``seq * seq_len + pos``; ``-1``
-pads. Candidates are filtered against the running ``m``-th best before they are sorted, so a
-chunk costs a few vectorized passes, and a sort only over what can still enter the index.
+pads. A chunk costs a few vectorized passes; ``first`` sorts only firings of (slot, code)
+pairs that still lack ``m``.
 
 A store on disk (``CodeStore.open``) keeps the index next to it, ``code-index.<site>.
 safetensors`` in the store directory, written atomically; its metadata names the store id,
@@ -42,7 +45,6 @@ __all__ = ["CodeIndex", "INDEX_FORMAT"]
 
 INDEX_FORMAT = "codebook_lens.code_index.v1"
 _MAX_BY_POSITION = 2**27  # head x codes x seq_len bins kept exactly; above, None (scan instead)
-_SORT_AT = 1 << 22  # merge buffered candidates once this many wait
 
 
 @dataclass
@@ -67,39 +69,43 @@ class CodeIndex:
     """Firings per position of a sequence (None when head x codes x seq_len is too large)."""
 
     @classmethod
-    def build(cls, store: CodeStore, site: str, m: int = 64, seed: int = 0) -> CodeIndex:
-        """One pass over ``site``'s codes in ``store`` (chunks of a fixed size, so the random
-        keys, hence ``sample``, depend only on the store and ``seed``)."""
+    def build(cls, store: CodeStore, site: str, m: int = 32, seed: int = 0) -> CodeIndex:
+        """One pass over ``site``'s codes in ``store``, chunk by chunk."""
         if m < 1:
             raise ValueError(f"m={m}; keep at least one firing per code")
-        h, n, p = store.n_heads(site), store.n_codes[site], store.seq_len
-        acc = _Acc(h * n, m, store.k(site))
-        pos_bins = h * n * p if h * n * p <= _MAX_BY_POSITION else 0
+        h, n, p, k = store.n_heads(site), store.n_codes[site], store.seq_len, store.k(site)
+        g = h * n
+        pos_bins = g * p if g * p <= _MAX_BY_POSITION else 0
         by_pos = torch.zeros(pos_bins, dtype=torch.long)
+        first = _FirstPerSlot(g, k, m, store.n_seq * p)
+        # keep a firing when its random key is below a per-code bound that leaves about
+        # m + 4 sd + 8 of them (its count is known): a superset of its bottom-m, cut at the end
+        want = m + 4 * m**0.5 + 8
+        bound = (want / store.code_counts(site).reshape(-1).double().clamp_min(1)).clamp(max=1)
+        bound = (bound * 2**31).long()
+        kept: list[tuple[Tensor, ...]] = []
         offs = (torch.arange(h) * n).view(1, h, 1)
-        for start, c in store.chunks(site, max_seqs=256):  # keys do not depend on chunks
+        for start, c in store.chunks(site, max_seqs=256):
             d = dedupe_slots(c.long())  # [S, P, H, K]
-            key = (d + offs).reshape(-1)
-            ok = (d >= 0).reshape(-1)
-            flat = torch.arange(key.numel())
-            k, hk = d.shape[3], d.shape[2] * d.shape[3]
-            pos = start * p + flat // hk
-            slot = flat % k
-            rnd = _random_key(pos * h + (flat // k) % h, seed)
-            key, pos, slot, rnd = key[ok], pos[ok], slot[ok], rnd[ok]
+            ok = (d >= 0).reshape(-1).nonzero().flatten()
+            key = (d + offs).reshape(-1)[ok]
+            pos, slot = start * p + ok // (h * k), ok % k
             if pos_bins:
                 by_pos += torch.bincount(key * p + pos % p, minlength=pos_bins)
-            acc.add(key, pos, slot, rnd)
-        first, fslot, sample, sslot = acc.result()
+            first.add(key, pos, slot)
+            rnd = _random_key(pos * h + (ok // k) % h, seed)  # per (position, head): no chunks
+            r = rnd < bound[key]
+            kept.append((key[r], pos[r], slot[r], rnd[r]))
+        fp, fs = first.result()
+        sp, ss = _bottom(kept, g, m)
         shape = (h, n, m)
         return cls(
-            site, m, seed, first.view(shape), fslot.view(shape).to(torch.int8),
-            sample.view(shape), sslot.view(shape).to(torch.int8),
-            by_pos.view(h, n, p).int() if pos_bins else None,
+            site, m, seed, fp.view(shape), fs.view(shape).to(torch.int8), sp.view(shape),
+            ss.view(shape).to(torch.int8), by_pos.view(h, n, p).int() if pos_bins else None,
         )  # fmt: skip
 
     @classmethod
-    def for_store(cls, store: CodeStore, site: str, m: int = 64, seed: int = 0) -> CodeIndex:
+    def for_store(cls, store: CodeStore, site: str, m: int = 32, seed: int = 0) -> CodeIndex:
         """The index of ``site``: read from beside a disk store when it matches, else built
         (and, for a disk store, saved there atomically for the next open)."""
         file = index_file(store, site)
@@ -189,54 +195,54 @@ def _valid(t: dict[str, Tensor], shape: tuple[int, int, int], n_pos: int, k: int
     return True
 
 
-class _Acc:
-    """The running first-``m`` (by slot, then position) and bottom-``m`` (by random key) of
-    every group, with candidates buffered and filtered against the current ``m``-th best."""
+class _FirstPerSlot:
+    """Per (slot, group): its first ``m`` firings in dataset order, filled chunk by chunk
+    (chunks come in dataset order; a full (slot, group) takes nothing more). Read per group in
+    slot order, they hold its first ``m`` firings by slot, then dataset order."""
 
-    def __init__(self, n_groups: int, m: int, k: int):
-        self.g, self.m, self.k = n_groups, m, k
-        z = torch.zeros(0, dtype=torch.long)
-        self.first = (z, z, z)  # key, pos, slot of the kept entries
-        self.rand = (z, z, z, z)  # key, pos, slot, random key
-        self.f_thr = torch.full((n_groups,), k, dtype=torch.long)  # slot bound
-        self.r_thr = torch.full((n_groups,), 2**31, dtype=torch.long)  # random-key bound
-        self.buf_f: list[tuple[Tensor, ...]] = []
-        self.buf_r: list[tuple[Tensor, ...]] = []
-        self.n_buf = 0
+    def __init__(self, g: int, k: int, m: int, n_pos: int):
+        dt = torch.int32 if n_pos < 2**31 else torch.int64
+        self.g, self.k, self.m = g, k, m
+        self.table = torch.full((k * g * m,), -1, dtype=dt)
+        self.filled = torch.zeros(k * g, dtype=torch.long)
 
-    def add(self, key: Tensor, pos: Tensor, slot: Tensor, rnd: Tensor) -> None:
-        f = slot < self.f_thr[key]  # a later firing in the same or a later slot cannot enter
-        r = rnd < self.r_thr[key]
-        self.buf_f.append((key[f], pos[f], slot[f]))
-        self.buf_r.append((key[r], pos[r], slot[r], rnd[r]))
-        self.n_buf += int(f.sum()) + int(r.sum())
-        if self.n_buf >= _SORT_AT:
-            self._merge()
+    def add(self, key: Tensor, pos: Tensor, slot: Tensor) -> None:
+        gs = slot * self.g + key
+        need = self.filled[gs] < self.m
+        gs, pos = gs[need], pos[need]
+        if gs.numel() == 0:
+            return
+        o = torch.sort(gs, stable=True).indices  # stable: dataset order within a group
+        gs, pos = gs[o], pos[o]
+        rank = _rank(gs) + self.filled[gs]
+        fit = rank < self.m
+        self.table[gs[fit] * self.m + rank[fit]] = pos[fit].to(self.table.dtype)
+        self.filled = (self.filled + torch.bincount(gs, minlength=self.k * self.g)).clamp(
+            max=self.m
+        )
 
-    def _merge(self) -> None:
-        if self.buf_f:
-            cols = [torch.cat([a, *(b[i] for b in self.buf_f)]) for i, a in enumerate(self.first)]
-            self.first = _keep_first(cols, cols[0] * self.k + cols[2], self.m)
-            self.f_thr = _bound(self.first[0], self.first[2], self.g, self.m, self.k)
-        if self.buf_r:
-            cols = [torch.cat([a, *(b[i] for b in self.buf_r)]) for i, a in enumerate(self.rand)]
-            self.rand = _keep_first(cols, cols[0] * 2**31 + cols[3], self.m)
-            self.r_thr = _bound(self.rand[0], self.rand[3], self.g, self.m, 2**31)
-        self.buf_f, self.buf_r, self.n_buf = [], [], 0
-
-    def result(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        self._merge()
-        fp, fs = _table(self.first[0], self.first[1], self.first[2], self.g, self.m)
-        rp, rs = _table(self.rand[0], self.rand[1], self.rand[2], self.g, self.m)
-        return fp, fs, rp, rs
+    def result(self) -> tuple[Tensor, Tensor]:
+        """``[g * m]`` positions and slots, -1 padded."""
+        t = self.table.view(self.k, self.g, self.m).permute(1, 0, 2).reshape(self.g, -1).long()
+        slots = torch.arange(self.k).repeat_interleave(self.m).expand(self.g, -1)
+        o = torch.sort((t < 0).to(torch.uint8), dim=1, stable=True).indices[:, : self.m]
+        pos, slot = t.gather(1, o), slots.gather(1, o)
+        return pos.reshape(-1), torch.where(pos >= 0, slot, -1).reshape(-1)
 
 
-def _keep_first(cols: list[Tensor], order_key: Tensor, m: int) -> tuple[Tensor, ...]:
-    """The rows of ``cols`` whose rank within their group (``cols[0]``) by ``order_key`` (ties:
-    earlier rows first) is below ``m``, sorted by group then ``order_key``."""
-    o = torch.sort(order_key, stable=True).indices
-    cols = [c[o] for c in cols]
-    return tuple(c[_rank(cols[0]) < m] for c in cols)
+def _bottom(kept: list[tuple[Tensor, ...]], g: int, m: int) -> tuple[Tensor, Tensor]:
+    """Per group, its ``m`` rows with the smallest random key (ties: earlier rows), in that
+    order, as ``[g * m]`` tables of positions and slots (-1 padded)."""
+    key, pos, slot, rnd = (torch.cat([t[i] for t in kept]) for i in range(4))
+    o = torch.sort(key * 2**31 + rnd, stable=True).indices
+    key, pos, slot = key[o], pos[o], slot[o]
+    rank = _rank(key)
+    keep = rank < m
+    flat = key[keep] * m + rank[keep]
+    p = torch.full((g * m,), -1, dtype=torch.long)
+    s = torch.full((g * m,), -1, dtype=torch.long)
+    p[flat], s[flat] = pos[keep], slot[keep]
+    return p, s
 
 
 def _rank(key: Tensor) -> Tensor:
@@ -247,21 +253,3 @@ def _rank(key: Tensor) -> Tensor:
     new[1:] = key[1:] != key[:-1]
     idx = torch.arange(key.numel())
     return idx - torch.cummax(torch.where(new, idx, 0), 0).values
-
-
-def _bound(key: Tensor, val: Tensor, g: int, m: int, empty: int) -> Tensor:
-    """Per group: ``val`` of its ``m``-th kept row when it has ``m`` rows, else ``empty``.
-    Rows are sorted by group and ``val``, so the last row of a full group holds it."""
-    out = torch.full((g,), empty, dtype=torch.long)
-    last = _rank(key) == m - 1
-    out[key[last]] = val[last]
-    return out
-
-
-def _table(key: Tensor, pos: Tensor, slot: Tensor, g: int, m: int) -> tuple[Tensor, Tensor]:
-    """Rows sorted by group into ``[g * m]`` tables of positions and slots, -1 padded."""
-    flat = key * m + _rank(key)
-    p = torch.full((g * m,), -1, dtype=torch.long)
-    s = torch.full((g * m,), -1, dtype=torch.long)
-    p[flat], s[flat] = pos, slot
-    return p, s
