@@ -222,12 +222,24 @@ class _FirstPerSlot:
         )
 
     def result(self) -> tuple[Tensor, Tensor]:
-        """``[g * m]`` positions and slots, -1 padded."""
-        t = self.table.view(self.k, self.g, self.m).permute(1, 0, 2).reshape(self.g, -1).long()
-        slots = torch.arange(self.k).repeat_interleave(self.m).expand(self.g, -1)
-        o = torch.sort((t < 0).to(torch.uint8), dim=1, stable=True).indices[:, : self.m]
-        pos, slot = t.gather(1, o), slots.gather(1, o)
-        return pos.reshape(-1), torch.where(pos >= 0, slot, -1).reshape(-1)
+        """``[g * m]`` positions and slots, -1 padded: per group, slot 0's firings, then slot
+        1's, ... up to ``m`` (each slot's are a prefix of its row, in dataset order)."""
+        g, m = self.g, self.m
+        pos = torch.full((g, m), -1, dtype=torch.long)
+        slot = torch.full((g, m), -1, dtype=torch.long)
+        filled = self.filled.view(self.k, g)
+        used = torch.zeros(g, dtype=torch.long)
+        col = torch.arange(m)
+        for j in range(self.k):  # slots, a handful: one [g, m] table each, not [g, k * m]
+            row = self.table.view(self.k, g, m)[j]
+            src = col < filled[j][:, None]  # entry r of slot j goes to column used + r
+            dst = used[:, None] + col
+            ok = src & (dst < m)
+            gi = torch.arange(g)[:, None].expand(g, m)[ok]
+            pos[gi, dst[ok]] = row[ok].long()
+            slot[gi, dst[ok]] = j
+            used = (used + filled[j]).clamp(max=m)
+        return pos.reshape(-1), slot.reshape(-1)
 
 
 def _bottom(kept: list[tuple[Tensor, ...]], g: int, m: int) -> tuple[Tensor, Tensor]:
