@@ -95,7 +95,7 @@ class CodeIndex:
             first.add(key, pos, slot)
             rnd = _random_key(pos * h + (ok // k) % h, seed)  # per (position, head): no chunks
             r = rnd < bound[key]
-            kept.append((key[r], pos[r], slot[r], rnd[r]))
+            kept.append((key[r].int(), pos[r], slot[r].to(torch.int8), rnd[r].int()))
         fp, fs = first.result()
         sp, ss = _bottom(kept, g, m)
         shape = (h, n, m)
@@ -245,9 +245,9 @@ class _FirstPerSlot:
 def _bottom(kept: list[tuple[Tensor, ...]], g: int, m: int) -> tuple[Tensor, Tensor]:
     """Per group, its ``m`` rows with the smallest random key (ties: earlier rows), in that
     order, as ``[g * m]`` tables of positions and slots (-1 padded)."""
-    key, pos, slot, rnd = (torch.cat([t[i] for t in kept]) for i in range(4))
-    o = torch.sort(key * 2**31 + rnd, stable=True).indices
-    key, pos, slot = key[o], pos[o], slot[o]
+    key, pos, slot, rnd = (torch.cat([t[i] for t in kept]) for i in range(4))  # narrow dtypes
+    o = torch.sort(key.long() * 2**31 + rnd, stable=True).indices
+    key, pos, slot = key[o].long(), pos[o], slot[o].long()
     rank = _rank(key)
     keep = rank < m
     flat = key[keep] * m + rank[keep]
