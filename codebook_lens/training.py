@@ -475,6 +475,11 @@ def _start_loop(
     else:
         state = loaded
         log_counts, sums, n_acc = _loop_state(state, s.cbs, s.device)
+        if not s.dist.main:  # process 0 saved the totals (_settle); the others restart at zero
+            sums.zero_()
+            for site, cb in s.cbs.items():
+                cb.window_counts.zero_()
+                cb.code_counts.copy_(log_counts[site])
     result = TrainResult(resumed_from=0 if loaded is None else state.step)
     result.history, result.evals = list(state.history), list(state.evals)
     last_saved = state.step if result.resumed_from else None
@@ -592,6 +597,7 @@ def _maybe_checkpoint(s: _Setup, loop: _Loop, done: int) -> None:
     due = done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
     if not cfg.checkpoint_dir or not due:
         return
+    _settle(s, loop)
     snap = TrainState(
         step=done,
         consumed=loop.consumed,
@@ -609,6 +615,24 @@ def _maybe_checkpoint(s: _Setup, loop: _Loop, done: int) -> None:
     loop.last_saved = done
     if s.acc is not None:
         s.acc.wait_for_everyone()
+
+
+def _settle(s: _Setup, loop: _Loop) -> None:
+    """Under several processes, move the per-process accumulators (loss sums, code usage since
+    the last log, usage windows since the last maintenance) into process 0 before a checkpoint:
+    global totals there, zero elsewhere. Later logs and maintenance sum over processes, so they
+    see the same totals; process 0 saves them, and a run resumed from the checkpoint, whose
+    other processes restart at zero, continues bit for bit as this one does."""
+    if s.dist.n == 1:
+        return
+    main = s.dist.main
+    total = s.dist.sum(loop.sums)
+    loop.sums = total if main else torch.zeros_like(total)
+    for site, cb in s.cbs.items():
+        since_log = s.dist.sum(cb.code_counts - loop.log_counts[site])
+        cb.code_counts.copy_(loop.log_counts[site] + since_log if main else loop.log_counts[site])
+        window = s.dist.sum(cb.window_counts)
+        cb.window_counts.copy_(window if main else torch.zeros_like(window))
 
 
 def _log_row(

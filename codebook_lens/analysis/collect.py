@@ -279,8 +279,10 @@ def collect_codes(
         raise ValueError("several processes write their shards to disk; pass out=DIRECTORY")
     batches = _as_batches(data, batch_size)
     first = next(batches, None)
-    if first is None or first.dim() != 2 or first.shape[0] == 0:
-        raise ValueError("the dataset is empty" if first is None else f"bad batch {first.shape}")
+    if first is None or first.numel() == 0:
+        raise ValueError("the dataset is empty (its first batch holds no tokens)")
+    if first.dim() != 2:
+        raise ValueError(f"batches must be [batch, pos] tokens, got shape {tuple(first.shape)}")
     seq_len = first.shape[1]
     limit = _limit(max_seqs, max_tokens, seq_len)
     runner.probe(first)

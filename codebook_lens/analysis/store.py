@@ -193,14 +193,16 @@ class CodeStore:
 
     def __init__(
         self,
-        codes: Mapping[str, Int[Tensor, "seq pos head k"]],
+        codes: Mapping[str, Tensor],
         n_codes: Mapping[str, int],
         per_head: Mapping[str, bool],
-        tokens: Int[Tensor, "seq pos"] | None = None,
+        tokens: Tensor | None = None,
         d_vocab: int | None = None,
         meta: dict[str, Any] | None = None,
     ):
-        """An in-memory store of ``codes`` (site -> ``[n_seq, pos, head, k]``, -1 = empty)."""
+        """An in-memory store of ``codes`` (site -> compact ids ``[n_seq, pos, head, k]``, -1 =
+        empty) and ``tokens`` ``[n_seq, pos]``; shapes are checked with messages that name them
+        (the tensors are not annotated with shapes for that reason)."""
         _check_layout(codes, n_codes, per_head, tokens)
         first = next(iter(codes.values()))
         self._setup(

@@ -1,17 +1,22 @@
-"""Trains until done or killed (for test_lm_training's SIGKILL test):
-``python kill_train_worker.py DIR STEPS``.
+"""Trains until done or killed (for test_lm_training's SIGKILL tests):
+``python kill_train_worker.py DIR STEPS [accelerate]``.
 
 A tiny codebook model with dead-code replacement trains with ``grad_accum=2`` on batches drawn
-from the global RNG, checkpointing every step into ``DIR/ck`` and logging to
-``DIR/metrics.jsonl``; a rerun with the same DIR resumes. When it finishes it writes
-``DIR/final.safetensors`` (every parameter and usage counter) and ``DIR/result.json``.
+from the global RNG, checkpointing every step into ``DIR/ck`` and logging every 4 steps to
+``DIR/metrics.jsonl``; a rerun with the same DIR resumes. With ``KILL_AT_MICRO=N`` in the
+environment the process sends itself SIGKILL as its N-th micro-batch starts. When it finishes,
+it writes ``DIR/final.safetensors`` (every parameter and usage counter) and
+``DIR/result.json``. With ``accelerate`` (run it under ``accelerate launch``) it trains through
+``make_accelerator()``, each process on its share of every batch, and process 0 writes the
+files.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +25,7 @@ from safetensors.torch import save
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from codebook_lens.atomic import write_file, write_text  # noqa: E402
-from codebook_lens.training import train_codebooks  # noqa: E402
+from codebook_lens.training import make_accelerator, train_codebooks  # noqa: E402
 from tests.integration.test_lm_training import _cfg, _cm, _global_rng_stream  # noqa: E402
 
 SEED = 123
@@ -28,24 +33,37 @@ SEED = 123
 
 def main() -> None:
     out, steps = Path(sys.argv[1]), int(sys.argv[2])
+    acc = make_accelerator(mixed_precision="no") if sys.argv[3:] == ["accelerate"] else None
     torch.set_num_threads(1)
     torch.manual_seed(SEED)
     cm = _cm(dead=True)
     torch.manual_seed(SEED)
 
-    def slow_loss(m, tokens):
-        time.sleep(0.05)  # leaves the parent time to kill the run mid-way; numbers unchanged
+    kill_at, n_micro = int(os.environ.get("KILL_AT_MICRO", 0)), [0]
+
+    def loss(m, tokens):
+        n_micro[0] += 1
+        if n_micro[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
         return m(tokens, return_type="loss")
 
     cfg = _cfg(
         steps=steps,
-        log_every=1,
+        log_every=4,
         grad_accum=2,
         checkpoint_dir=str(out / "ck"),
         checkpoint_every=1,
         metrics_path=str(out / "metrics.jsonl"),
     )
-    res = train_codebooks(cm, _global_rng_stream(batch=4), cfg, loss_fn=slow_loss)
+    res = train_codebooks(cm, _global_rng_stream(batch=4), cfg, loss_fn=loss, accelerator=acc)
+    if acc is not None:
+        import torch.distributed as dist
+
+        main = acc.is_main_process
+        acc.wait_for_everyone()
+        dist.destroy_process_group()  # before exit (see lm_accelerate_worker.py)
+        if not main:
+            return
     state = {f"param.{k}": v for k, v in cm.state_dict().items()}
     state |= {f"counts.{s}": cb.code_counts for s, cb in cm.codebooks.items()}
     write_file(out / "final.safetensors", save({k: v.detach().clone() for k, v in state.items()}))

@@ -237,7 +237,9 @@ def test_two_processes_equal_one(cm, ref, tmp_path):
            "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(WORKER), "accelerate", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, (
+        f"rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    )
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["num_processes"] == 2 and r["n_seq"] == [N_SEQ, N_SEQ] for r in ranks)
     for name in ("two", "resumed"):

@@ -231,43 +231,68 @@ def test_plain_model_training_and_config_errors(monkeypatch):
         train_codebooks(cm, _batches(2), _cfg(wandb_project="x"))
 
 
-def test_sigkill_with_grad_accum_resumes_bit_exact(tmp_path):
-    """A real ``kill -9`` of a training process (grad_accum=2, dead-code replacement, data from
-    the global RNG) after some checkpoints; the rerun resumes to the parameters, usage counters,
-    history and metrics rows of an uninterrupted run, bit for bit. All runs are processes with
-    one thread, so the arithmetic is the same in each."""
+def _worker_cmd(d, steps: int, processes: int) -> list[str]:
+    """The command that trains kill_train_worker.py's run in ``d`` on ``processes`` processes."""
+    import socket
+    from pathlib import Path
+
+    worker = str(Path(__file__).with_name("kill_train_worker.py"))
+    if processes == 1:
+        return [sys.executable, worker, str(d), str(steps)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # torchrun behind --multi_gpu starts N CPU processes when no GPU is visible (see
+    # test_lm_accelerate.py); they form a gloo group
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+        "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(port),
+        worker, str(d), str(steps), "accelerate",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigkill_with_grad_accum_resumes_bit_exact(tmp_path, processes):
+    """Training (grad_accum=2, dead-code replacement every 3 steps, data from the global RNG,
+    a checkpoint every step, a log row every 4) is killed with SIGKILL as step 6 starts, each
+    process killing itself; the rerun resumes from step 5, between two log rows and two
+    maintenances, to the parameters, usage counters, history and metrics rows of an
+    uninterrupted run, bit for bit. Every run is a fresh process (group) with one thread per
+    process, so the arithmetic is the same in each."""
     import os
     import signal
     import subprocess
-    import time
     from pathlib import Path
 
     from safetensors.torch import load_file
 
-    worker = Path(__file__).with_name("kill_train_worker.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
     steps = 10
 
-    def run(d: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(worker), str(d), str(steps)], env=env)
+    def run(d: Path, **extra: str) -> int:
+        cmd = _worker_cmd(d, steps, processes)
+        proc = subprocess.run(cmd, env={**env, **extra}, capture_output=True, timeout=600)
+        return proc.returncode
 
-    assert run(tmp_path / "whole").wait(timeout=600) == 0
+    assert run(tmp_path / "whole") == 0
     killed = tmp_path / "killed"
-    proc = run(killed)
-    state = checkpoint_path(killed / "ck") / "state.json"
-    deadline = time.monotonic() + 600
-    while not (state.exists() and json.loads(state.read_text())["step"] >= 4):
-        assert proc.poll() is None, f"the worker ended (rc {proc.returncode}) before the kill"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (killed / "result.json").exists()  # killed mid-run, not after the end
-    assert run(killed).wait(timeout=600) == 0
+    rc = run(killed, KILL_AT_MICRO="11")  # the first micro-batch of step 6
+    assert rc == -signal.SIGKILL if processes == 1 else rc != 0  # the launcher reports it
+    assert json.loads((checkpoint_path(killed / "ck") / "state.json").read_text())["step"] == 5
+    assert not (killed / "result.json").exists()
+    assert run(killed) == 0
     whole = json.loads((tmp_path / "whole" / "result.json").read_text())
     resumed = json.loads((killed / "result.json").read_text())
-    assert whole["resumed_from"] == 0 and 4 <= resumed["resumed_from"] < steps
-    assert resumed["history"] == whole["history"] and len(whole["history"]) == steps
+    assert (whole["resumed_from"], resumed["resumed_from"]) == (0, 5)
+    assert resumed["history"] == whole["history"]
+    assert [r["step"] for r in whole["history"]] == [4, 8, 10]
     a = load_file(tmp_path / "whole" / "final.safetensors")
     b = load_file(killed / "final.safetensors")
     assert a.keys() == b.keys() and any(k.startswith("counts.") for k in a)
