@@ -10,8 +10,8 @@ per (head, code):
   fewer times), in random order: the ``m`` firings with the smallest of a pseudo-random key
   hashed from (position, head, seed) (a bottom-``m`` sketch: a store in memory and the same
   store on disk give the same sample). Only firings whose key lies below a bound set from the
-  code's count (about ``m`` + 4 standard deviations + 8 expected) are kept while scanning, so
-  a code may, with a chance of about 3e-5, end with a few fewer than ``m``;
+  code's count (about ``m`` + 6 standard deviations + 16 expected) are kept while scanning,
+  so a code may, with a chance below about 1e-8, end with fewer than ``m``;
 - ``by_position``: exactly how often it fires at each position of a sequence.
 
 A firing is a position where the code holds any slot at that head (a code repeated in several
@@ -79,8 +79,8 @@ class CodeIndex:
         by_pos = torch.zeros(pos_bins, dtype=torch.long)
         first = _FirstPerSlot(g, k, m, store.n_seq * p)
         # keep a firing when its random key is below a per-code bound that leaves about
-        # m + 4 sd + 8 of them (its count is known): a superset of its bottom-m, cut at the end
-        want = m + 4 * m**0.5 + 8
+        # m + 6 sd + 16 of them (its count is known): a superset of its bottom-m, cut at the end
+        want = m + 6 * m**0.5 + 16
         bound = (want / store.code_counts(site).reshape(-1).double().clamp_min(1)).clamp(max=1)
         bound = (bound * 2**31).long()
         kept: list[tuple[Tensor, ...]] = []
