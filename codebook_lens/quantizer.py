@@ -42,9 +42,9 @@ class Codebook(nn.Module):
 
     Non-finite activations: rows with NaN/inf get empty codes (-1) instead of arbitrary ones, a
     device-side step with no host sync, and the NaN/inf is carried into the output, so a broken
-    model is never made to look finite by its codebooks. With ``check_finite`` (the attribute, or the argument of
-    :meth:`encode`/:meth:`forward`) they raise ``ValueError`` instead, at the cost of one host
-    sync per call; :class:`CodebookModel` turns it on in its analysis entry points.
+    model is never made to look finite by its codebooks. With ``check_finite`` (the attribute,
+    or the argument of :meth:`encode`/:meth:`forward`) they raise ``ValueError`` instead, at the
+    cost of one host sync per call; :class:`CodebookModel` turns it on in its analysis entry points.
 
     Memory: on the CPU the codebook keeps the memory of its score tile between calls (the
     ``workspace`` attribute, a :class:`codebook_lens.topk.Workspace`: at most 64 MiB, or

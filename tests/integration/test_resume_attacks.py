@@ -145,7 +145,8 @@ ATTACKS = {
         "model.blocks.0.extra",
     ),
     "record_removed": (
-        lambda r: _edit_json(r, lambda m: m.pop("tensors")), "tensor record must be an object"
+        lambda r: _edit_json(r, lambda m: m.pop("tensors")),
+        "tensor record must be an object",
     ),
     "optimizer_groups": (
         lambda r: _edit_json(r, lambda m: m["optimizer"]["param_groups"].pop()),
