@@ -40,12 +40,19 @@ def test_lm_demo_smoke(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "browse",
         "codebook_model",
+        "evaluation.json",
         "metrics.json",
         "report.md",
         "tokenizer",
     ]
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(m))
     loss = m["loss"]
+    # the SAE-style evaluation (evaluation.json) against the demo's own held-out losses, two
+    # independent computations over the same held-out blocks
+    ev = json.loads((tmp_path / "evaluation.json").read_text())["all"]
+    assert ev == m["evaluation"]
+    assert ev["ce_base"] == pytest.approx(loss["base"], rel=1e-4)
+    assert ev["ce_codebook"] == pytest.approx(loss["codebooks_after_finetuning"], rel=1e-4)
     # Values a broken pipeline fails. Measured at this size (seeded, both transformer-lens
     # generations): base 3.58 (4.3) / 3.67 (3.9) against ln(512) = 6.24 for a uniform guess;
     # codebooks 3.64 / 3.72 at attach, 3.49 / 3.58 after finetuning (-2.4% / -2.5%).
