@@ -74,25 +74,32 @@ def _neox_kwargs(vocab: int) -> dict:
     )  # fmt: skip
 
 
-def _adamw(codebook_params: list, model_params: list) -> torch.optim.Optimizer:
-    """AdamW over codebooks (no weight decay) and model, as both libraries build it."""
+def _adamw(codebook_params: list, model_params: list, fused: bool) -> torch.optim.Optimizer:
+    """AdamW over codebooks (no weight decay) and model, as both libraries build it (torch's
+    default implementation; ``fused`` for the single-kernel one, not what they use)."""
     groups = [{"params": model_params, "lr": LR, "weight_decay": 0.0}]
     if codebook_params:
         groups.insert(0, {"params": codebook_params, "lr": LR, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=LR)
+    return torch.optim.AdamW(groups, lr=LR, fused=fused or None)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _stepper(
-    loss_fn: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer, batches
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    batches: list[torch.Tensor],
+    clock: Callable[[], float],
 ) -> Callable[[], float]:
-    """One training step on the next batch; returns its seconds."""
+    """One training step on the next batch; returns its seconds on ``clock``."""
     params = [p for g in opt.param_groups for p in g["params"]]
     state = {"i": 0}
 
     def step() -> float:
         tokens = batches[state["i"] % len(batches)]
         state["i"] += 1
-        t0 = time.perf_counter()
+        t0 = clock()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(tokens)
         loss.backward()
@@ -100,13 +107,13 @@ def _stepper(
         opt.step()
         if tokens.is_cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return clock() - t0
 
     return step
 
 
 # --------------------------------------------------------------------------- the reference child
-def _ref_models(model_dir: Path, vocab: int) -> dict[str, Callable[[], float]]:
+def _ref_models(model_dir: Path, args: argparse.Namespace) -> dict[str, Callable[[], float]]:
     """The reference's base and codebook steps (runs inside the reference venv)."""
     import transformers
     from codebook_features import models
@@ -116,7 +123,7 @@ def _ref_models(model_dir: Path, vocab: int) -> dict[str, Callable[[], float]]:
     if "lm_head.weight" in weights:  # transformers 5 may save either name
         weights["embed_out.weight"] = weights.pop("lm_head.weight")
     batches = list(load_file(str(model_dir / "tokens.safetensors"))["tokens"])
-    cfg = transformers.GPTNeoXConfig(**_neox_kwargs(vocab))
+    cfg = transformers.GPTNeoXConfig(**_neox_kwargs(args.vocab))
 
     def hf_model() -> torch.nn.Module:
         torch.manual_seed(0)
@@ -135,22 +142,21 @@ def _ref_models(model_dir: Path, vocab: int) -> dict[str, Callable[[], float]]:
         k_codebook=K,
     )  # fmt: skip
     cbm = models.wrap_codebook(hf_model(), config=cb_cfg).train()
-    base_step = _stepper(
-        lambda t: base(input_ids=t, labels=t).loss, _adamw([], list(base.parameters())), batches
-    )
-    cb_opt = _adamw(list(cbm.get_codebook_params()), list(cbm.get_model_params()))
-    cb_step = _stepper(lambda t: cbm(input_ids=t, labels=t).loss, cb_opt, batches)
+    fused, clock = args.fused_adamw, CLOCKS[args.clock]
+    base_opt = _adamw([], list(base.parameters()), fused)
+    base_step = _stepper(lambda t: base(input_ids=t, labels=t).loss, base_opt, batches, clock)
+    cb_opt = _adamw(list(cbm.get_codebook_params()), list(cbm.get_model_params()), fused)
+    cb_step = _stepper(lambda t: cbm(input_ids=t, labels=t).loss, cb_opt, batches, clock)
     print(json.dumps({"ready": True, "loss0": loss0, "transformers": transformers.__version__}))
     return {"base": base_step, "codebooks": cb_step}
 
 
-def _ref_child(model_dir: str, vocab: int, threads: int) -> None:
+def _ref_child(args: argparse.Namespace) -> None:
     """Serve steps: read a case name per line, print its seconds as JSON."""
     import warnings
 
     warnings.simplefilter("ignore")
-    torch.set_num_threads(threads)
-    steps = _ref_models(Path(model_dir), vocab)
+    steps = _ref_models(Path(args.ref_child), args)
     sys.stdout.flush()
     for line in sys.stdin:
         name = line.strip()
@@ -162,11 +168,13 @@ def _ref_child(model_dir: str, vocab: int, threads: int) -> None:
 class _Reference:
     """The reference's steps in a child process of the reference venv."""
 
-    def __init__(self, python: str, model_dir: Path, vocab: int, threads: int):
-        cmd = [python, __file__, "--ref-child", str(model_dir), "--vocab", str(vocab)]
-        cmd += ["--threads", str(threads)]
+    def __init__(self, model_dir: Path, args: argparse.Namespace):
+        cmd = [args.ref_python, __file__, "--ref-child", str(model_dir), "--vocab", str(args.vocab)]
+        cmd += ["--threads", str(args.threads), "--clock", args.clock]
+        cmd += ["--fused-adamw"] if args.fused_adamw else []
+        self.err = tempfile.TemporaryFile(mode="w+")  # not a pipe: a full one would block it
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True
         )
         self.info = self._read()
 
@@ -175,8 +183,9 @@ class _Reference:
         for line in self.proc.stdout:
             if line.startswith("{"):
                 return json.loads(line)
-        assert self.proc.stderr is not None
-        raise RuntimeError(f"reference child failed:\n{self.proc.stderr.read()[-3000:]}")
+        self.proc.wait(timeout=60)
+        self.err.seek(0)
+        raise RuntimeError(f"reference child failed:\n{self.err.read()[-3000:]}")
 
     def step(self, name: str) -> float:
         assert self.proc.stdin is not None
@@ -190,6 +199,7 @@ class _Reference:
             self.proc.stdin.write("quit\n")
             self.proc.stdin.flush()
             self.proc.wait(timeout=60)
+        self.err.close()
 
 
 def _start_reference(args, model_dir: Path) -> tuple[_Reference | None, str]:
@@ -199,7 +209,7 @@ def _start_reference(args, model_dir: Path) -> tuple[_Reference | None, str]:
     if not Path(args.ref_python).exists():
         return None, f"{args.ref_python} does not exist (set up the venv, see the docstring)"
     try:
-        return _Reference(args.ref_python, model_dir, args.vocab, args.threads), ""
+        return _Reference(model_dir, args), ""
     except (RuntimeError, OSError) as e:
         return None, f"the reference did not start: {e}"
 
@@ -228,12 +238,15 @@ def _save_model(model_dir: Path, vocab: int, n_batches: int) -> None:
     write_file(model_dir / "tokens.safetensors", save({"tokens": tokens}))
 
 
-def _our_models(model_dir: Path, device: str) -> tuple[dict[str, Callable[[], float]], float]:
+def _our_models(
+    model_dir: Path, args: argparse.Namespace
+) -> tuple[dict[str, Callable[[], float]], float]:
     """Our base and codebook steps, and the base model's loss on the first batch."""
     from safetensors.torch import load_file
 
     from codebook_lens import CodebookModel, boot_hf
 
+    device = args.device
     batches = [t.to(device) for t in load_file(str(model_dir / "tokens.safetensors"))["tokens"]]
     base = boot_hf(model_dir).to(device)
     with torch.no_grad():
@@ -250,12 +263,12 @@ def _our_models(model_dir: Path, device: str) -> tuple[dict[str, Callable[[], fl
         torch.stack([c.last_losses["recon"] for c in cm.codebooks.values()]).mean()
         return loss
 
-    cb_opt = _adamw(list(cm.codebook_parameters()), list(cm.model.parameters()))
+    fused, clock = args.fused_adamw, CLOCKS[args.clock]
+    base_opt = _adamw([], list(base.parameters()), fused)
+    cb_opt = _adamw(list(cm.codebook_parameters()), list(cm.model.parameters()), fused)
     steps = {
-        "base": _stepper(
-            lambda t: base(t, return_type="loss"), _adamw([], list(base.parameters())), batches
-        ),
-        "codebooks": _stepper(cb_loss, cb_opt, batches),
+        "base": _stepper(lambda t: base(t, return_type="loss"), base_opt, batches, clock),
+        "codebooks": _stepper(cb_loss, cb_opt, batches, clock),
     }
     return steps, loss0
 
@@ -318,19 +331,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--ref-python", default=REF_PYTHON, help="python of the reference's venv")
     p.add_argument("--no-ref", action="store_true", help="skip the reference")
+    p.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall: elapsed seconds; cpu: this process's CPU seconds (steadier on a shared "
+        "machine with --threads 1; with more threads it counts every thread's time)",
+    )
+    p.add_argument("--fused-adamw", action="store_true", help="torch's fused AdamW (both sides)")
     p.add_argument("--profile", action="store_true", help="profile our codebook step and exit")
     p.add_argument("--profile-rows", type=int, default=30)
     p.add_argument("--ref-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     torch.set_num_threads(args.threads)
     if args.ref_child:
-        return _ref_child(args.ref_child, args.vocab, args.threads)
+        return _ref_child(args)
     print(f"torch {torch.__version__}, {args.threads} threads, {args.device}")
     print(f"before: {load_line()}")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         _save_model(model_dir, args.vocab, n_batches=2)
-        ours, loss0 = _our_models(model_dir, args.device)
+        ours, loss0 = _our_models(model_dir, args)
         if args.profile:
             return _profile(ours["codebooks"], args.profile_rows)
         ref, why = (None, "--no-ref") if args.no_ref else _start_reference(args, model_dir)
