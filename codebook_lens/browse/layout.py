@@ -223,7 +223,7 @@ def _load_run_dir(root: Path, model: str | os.PathLike[str] | None) -> BrowseDat
         raise CheckpointError(
             f"{root} is a run without a code store; run `codebook-lens collect {root}` first"
         )
-    cs = CodeStore.load(root / "store")
+    cs = CodeStore.open(root / "store", verify=True)
     mp = Path(model).resolve() if model is not None else root / "model"
     d_vocab = int(cs.d_vocab or (int(cs.tokens.max()) + 1 if cs.tokens is not None else 0))
     vocab = _hf_vocab(mp, d_vocab) if (mp / MODEL_KIND.head).exists() else None
@@ -261,13 +261,13 @@ def load_browse_data(
                 "(they write it), or pass --store STORE [--model MODEL]"
             )
     if store is not None:
-        cs = CodeStore.load(store)
+        cs = CodeStore.open(store, verify=True)
         mp = Path(model).resolve() if model is not None else None
         d_vocab = int(cs.d_vocab or (int(cs.tokens.max()) + 1 if cs.tokens is not None else 0))
         vocab = _vocab_from_tokenizer(mp / "tokenizer" if mp else None, d_vocab)
         return BrowseData(root, cs, vocab or [str(i) for i in range(d_vocab)], model_path=mp)
     with open_dir(root / "browse", BROWSE_KIND) as (man, data):
-        cs = CodeStore.load(data / "store")
+        cs = CodeStore.open(data / "store", verify=True)
         labels = _labels(data / "labels.safetensors", cs)
     metrics = _read_json(root / "metrics.json") if (root / "metrics.json").exists() else {}
     mp = _opt(root, man.get("model"))
