@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                        # ours vs base (+ reference if found)
     python benchmarks/bench_train.py --repeats 5 --ref-python /work/refvenv/bin/python
+    python benchmarks/bench_train.py --threads 1 --clock cpu    # CPU seconds: a busy machine
     python benchmarks/bench_train.py --profile              # torch.profiler table of our step
     python benchmarks/bench_train.py --device cuda          # ours only, where a GPU exists
 
@@ -33,9 +34,9 @@ base, the reference's) alternate within each round. Set that venv up once, outsi
 (``--no-deps``: transformer-lens 1.7.0 pins CUDA wheels and triton.) Without that venv the
 script says why and reports ours against our base only.
 
-Times are medians over ``--repeats`` rounds; every ratio is the median of per-round ratios
-(steps of one round are neighbours in time). The machine is shared, so the load average is
-printed before and after.
+Times are medians over ``--repeats`` rounds after one warm-up round; every ratio is the median
+of per-round ratios (steps of one round are neighbours in time). The machine is shared, so the
+load average is printed before and after.
 """
 
 from __future__ import annotations
