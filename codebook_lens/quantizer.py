@@ -196,7 +196,17 @@ class Codebook(nn.Module):
         Positions (and groups) whose activation is not finite get -1 in every slot; with
         ``check_finite`` (default: the ``check_finite`` attribute) they raise ``ValueError``.
         """
+        self._check_dtype(x)
         return self._select(self.normalize_input(x), check_finite)
+
+    def _check_dtype(self, x: Tensor) -> None:
+        """Refuse activations that are not real floating point (a dtype check: no host sync)."""
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{self.where}: activations must be a floating-point tensor (float32, bfloat16, "
+                f"float16 or float64), got {x.dtype}; quantize a model's activations, or cast "
+                "the input with .float()"
+            )
 
     def _select(self, x_n: Tensor, check_finite: bool | None = None) -> Tensor:
         flat = self.flatten_input(x_n)
@@ -273,6 +283,8 @@ class Codebook(nn.Module):
     def _decode(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
         n_groups, n_codes, d = self.codebook.shape
         slots = codes.shape[-1]
+        if slots == 0:  # a patch removed every slot: nothing is combined
+            return self.codebook.new_zeros((*codes.shape[:-1], d), dtype=dtype)
         flat = codes.reshape(-1, n_groups, slots).long()
         valid = flat >= 0
         offs = torch.arange(n_groups, device=codes.device).view(1, -1, 1) * n_codes
@@ -294,6 +306,7 @@ class Codebook(nn.Module):
         Sets ``last_losses`` (``"recon"`` and ``"commit"`` as float32 tensors, no host sync) for
         the training loop; counts code usage while ``self.training``.
         """
+        self._check_dtype(x)
         x_n = self.normalize_input(x)
         codes = self._select(x_n, check_finite)
         if self.training:
