@@ -87,13 +87,13 @@ def write_browse_data(
         tokenizer: Path of a saved tokenizer, relative to ``out_dir``.
         fsm: Path of ``fsm.json``, relative to ``out_dir`` (TokFSM).
     """
-    if store.tokens is None:
+    if not store.has_tokens:
         raise ValueError("the browser needs the store's tokens; collect it with keep_tokens=True")
     if kind not in ("fsm", "lm", "generic"):
         raise ValueError(f"kind={kind!r}; choose 'fsm', 'lm' or 'generic'")
     out = Path(out_dir)
     labels, names = _checked_labels(store, labels, label_names)
-    d_vocab = int(store.d_vocab or int(store.tokens.max()) + 1)
+    d_vocab = _d_vocab(store)
     vocab = list(vocab) if vocab is not None else [str(i) for i in range(d_vocab)]
     manifest = {
         "format": BROWSE_FORMAT,
@@ -115,6 +115,16 @@ def write_browse_data(
 
     save_dir(out / "browse", BROWSE_KIND, manifest, write)
     return out / "browse"
+
+
+def _d_vocab(store: CodeStore) -> int:
+    """The store's vocabulary size: recorded, else one past its largest token (read chunk by
+    chunk, so a disk store is not loaded whole)."""
+    if store.d_vocab is not None:
+        return int(store.d_vocab)
+    if not store.has_tokens:
+        return 0
+    return 1 + max((int(t.max()) for _, t in store.token_chunks() if t.numel()), default=-1)
 
 
 def _checked_labels(
@@ -225,7 +235,7 @@ def _load_run_dir(root: Path, model: str | os.PathLike[str] | None) -> BrowseDat
         )
     cs = CodeStore.open(root / "store", verify=True)
     mp = Path(model).resolve() if model is not None else root / "model"
-    d_vocab = int(cs.d_vocab or (int(cs.tokens.max()) + 1 if cs.tokens is not None else 0))
+    d_vocab = _d_vocab(cs)
     vocab = _hf_vocab(mp, d_vocab) if (mp / MODEL_KIND.head).exists() else None
     ev = root / "evaluation.json"
     return BrowseData(
@@ -263,7 +273,7 @@ def load_browse_data(
     if store is not None:
         cs = CodeStore.open(store, verify=True)
         mp = Path(model).resolve() if model is not None else None
-        d_vocab = int(cs.d_vocab or (int(cs.tokens.max()) + 1 if cs.tokens is not None else 0))
+        d_vocab = _d_vocab(cs)
         vocab = _vocab_from_tokenizer(mp / "tokenizer" if mp else None, d_vocab)
         return BrowseData(root, cs, vocab or [str(i) for i in range(d_vocab)], model_path=mp)
     with open_dir(root / "browse", BROWSE_KIND) as (man, data):
