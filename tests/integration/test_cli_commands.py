@@ -302,3 +302,34 @@ def test_lm_demo_small_and_browse_its_output(tmp_path):
     assert [it["id"] for it in res["unpatched"]["next"]["items"]] == top.indices.tolist()
     got = [it["prob"] for it in res["unpatched"]["next"]["items"]]
     assert got == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- convert
+def test_convert_then_browse_the_converted_model(tmp_path):
+    """``convert`` writes a model that loads alone and gives the reference's logits (within the
+    README's 1e-7); ``browse --store --model`` runs the Lab on it."""
+    import numpy as np
+
+    fixture = ROOT / "tests" / "fixtures" / "codebook_features" / "neox_ip_k3"
+    args = [str(fixture / "checkpoint"), "converted", "--base", str(fixture / "base")]
+    stdout = cli("convert", *args, cwd=tmp_path)
+    assert "blocks.1.hook_mlp_out" in stdout
+    cm = CodebookModel.load(tmp_path / "converted").eval()
+    exp = np.load(fixture / "expected.npz", allow_pickle=False)
+    tokens = torch.from_numpy(exp["tokens"])
+    with torch.no_grad():
+        logits = cm(tokens)
+    assert (logits - torch.from_numpy(exp["logits"])).abs().max().item() < 1e-7
+    collect_codes(cm, tokens, progress=False).save(tmp_path / "store")
+    (tmp_path / "dir").mkdir()
+    model = str(tmp_path / "converted")
+    with Served("dir", "--store", "store", "--model", model, cwd=tmp_path) as srv:
+        assert srv.overview["model"]["loaded"] and srv.overview["n_seq"] == tokens.shape[0]
+        ids = tokens[0, :6].tolist()
+        res = srv.post("/api/lab", {"prompt": " ".join(map(str, ids)), "n_new": 0, "top": 5})
+    assert res["tokens"] == ids  # no tokenizer in the store's DIR: the prompt is token ids
+    with torch.no_grad():
+        top = torch.softmax(cm(torch.tensor([ids]))[0, -1].float(), -1).topk(5)
+    assert [it["id"] for it in res["unpatched"]["next"]["items"]] == top.indices.tolist()
+    got = [it["prob"] for it in res["unpatched"]["next"]["items"]]
+    assert got == pytest.approx(top.values.tolist(), abs=1e-5)
