@@ -89,11 +89,25 @@ def _accelerator() -> Any:
     return None
 
 
+def _end_processes(acc: Any) -> None:
+    """Tear the process group down before exit: left to interpreter shutdown, gloo's threads
+    can be destroyed while joinable ("terminate called without an active exception")."""
+    if acc is None:
+        return
+    import torch.distributed as dist
+
+    acc.wait_for_everyone()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from codebook_lens.pipeline.train import train_run
 
     cfg = run_config_from_args(args)
-    trained = train_run(cfg, resume=args.resume, accelerator=_accelerator())
+    acc = _accelerator()
+    trained = train_run(cfg, resume=args.resume, accelerator=acc)
+    _end_processes(acc)
     if _is_main():
         print(format_table(trained.evaluation.rows(), trained.evaluation.header()))
         print(f"\nwrote {trained.dir.path} (model/, evaluation.json, report.html)")
@@ -124,6 +138,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         accelerator=acc,
         progress=not args.no_progress,
     )
+    _end_processes(acc)
     if acc is None or _is_main():
         rows = [(s, str(store.n_heads(s)), str(store.k(s))) for s in store.sites]
         print(format_table(rows, ("site", "heads", "k")))
