@@ -90,15 +90,11 @@ def _accelerator() -> Any:
 
 
 def _end_processes(acc: Any) -> None:
-    """Tear the process group down before exit: left to interpreter shutdown, gloo's threads
-    can be destroyed while joinable ("terminate called without an active exception")."""
-    if acc is None:
-        return
-    import torch.distributed as dist
+    """Exit this process now if it is one of several (see ``exit_processes``)."""
+    if acc is not None:
+        from codebook_lens.training import exit_processes
 
-    acc.wait_for_everyone()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        exit_processes(acc)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -107,10 +103,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = run_config_from_args(args)
     acc = _accelerator()
     trained = train_run(cfg, resume=args.resume, accelerator=acc)
-    _end_processes(acc)
     if _is_main():
         print(format_table(trained.evaluation.rows(), trained.evaluation.header()))
         print(f"\nwrote {trained.dir.path} (model/, evaluation.json, report.html)")
+    _end_processes(acc)
     return 0
 
 
@@ -138,11 +134,11 @@ def _cmd_collect(args: argparse.Namespace) -> int:
         accelerator=acc,
         progress=not args.no_progress,
     )
-    _end_processes(acc)
     if acc is None or _is_main():
         rows = [(s, str(store.n_heads(s)), str(store.k(s))) for s in store.sites]
         print(format_table(rows, ("site", "heads", "k")))
         print(f"\n{store.n_tokens:,} tokens in {Path(args.run) / 'store'}")
+    _end_processes(acc)
     return 0
 
 

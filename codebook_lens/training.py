@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
 import torch
 from jaxtyping import Float, Int
@@ -49,6 +51,7 @@ __all__ = [
     "train_codebooks",
     "lm_loss",
     "make_accelerator",
+    "exit_processes",
 ]
 
 
@@ -229,6 +232,25 @@ def make_accelerator(cpu: bool | None = None, mixed_precision: str = "auto", **k
             f"mixed_precision={mixed_precision!r}; choose 'auto', 'no', 'fp16' or 'bf16'"
         )
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision, **kwargs)
+
+
+def exit_processes(accelerator: Any, code: int = 0) -> NoReturn:
+    """End this process of a multi-process run: wait for the others, destroy the process group,
+    flush the output and exit with ``code`` without interpreter teardown.
+
+    Gloo keeps C++ threads that the interpreter's teardown can destroy while still joinable,
+    aborting a finished process ("terminate called without an active exception", SIGABRT),
+    even after ``destroy_process_group``; ``os._exit`` skips that teardown, as
+    ``multiprocessing`` does in its children.
+    """
+    import torch.distributed as dist
+
+    accelerator.wait_for_everyone()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:

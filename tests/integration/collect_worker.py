@@ -63,7 +63,7 @@ def kill_run(out: Path) -> None:
 
 
 def accelerate_run(out: Path) -> None:
-    from codebook_lens.training import make_accelerator
+    from codebook_lens.training import exit_processes, make_accelerator
 
     acc = make_accelerator(mixed_precision="no")
     cm = build()
@@ -81,9 +81,7 @@ def accelerate_run(out: Path) -> None:
         "error": error,
     }
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(rank))
-    acc.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    exit_processes(acc)  # no interpreter teardown: gloo can abort it
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from safetensors.torch import save
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from codebook_lens.atomic import write_file, write_text  # noqa: E402
-from codebook_lens.training import make_accelerator, train_codebooks  # noqa: E402
+from codebook_lens.training import exit_processes, make_accelerator, train_codebooks  # noqa: E402
 from tests.integration.test_lm_training import _cfg, _cm, _global_rng_stream  # noqa: E402
 
 SEED = 123
@@ -56,19 +56,16 @@ def main() -> None:
         metrics_path=str(out / "metrics.jsonl"),
     )
     res = train_codebooks(cm, _global_rng_stream(batch=4), cfg, loss_fn=loss, accelerator=acc)
+    if acc is None or acc.is_main_process:
+        state = {f"param.{k}": v for k, v in cm.state_dict().items()}
+        state |= {f"counts.{s}": cb.code_counts for s, cb in cm.codebooks.items()}
+        write_file(
+            out / "final.safetensors", save({k: v.detach().clone() for k, v in state.items()})
+        )
+        result = {"resumed_from": res.resumed_from, "history": res.history}
+        write_text(out / "result.json", json.dumps(result))
     if acc is not None:
-        import torch.distributed as dist
-
-        main = acc.is_main_process
-        acc.wait_for_everyone()
-        dist.destroy_process_group()  # before exit (see lm_accelerate_worker.py)
-        if not main:
-            return
-    state = {f"param.{k}": v for k, v in cm.state_dict().items()}
-    state |= {f"counts.{s}": cb.code_counts for s, cb in cm.codebooks.items()}
-    write_file(out / "final.safetensors", save({k: v.detach().clone() for k, v in state.items()}))
-    result = {"resumed_from": res.resumed_from, "history": res.history}
-    write_text(out / "result.json", json.dumps(result))
+        exit_processes(acc)  # no interpreter teardown: gloo can abort it
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from codebook_lens import CodebookModel
-from codebook_lens.training import TrainConfig, make_accelerator, train_codebooks
+from codebook_lens.training import TrainConfig, exit_processes, make_accelerator, train_codebooks
 from tests.conftest import make_model  # the launcher puts the repository root on PYTHONPATH
 
 STEPS = 6
@@ -80,11 +80,7 @@ def main(out: Path) -> None:
             "ranks_identical_after_replacement": same,
         }
         (out / "run.json").write_text(json.dumps(run))
-    acc.wait_for_everyone()
-    # tear the gloo group down before exit: left to interpreter shutdown, its threads can be
-    # destroyed while joinable ("terminate called without an active exception", SIGABRT)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    exit_processes(acc)  # no interpreter teardown: gloo can abort it
 
 
 if __name__ == "__main__":
