@@ -27,7 +27,7 @@ __all__ = [
 Similarity = Literal["cosine", "dot", "euclidean"]
 Combine = Literal["sum", "mean"]
 InputNorm = Literal["none", "layernorm", "affine"]
-InitMethod = Literal["random", "sample", "kmeans"]
+InitMethod = Literal["random", "sample", "kmeans", "sae"]
 SIMILARITIES: tuple[str, ...] = get_args(Similarity)
 COMBINES: tuple[str, ...] = get_args(Combine)
 INPUT_NORMS: tuple[str, ...] = get_args(InputNorm)
@@ -114,8 +114,11 @@ class CodebookConfig(ValidatedConfig):
 
     init: InitMethod = "sample"
     """Code initialisation: ``"random"`` (Gaussian, on the unit sphere for cosine), ``"sample"``
-    (random activations; the default) or ``"kmeans"`` (k-means on activations). Data-driven
-    methods run when :meth:`CodebookModel.init_codebooks` is given tokens."""
+    (random activations; the default), ``"kmeans"`` (k-means on activations) or ``"sae"`` (the
+    codes are a sparse autoencoder's decoder rows, set by
+    :func:`codebook_lens.saelens.codebook_from_sae`). Data-driven methods run when
+    :meth:`CodebookModel.init_codebooks` is given tokens; ``"random"`` and ``"sae"`` codes are
+    left as they are."""
 
     kmeans_iters: int = 10
     """Lloyd iterations for ``init="kmeans"``."""

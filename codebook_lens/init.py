@@ -67,16 +67,16 @@ def kmeans(
 def init_from_activations(
     cb: Codebook,
     acts: Float[Tensor, "... d_in"],
-    method: Literal["random", "sample", "kmeans"] | None = None,
+    method: Literal["random", "sample", "kmeans", "sae"] | None = None,
 ) -> None:
     """Set ``cb``'s codes from activations of its site (``method`` defaults to ``cfg.init``).
 
     ``"sample"`` copies random activations; ``"kmeans"`` runs k-means on them; ``"random"``
-    leaves the codes as constructed. Activations are taken in the codes' space (after
+    and ``"sae"`` leave the codes as they are. Activations are taken in the codes' space (after
     ``input_norm``).
     """
     method = method or cb.cfg.init
-    if method == "random":
+    if method in ("random", "sae"):
         return
     flat = _as_groups(cb, acts)
     if flat.shape[0] == 0:

@@ -463,7 +463,7 @@ class CodebookModel(nn.Module):
     def init_codebooks(self, tokens: Tensor, batch_size: int = 32, max_rows: int = 65536) -> None:
         """Initialise every codebook whose ``cfg.init`` is data-driven from base-model activations
         on ``tokens`` [batch, pos] (codebooks disabled while collecting)."""
-        sites = [s for s, cb in self.codebooks.items() if cb.cfg.init != "random"]
+        sites = [s for s, cb in self.codebooks.items() if cb.cfg.init not in ("random", "sae")]
         if not sites:
             return
         acts: dict[str, list[Tensor]] = {s: [] for s in sites}
