@@ -4,6 +4,7 @@ codebook-lens train [CONFIG] --out RUN       codebooks on a Hugging Face model a
 codebook-lens evaluate RUN                   loss recovered, explained variance, code usage
 codebook-lens collect RUN [--tokens N]       codes of many tokens -> RUN/store (on disk)
 codebook-lens browse RUN                     the code browser over a run (or a demo's DIR)
+codebook-lens export neuronpedia RUN --out DIR  Neuronpedia bulk-import files of a collected run
 codebook-lens demo --out DIR                 TokFSM end to end (cached base model reused)
 codebook-lens fsm train-base --out DIR       step 1: FSM + base model
 codebook-lens fsm train-codebooks --base DIR --out DIR
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -234,6 +236,58 @@ def _cmd_browse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """``export neuronpedia``: a collected run's codes as Neuronpedia import files; a user's
+    mistake (no store, an unknown site, a bad name) is one line naming the fix."""
+    from codebook_lens.analysis import CodeStore
+    from codebook_lens.export import NeuronpediaConfig, export_neuronpedia
+    from codebook_lens.pipeline.load import load_run
+
+    try:
+        run = load_run(args.run, device=args.device)
+        if not run.dir.store.is_dir():
+            raise FileNotFoundError(
+                f"{args.run} has no code store; run `codebook-lens collect {args.run}` first"
+            )
+        done = export_neuronpedia(
+            run.cm, CodeStore.open(run.dir.store), args.out,
+            config_from_args(NeuronpediaConfig(), args), sites=args.site,
+            model_name=run.cfg.model.name, dataset=run.cfg.data.path,
+            overwrite=args.overwrite, progress=not args.no_progress,
+        )  # fmt: skip
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
+        if os.environ.get("CODEBOOK_LENS_TRACEBACK"):
+            raise
+        raise SystemExit(f"codebook-lens export: error: {e.args[0] if e.args else e}") from None
+    rows = [(s.site, s.source_id, str(s.n_features), str(s.n_activations)) for s in done.sources]
+    print(format_table(rows, ("site", "source", "features", "activations")))
+    print(
+        f"\nwrote {done.out / done.model_id} (import each source with Neuronpedia's admin import)"
+    )
+    return 0
+
+
+def _export_parsers(sub: Any) -> None:
+    """``export neuronpedia RUN --out DIR`` with a flag per NeuronpediaConfig field."""
+    from codebook_lens.export import NeuronpediaConfig
+
+    ex = sub.add_parser("export", help="export a collected run to other tools (Neuronpedia)")
+    fmt = ex.add_subparsers(dest="format", required=True)
+    npd = fmt.add_parser(
+        "neuronpedia",
+        help="Neuronpedia bulk-import files: one source per site (docs/neuronpedia.md)",
+        usage="%(prog)s RUN --out DIR [--site SITE ...] [options]",
+    )
+    npd.add_argument("run", help="a run directory after `codebook-lens collect`")
+    npd.add_argument("--out", required=True, help="output directory (new, empty, or --overwrite)")
+    npd.add_argument("--site", action="append", help="a site to export (repeatable; default all)")
+    npd.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out")
+    npd.add_argument("--device", default=None, help="device for the model (default: the run's)")
+    npd.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_config_arguments(npd, NeuronpediaConfig())
+    npd.set_defaults(func=_cmd_export)
+
+
 def _backend_flag(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--backend",
@@ -326,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--revision", default=None, help="Hub revision of SRC")
     _backend_flag(cv)
     cv.set_defaults(func=_cmd_convert)
+    _export_parsers(sub)
     br = sub.add_parser("browse", help="serve the code browser for DIR (prints its URL)")
     from codebook_lens.browse.server import add_arguments  # no web framework imported here
 
