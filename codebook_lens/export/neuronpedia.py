@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from codebook_lens.analysis.features import token_strings
 from codebook_lens.analysis.store import CodeStore
 from codebook_lens.atomic import write_file
-from codebook_lens.export.examples import hit_windows, site_hits
-from codebook_lens.export.logit_extremes import logit_extremes
+from codebook_lens.export.examples import SiteHits, hit_windows, site_hits
+from codebook_lens.export.logit_extremes import LogitExtremes, logit_extremes
 from codebook_lens.export.neuronpedia_records import (
     DEFAULT_CREATOR_ID,
     activation_record,
@@ -296,7 +296,7 @@ def _strings(cm: CodebookModel, *ids: torch.Tensor) -> dict[int, str]:
 
 
 def _activation_rows(
-    store: CodeStore, cm: CodebookModel, s: _Site, m: _Meta, hits: Any, batch: torch.Tensor
+    store: CodeStore, cm: CodebookModel, s: _Site, m: _Meta, hits: SiteHits, batch: torch.Tensor
 ) -> list[dict[str, Any]]:
     """The activation records of the features in ``batch``: each firing's context window."""
     c, n_codes = m.cfg, hits.n_codes
@@ -328,7 +328,7 @@ def _activation_rows(
 
 def _feature_rows(
     cm: CodebookModel, s: _Site, m: _Meta, batch: torch.Tensor, counts: torch.Tensor,
-    n_tokens: int, ext: Any, with_examples: torch.Tensor, n_codes: int,
+    n_tokens: int, ext: LogitExtremes | None, with_examples: torch.Tensor, n_codes: int,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """The feature records of ``batch`` (feature ids): density, logits, the codebook facts."""
     head, code = batch // n_codes, batch % n_codes

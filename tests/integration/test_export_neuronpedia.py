@@ -326,3 +326,25 @@ def test_cli_refuses_an_existing_export_and_a_bad_site(run, tmp_path):
               "--site", "blocks.0.hook_zz"])  # fmt: skip
     assert "blocks.0.attn.hook_z" in str(e.value.code)  # the close match is named
     assert not (tmp_path / "x").exists()
+
+
+def test_values_are_what_the_saelens_codebook_encodes(run):
+    """The exported values equal the SAELens "codebook" architecture's feature activations at
+    every window position (transformer-lens 3.x, where SAELens installs)."""
+    pytest.importorskip("sae_lens")
+    from codebook_lens.saelens import to_sae_lens
+
+    loaded, store, out = run
+    cm, n_seq = loaded.cm, 2
+    for site, source in SOURCES.items():
+        with cm.disabled(site):  # the site's input: what the codebook (and the SAE) sees
+            _, cache = cm.run_with_cache(store.tokens[:n_seq].long())
+        acts = to_sae_lens(cm, site).encode(cache[site]).detach().numpy()  # [seq, pos, d_sae]
+        checked = 0
+        for rec in read_source(out, source)["activations"]:
+            x, f = rec[EXTRA], int(rec["index"])
+            if x["seq"] < n_seq:
+                window = slice(x["start"], x["start"] + len(rec["values"]))
+                np.testing.assert_allclose(rec["values"], acts[x["seq"], window, f], atol=1e-7)
+                checked += 1
+        assert checked > 0, site
