@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch import nn
 from codebook_lens.atomic import write_text
 from codebook_lens.backends import BACKENDS, BackendError
 from codebook_lens.cli_args import add_config_arguments, config_from_args
-from codebook_lens.cli_run import add_run_parsers
+from codebook_lens.cli_run import add_run_parsers, clear_errors
 from codebook_lens.fsm.experiment import (
     ExperimentConfig,
     attach_codebooks,
@@ -243,22 +242,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from codebook_lens.export import NeuronpediaConfig, export_neuronpedia
     from codebook_lens.pipeline.load import load_run
 
-    try:
-        run = load_run(args.run, device=args.device)
-        if not run.dir.store.is_dir():
-            raise FileNotFoundError(
-                f"{args.run} has no code store; run `codebook-lens collect {args.run}` first"
-            )
-        done = export_neuronpedia(
-            run.cm, CodeStore.open(run.dir.store), args.out,
-            config_from_args(NeuronpediaConfig(), args), sites=args.site,
-            model_name=run.cfg.model.name, dataset=run.cfg.data.path,
-            overwrite=args.overwrite, progress=not args.no_progress,
-        )  # fmt: skip
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-        if os.environ.get("CODEBOOK_LENS_TRACEBACK"):
-            raise
-        raise SystemExit(f"codebook-lens export: error: {e.args[0] if e.args else e}") from None
+    run = load_run(args.run, device=args.device)
+    if not run.dir.store.is_dir():
+        raise FileNotFoundError(
+            f"{args.run} has no code store; run `codebook-lens collect {args.run}` first"
+        )
+    done = export_neuronpedia(
+        run.cm, CodeStore.open(run.dir.store), args.out,
+        config_from_args(NeuronpediaConfig(), args), sites=args.site,
+        model_name=run.cfg.model.name, dataset=run.cfg.data.path,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )  # fmt: skip
     rows = [(s.site, s.source_id, str(s.n_features), str(s.n_activations)) for s in done.sources]
     print(format_table(rows, ("site", "source", "features", "activations")))
     print(
@@ -285,7 +279,7 @@ def _export_parsers(sub: Any) -> None:
     npd.add_argument("--device", default=None, help="device for the model (default: the run's)")
     npd.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_config_arguments(npd, NeuronpediaConfig())
-    npd.set_defaults(func=_cmd_export)
+    npd.set_defaults(func=clear_errors(_cmd_export))
 
 
 def _backend_flag(sp: argparse.ArgumentParser) -> None:

@@ -26,7 +26,7 @@ from codebook_lens.pipeline.sites import SiteGroup
 from codebook_lens.pipeline.sources import DataConfig
 from codebook_lens.text_table import format_table
 
-__all__ = ["add_run_parsers", "run_config_from_args"]
+__all__ = ["clear_errors", "add_run_parsers", "run_config_from_args"]
 
 
 def _template() -> RunConfig:
@@ -145,7 +145,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 _USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError)
 
 
-def _clear_errors(command: Any) -> Any:
+def clear_errors(command: Any) -> Any:
     """``command`` with a user's mistake (a bad config, path, pattern or dataset) reported as
     one line naming the fix instead of a traceback; ``CODEBOOK_LENS_TRACEBACK=1`` keeps it."""
 
@@ -175,7 +175,7 @@ def _train_parser(sub: Any) -> None:
     t.add_argument("--n-codes", type=int, default=10_000, help="codes per --site codebook")
     t.add_argument("--k", type=int, default=8, help="active codes per position for --site")
     add_config_arguments(t, _template(), exclude=["sites"])
-    t.set_defaults(func=_clear_errors(_cmd_train))
+    t.set_defaults(func=clear_errors(_cmd_train))
 
 
 def add_run_parsers(sub: Any) -> None:
@@ -185,10 +185,10 @@ def add_run_parsers(sub: Any) -> None:
     ev.add_argument("run", help="a run directory written by `codebook-lens train`")
     ev.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens to use")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    ev.set_defaults(func=_clear_errors(_cmd_evaluate))
+    ev.set_defaults(func=clear_errors(_cmd_evaluate))
     co = sub.add_parser("collect", help="write the codes of RUN's sites to RUN/store")
     co.add_argument("run", help="a run directory written by `codebook-lens train`")
     co.add_argument("--tokens", type=int, default=None, help="tokens to collect")
     co.add_argument("--restart", action="store_true", help="discard a partial store")
     co.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    co.set_defaults(func=_clear_errors(_cmd_collect))
+    co.set_defaults(func=clear_errors(_cmd_collect))

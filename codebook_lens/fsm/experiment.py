@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from codebook_lens.analysis import (
@@ -69,6 +69,7 @@ __all__ = [
     "finetune_codebooks",
     "get_base_model",
     "init_codebooks",
+    "intervention_success",
     "interventions",
     "site_sets",
     "state_recovery",
@@ -562,9 +563,11 @@ def _forced_model(cm: CodebookModel, forced: dict[str, list[Tensor]], pos: int):
     return run
 
 
-def _success(
+def intervention_success(
     p: Float[Tensor, "b n_states"], targets: Int[Tensor, " b"], fsm: FSM, top: int, need: int
-) -> Tensor:
+) -> Bool[Tensor, " b"]:
+    """Whether at least ``need`` of the ``top`` most likely next states in ``p`` are successors
+    of the target state (the success criterion of :func:`interventions`)."""
     top_states = p.topk(top, dim=-1).indices  # [b, top]
     succ = fsm.successors.to(p.device)[targets]  # [b, n_edges]
     hits = (top_states.unsqueeze(-1) == succ.unsqueeze(1)).any(-1).sum(-1)
@@ -581,7 +584,7 @@ def _scores(
 ) -> dict[str, float]:
     """Success rate and mean JSD of next-state distributions ``p`` against the targets'."""
     return {
-        "success_rate": float(_success(p, targets, fsm, top, need).float().mean()),
+        "success_rate": float(intervention_success(p, targets, fsm, top, need).float().mean()),
         "jsd": float(jsd(p, true).mean()),
     }
 

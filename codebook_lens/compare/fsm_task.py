@@ -1,0 +1,143 @@
+"""Codes against SAEs on TokFSM, where every position's hidden state is known: states recovered,
+best-feature precision and intervention success for one dictionary at one site."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens import SAE, HookedSAETransformer
+from torch import Tensor
+
+from codebook_lens.analysis import (
+    AttributionResult,
+    best_codes_per_label,
+    label_attribution,
+    recovered_labels,
+)
+from codebook_lens.compare.splice import feature_store
+from codebook_lens.fsm.data import eval_set, state_labels
+from codebook_lens.fsm.experiment import ExperimentConfig, intervention_success
+from codebook_lens.fsm.machine import FSM
+from codebook_lens.fsm.metrics import next_state_distribution
+
+__all__ = ["StateFeatures", "state_features", "force_state_success"]
+
+
+@dataclass
+class StateFeatures:
+    """A dictionary's features as detectors of the FSM state (at each state's last digit)."""
+
+    states_recovered: int
+    """States with a feature of precision and recall >= 0.9."""
+    states_present: int
+    """States that occur in the recovery walks."""
+    mean_best_precision: float
+    """Mean over present states of the precision of the state's best feature (by F1)."""
+    mean_best_recall: float
+    """Mean over present states of that feature's recall."""
+    best_precision: list[float]
+    """Per state: the best feature's precision (NaN where the state is absent)."""
+    best_recall: list[float]
+    """Per state: the best feature's recall."""
+    result: AttributionResult
+    """Precision and recall of every feature for every state."""
+
+    def metrics(self) -> dict[str, Any]:
+        """The JSON part (everything but ``result``)."""
+        return {k: v for k, v in self.__dict__.items() if k != "result"}
+
+
+def recovery_tokens(fsm: FSM, cfg: ExperimentConfig) -> Int[Tensor, "walk pos"]:
+    """The demo's state-recovery walks (the same seed as :func:`state_recovery`)."""
+    return eval_set(fsm, cfg.recovery_walks, cfg.recovery_states, seed=cfg.seed + 3)
+
+
+@torch.no_grad()
+def state_features(
+    model: HookedSAETransformer, sae: SAE, fsm: FSM, tokens: Int[Tensor, "walk pos"]
+) -> StateFeatures:
+    """Label attribution of ``sae``'s active features against the FSM states of ``tokens``."""
+    labels = state_labels(fsm, tokens)
+    site = sae.cfg.metadata.hook_name
+    res = label_attribution(feature_store(model, sae, tokens), labels, site, n_labels=fsm.n_states)
+    best = best_codes_per_label(res, by="f1")
+    present = res.label_counts > 0
+    nan = torch.full_like(best.precision, math.nan)
+    return StateFeatures(
+        states_recovered=int(recovered_labels(res).sum()),
+        states_present=int(present.sum()),
+        mean_best_precision=float(best.precision[present].mean()),
+        mean_best_recall=float(best.recall[present].mean()),
+        best_precision=torch.where(present, best.precision, nan).tolist(),
+        best_recall=torch.where(present, best.recall, nan).tolist(),
+        result=res,
+    )
+
+
+@torch.no_grad()
+def mean_active_values(
+    model: HookedSAETransformer, sae: SAE, tokens: Int[Tensor, "walk pos"]
+) -> Float[Tensor, " d_sae"]:
+    """Each feature's mean activation over the positions where it is active (0 if never)."""
+    site, total, count = sae.cfg.metadata.hook_name, 0.0, 0.0
+    for chunk in tokens.split(256):
+        _, cache = model.run_with_cache(chunk, names_filter=site)
+        acts = sae.encode(cache[site].to(sae.dtype)).flatten(0, -2).double()
+        total, count = total + acts.sum(0), count + (acts > 0).sum(0)
+    return (total / torch.as_tensor(count).clamp_min(1)).float()
+
+
+def state_vectors(
+    sf: StateFeatures, means: Float[Tensor, " d_sae"], k: int
+) -> Float[Tensor, "n_states d_sae"]:
+    """Per state, the feature vector that forces it: its ``k`` best features by F1 at their
+    mean active value, every other feature 0."""
+    f1 = sf.result.f1[0].T  # [n_states, d_sae] (one head: the dictionary is flat)
+    top = f1.topk(min(k, f1.shape[1]), dim=-1).indices
+    out = torch.zeros(f1.shape[0], means.shape[0])
+    return out.scatter_(1, top, means[top])
+
+
+@torch.no_grad()
+def force_state_success(
+    model: HookedSAETransformer,
+    sae: SAE,
+    fsm: FSM,
+    cfg: ExperimentConfig,
+    vectors: Float[Tensor, "n_states d_sae"],
+) -> float:
+    """Share of the demo's intervention prompts whose next state follows a forced target state.
+
+    The prompts, targets and success criterion are those of
+    :func:`~codebook_lens.fsm.experiment.interventions`; instead of donor codes, the SAE's
+    feature activations from the last prompt position on are replaced by the target state's
+    ``vectors`` row (its best features at their mean active value).
+    """
+    n_per = cfg.intervention_prompts
+    prompts = eval_set(fsm, fsm.n_states * n_per, cfg.intervention_prompt_states, cfg.seed + 4)
+    targets = torch.arange(fsm.n_states).repeat_interleave(n_per)
+    last = fsm.tokens_to_states(prompts[:, 1:])[:, -1]
+    targets = torch.where(targets == last, (targets + 1) % fsm.n_states, targets)
+    pos, forced = prompts.shape[1] - 1, vectors[targets]
+    name = f"{sae.cfg.metadata.hook_name}.hook_sae_acts_post"
+
+    def force(acts: Tensor, hook: Any) -> Tensor:
+        rows = forced.repeat_interleave(acts.shape[0] // forced.shape[0], 0).to(acts)
+        acts[:, pos:] = rows[:, None]
+        return acts
+
+    def run(tokens: Tensor) -> Tensor:
+        return model.run_with_hooks(tokens, fwd_hooks=[(name, force)])
+
+    run.cfg = model.cfg  # type: ignore[attr-defined]
+    model.add_sae(sae)
+    try:
+        p = next_state_distribution(run, fsm, prompts)
+    finally:
+        model.reset_saes()
+    need = math.ceil(0.8 * fsm.n_edges)
+    return float(intervention_success(p, targets, fsm, fsm.n_edges, need).float().mean())
