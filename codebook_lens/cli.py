@@ -5,6 +5,7 @@ codebook-lens evaluate RUN                   loss recovered, explained variance,
 codebook-lens collect RUN [--tokens N]       codes of many tokens -> RUN/store (on disk)
 codebook-lens browse RUN                     the code browser over a run (or a demo's DIR)
 codebook-lens export neuronpedia RUN --out DIR  Neuronpedia bulk-import files of a collected run
+codebook-lens export dashboard RUN --out DIR    offline feature dashboards (one HTML page a site)
 codebook-lens demo --out DIR                 TokFSM end to end (cached base model reused)
 codebook-lens fsm train-base --out DIR       step 1: FSM + base model
 codebook-lens fsm train-codebooks --base DIR --out DIR
@@ -261,11 +262,73 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_dashboard(args: argparse.Namespace) -> int:
+    """``export dashboard``: one offline feature-dashboard page per site of a collected run."""
+    from codebook_lens.analysis import CodeStore
+    from codebook_lens.export import DashboardConfig, export_dashboard
+    from codebook_lens.pipeline.load import load_run
+
+    run = load_run(args.run, device=args.device)
+    if not run.dir.store.is_dir():
+        raise FileNotFoundError(
+            f"{args.run} has no code store; run `codebook-lens collect {args.run}` first"
+        )
+    cfg = config_from_args(DashboardConfig(), args)
+    if args.codes is not None:
+        cfg.codes = None if args.codes == "all" else args.codes
+    done = export_dashboard(
+        run.cm, CodeStore.open(run.dir.store), args.out, cfg, sites=args.site,
+        model_name=run.cfg.model.name, overwrite=args.overwrite, progress=not args.no_progress,
+    )  # fmt: skip
+    rows = [(s, str(done.n_features[s]), str(p)) for s, p in done.pages.items()]
+    print(format_table(rows, ("site", "codes", "page")))
+    print(f"\nopen {done.index} in a browser (works offline)")
+    return 0
+
+
+def _codes_arg(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of codes >= 1, or 'all'")
+    return n
+
+
+def _dashboard_parser(fmt: Any) -> None:
+    """``export dashboard RUN --out DIR`` with a flag per DashboardConfig field."""
+    from codebook_lens.export import DashboardConfig
+
+    db = fmt.add_parser(
+        "dashboard",
+        help="offline feature dashboards: one self-contained HTML page per site "
+        "(docs/dashboards.md)",
+        usage="%(prog)s RUN --out DIR [--site SITE ...] [--codes N|all] [options]",
+    )
+    db.add_argument("run", help="a run directory after `codebook-lens collect`")
+    db.add_argument("--out", required=True, help="output directory (created if missing)")
+    db.add_argument("--site", action="append", help="a site to export (repeatable; default all)")
+    db.add_argument(
+        "--codes", type=_codes_arg, default=None,
+        help="the N most used codes per site and head (default 50), or 'all' (dead ones too)",
+    )  # fmt: skip
+    db.add_argument("--overwrite", action="store_true", help="replace an earlier dashboard")
+    db.add_argument("--device", default=None, help="device for the model (default: the run's)")
+    db.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_config_arguments(db, DashboardConfig(), exclude=["codes"])
+    db.set_defaults(func=clear_errors(_cmd_export_dashboard))
+
+
 def _export_parsers(sub: Any) -> None:
-    """``export neuronpedia RUN --out DIR`` with a flag per NeuronpediaConfig field."""
+    """``export neuronpedia|dashboard RUN --out DIR`` with a flag per config field."""
     from codebook_lens.export import NeuronpediaConfig
 
-    ex = sub.add_parser("export", help="export a collected run to other tools (Neuronpedia)")
+    ex = sub.add_parser(
+        "export", help="export a collected run to other tools (Neuronpedia, dashboards)"
+    )
     fmt = ex.add_subparsers(dest="format", required=True)
     npd = fmt.add_parser(
         "neuronpedia",
@@ -280,6 +343,7 @@ def _export_parsers(sub: Any) -> None:
     npd.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_config_arguments(npd, NeuronpediaConfig())
     npd.set_defaults(func=clear_errors(_cmd_export))
+    _dashboard_parser(fmt)
 
 
 def _backend_flag(sp: argparse.ArgumentParser) -> None:
