@@ -17,13 +17,17 @@
     for (const k in attrs) e.setAttribute(k, attrs[k]);
     return e;
   }
-  // a token's text as shown: newlines and tabs made visible, nothing else changed
+  // a token's text as shown: newlines, tabs and other control characters made visible
+  function visible(s) {
+    return s.replace(/\n/g, '\u21b5').replace(/\t/g, '\u21e5').replace(/[\x00-\x1f\x7f]/g,
+      (ch) => String.fromCharCode(ch === '\x7f' ? 0x2421 : 0x2400 + ch.charCodeAt(0)));
+  }
   function show(id) {
     const s = D.vocab[String(id)];
-    return s === undefined ? '#' + id : s.replace(/\n/g, '\u21b5').replace(/\t/g, '\u21e5');
+    return s === undefined ? '#' + id : visible(s);
   }
   function fmtDensity(d) { return d === 0 ? '0' : d.toExponential(2); }
-  function fmtVal(v) { return (v >= 0 ? '+' : '') + v.toFixed(3); }
+  function fmtVal(v) { return (v >= 0 ? '+' : '') + v.toPrecision(3); }
   function where(c) { return D.site + ' \u00b7 head ' + c.head + ' \u00b7 code ' + c.code; }
 
   // ---------------------------------------------------------------- header and code list
@@ -95,7 +99,7 @@
     }
     s.appendChild(svg('line', { class: 'axis', x1: L, x2: W, y1: H, y2: H }));
     for (let t = Math.ceil(lo); t <= hi; t++) {
-      const lab = svg('text', { x: x(t), y: H + 13, 'text-anchor': 'middle' });
+      const lab = svg('text', { x: x(t), y: H + 13, 'text-anchor': t === hi ? 'end' : 'middle' });
       lab.textContent = t === 0 ? '1' : '1e' + t;
       s.appendChild(lab);
     }
@@ -166,6 +170,14 @@
   }
 
   // ---------------------------------------------------------------- routing
+  // scroll the code list (only the list, not the page) so that the selected code shows
+  function reveal(li) {
+    const box = $('list');
+    const top = li.offsetTop, bottom = top + li.offsetHeight;
+    if (top < box.scrollTop || bottom > box.scrollTop + box.clientHeight) {
+      box.scrollTop = top - box.clientHeight / 2;
+    }
+  }
   function render(c) {
     const title = $('title');
     title.replaceChildren(el('span', '', 'Feature ' + c.feature), el('span', 'where', where(c)));
@@ -180,7 +192,10 @@
     histogram(c);
     logits(c);
     examples(c);
-    for (const [d, li] of items) li.classList.toggle('sel', d === c);
+    for (const [d, li] of items) {
+      li.classList.toggle('sel', d === c);
+      if (d === c && !li.hidden) reveal(li);
+    }
     document.body.dataset.feature = c.feature;
   }
   function route() {
