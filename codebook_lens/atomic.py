@@ -69,6 +69,8 @@ READ_LOCK = ".cbl-read.lock"
 """Lock file held shared by readers, exclusively by a writer while it deletes old versions."""
 
 _HEX = re.compile(r"[0-9a-f]{32}")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: mkstemp makes 0600 files, written files get open()'s mode
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ def write_file(path: str | os.PathLike[str], data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()

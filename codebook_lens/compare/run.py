@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from sae_lens import HookedSAETransformer
+from sae_lens import SAE, HookedSAETransformer
+from safetensors.torch import save
 from torch import nn
 
-from codebook_lens.atomic import write_text
+from codebook_lens.atomic import write_file, write_text
 from codebook_lens.compare.dictionaries import DictionarySpec, train_dictionary
 from codebook_lens.compare.fsm_task import (
     force_state_success,
@@ -36,7 +37,7 @@ from codebook_lens.fsm.experiment import (
 from codebook_lens.fsm.machine import FSM
 from codebook_lens.validation import Range, ValidatedConfig
 
-__all__ = ["CompareConfig", "compare_fsm", "as_sae_model"]
+__all__ = ["CompareConfig", "compare_fsm", "as_sae_model", "save_sae"]
 
 
 @dataclass
@@ -114,10 +115,20 @@ def as_sae_model(model: nn.Module) -> HookedSAETransformer:
     return out.eval()
 
 
-def _measure(model, fsm, ecfg, spec, train, held_out, recovery) -> dict[str, Any]:
+def save_sae(sae: SAE, path: Path) -> None:
+    """``sae`` in SAELens's layout (``cfg.json`` + ``sae_weights.safetensors``, what
+    ``SAE.load_from_disk`` reads), each file written atomically."""
+    state = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
+    write_file(path / "sae_weights.safetensors", save(state))
+    write_text(path / "cfg.json", json.dumps(sae.cfg.to_dict()))
+
+
+def _measure(model, fsm, ecfg, spec, data, out: Path) -> dict[str, Any]:
+    train, held_out, recovery = data
     t0 = time.perf_counter()
     sae = train_dictionary(model, train, spec)
     trained = time.perf_counter() - t0
+    save_sae(sae, out / "saes" / spec.site / f"{spec.name.replace(' ', '-')}-seed{spec.seed}")
     sf = state_features(model, sae, fsm, recovery)
     vectors = state_vectors(sf, mean_active_values(model, sae, recovery), spec.k)
     return {
@@ -159,7 +170,7 @@ def compare_fsm(cfg: CompareConfig, out: Path, cache_dir: Path, log=print) -> di
     for site in cfg.sites:
         for seed in cfg.seeds:
             for spec in cfg.specs(site, seed):
-                runs.append(_measure(model, fsm, ecfg, spec, train, held_out, recovery))
+                runs.append(_measure(model, fsm, ecfg, spec, (train, held_out, recovery), out))
                 r = runs[-1]
                 log(f"{site} {spec.name} seed {seed}: EV {r['explained_variance']:.3f}, "
                     f"states {r['states_recovered']}, success {r['intervention_success']:.3f} "

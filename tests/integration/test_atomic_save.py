@@ -222,3 +222,22 @@ def test_loading_a_checkpoint_runs_no_code_and_stays_offline(tmp_path, monkeypat
     assert back.sites == cm.sites
     assert not marker.exists()
     assert not [m for m in set(sys.modules) - before if "evil" in m]
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    """Files are written through a 0600 temporary file; the result must be readable as a file
+    from ``open()`` would be (0644 under umask 022), not owner-only."""
+    from codebook_lens.atomic import write_file
+
+    code = (
+        "import os, sys; os.umask(0o022)\n"
+        "from codebook_lens.atomic import write_file\n"
+        "write_file(sys.argv[1], 'x')\n"
+    )
+    out = tmp_path / "f.txt"
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, timeout=120)
+    assert out.stat().st_mode & 0o777 == 0o644
+    write_file(tmp_path / "g.txt", b"y")  # this process's umask, whatever it is
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "g.txt").stat().st_mode & 0o777 == 0o666 & ~umask
