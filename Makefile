@@ -8,7 +8,7 @@ TL3 := transformer-lens==3.9.*
 TL4 := transformer-lens>=4,<5
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test lint pytest test-slow test-tl3 wheel-check bench clean
+.PHONY: setup demo test lint pytest test-slow test-tl3 compare-saes wheel-check bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,13 @@ test-slow: setup
 
 test-tl3: .venv-tl3/.installed
 	.venv-tl3/bin/pytest -m "not slow"
+
+# Codes versus SAELens TopK SAEs on the TokFSM demo model (docs/results/codes_vs_saes.md); runs
+# on the transformer-lens 3.9 leg, where SAELens installs. COMPARE_OUT holds results.json,
+# table.md, best_features.png and every trained dictionary.
+COMPARE_OUT ?= compare_out
+compare-saes: .venv-tl3/.installed
+	.venv-tl3/bin/python -m codebook_lens.compare --out $(COMPARE_OUT)
 
 # What a new user gets: a wheel of this tree in a fresh venv with CPU torch and no other pins,
 # the README quickstart and `codebook-lens demo --small` run from outside the source tree.
