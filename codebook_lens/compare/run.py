@@ -78,8 +78,8 @@ class CompareConfig(ValidatedConfig):
     large_k: int = 4
     """The SAE with a larger k (width unchanged)."""
 
-    train_tokens: int = 500_000
-    """Training tokens of every dictionary."""
+    train_tokens: int = 300_000
+    """Training tokens of every dictionary (docs/results/codes_vs_saes.md compares 500k)."""
 
     eval_walks: int = 256
     """Held-out walks for explained variance, loss recovered and KL."""
