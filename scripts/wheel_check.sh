@@ -2,7 +2,8 @@
 # A new user's install: a wheel of this tree in a fresh venv with CPU torch 2.13.0 and no other
 # pins (pip resolves the current transformer-lens), then the README quickstart,
 # `codebook-lens demo --small`, `codebook-lens lm-demo --small` and a train -> evaluate ->
-# collect run on a tiny local Hugging Face model, from a directory outside the source tree.
+# collect -> export run on a tiny local Hugging Face model, from a directory outside the source
+# tree.
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d)
@@ -55,4 +56,13 @@ PY
 test -s "$tmp/run/report.html" && test -s "$tmp/run/evaluation.json"
 head -4 "$tmp/eval.txt"
 tail -1 "$tmp/collect.txt"
+# The SAE-ecosystem exports from the installed wheel (the dashboard's static files are package
+# data: a wheel without them fails here).
+"$tmp/venv/bin/codebook-lens" export neuronpedia "$tmp/run" --out "$tmp/np" --no-progress \
+  > "$tmp/np.txt"
+"$tmp/venv/bin/codebook-lens" export dashboard "$tmp/run" --out "$tmp/dash" --no-progress \
+  > "$tmp/dash.txt"
+ls "$tmp"/np/*/*/features/batch-0.jsonl.gz > /dev/null
+grep -q "Feature" "$tmp"/dash/blocks.0.attn.hook_z.html
+tail -1 "$tmp/np.txt"
 echo "wheel check passed"

@@ -156,7 +156,9 @@ def _paper_setting(fsm: FSM, ecfg: ExperimentConfig, cache_dir: Path) -> dict[st
 
 
 def compare_fsm(cfg: CompareConfig, out: Path, cache_dir: Path, log=print) -> dict[str, Any]:
-    """Run the comparison, writing ``out/results.json``; returns what it wrote."""
+    """Run the comparison seed by seed (every site of a seed before the next seed), rewriting
+    ``out/results.json`` after every dictionary so that a stopped run keeps what it measured;
+    the paper-setting row comes last. Returns what it wrote."""
     t0, ecfg = time.perf_counter(), cfg.experiment
     torch.manual_seed(ecfg.seed)
     fsm = FSM(ecfg.n_states, ecfg.n_edges, seed=ecfg.fsm_seed)
@@ -165,23 +167,23 @@ def compare_fsm(cfg: CompareConfig, out: Path, cache_dir: Path, log=print) -> di
     ctx = 1 + ecfg.walk_states * fsm.n_digits
     train = eval_set(fsm, math.ceil(cfg.train_tokens / ctx), ecfg.walk_states, ecfg.seed + 10)
     held_out = list(eval_set(fsm, cfg.eval_walks, ecfg.walk_states, ecfg.seed + 11).split(32))
-    recovery = recovery_tokens(fsm, ecfg)
-    runs = []
-    for site in cfg.sites:
-        for seed in cfg.seeds:
+    data = (train, held_out, recovery_tokens(fsm, ecfg))
+    result: dict[str, Any] = {"config": cfg.to_dict(), "runs": [], "paper_setting": None}
+    result["torch_threads"] = torch.get_num_threads()
+
+    def write() -> None:
+        result["seconds"] = time.perf_counter() - t0
+        write_text(out / "results.json", json.dumps(result, indent=1))
+
+    for seed in cfg.seeds:
+        for site in cfg.sites:
             for spec in cfg.specs(site, seed):
-                runs.append(_measure(model, fsm, ecfg, spec, (train, held_out, recovery), out))
-                r = runs[-1]
+                r = _measure(model, fsm, ecfg, spec, data, out)
+                result["runs"].append(r)
+                write()
                 log(f"{site} {spec.name} seed {seed}: EV {r['explained_variance']:.3f}, "
                     f"states {r['states_recovered']}, success {r['intervention_success']:.3f} "
                     f"({r['seconds']:.0f} s)")  # fmt: skip
-    result = {
-        "config": cfg.to_dict(),
-        "runs": runs,
-        "paper_setting": _paper_setting(fsm, ecfg, cache_dir),
-        "seconds": time.perf_counter() - t0,
-        "torch_threads": torch.get_num_threads(),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "results.json", json.dumps(result, indent=1))
+    result["paper_setting"] = _paper_setting(fsm, ecfg, cache_dir)
+    write()
     return result
