@@ -46,7 +46,13 @@ from codebook_lens.lm.corpus import (
     story_token_labels,
 )
 from codebook_lens.lm.report import render_report
-from codebook_lens.lm.steering import TopicCodes, sample_texts, topic_codes, topic_steering_hooks
+from codebook_lens.lm.steering import (
+    RankBy,
+    TopicCodes,
+    sample_texts,
+    topic_codes,
+    topic_steering_hooks,
+)
 from codebook_lens.lm.tokenizer import save_tokenizer, train_bpe_tokenizer
 from codebook_lens.model import CodebookModel
 from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
@@ -137,8 +143,11 @@ class LMDemoConfig(ValidatedConfig):
     """A head takes part in steering a topic when its best code for the topic is at least this
     precise (0: every head)."""
     steer_per_head: int | None = None
-    """Code slots per steering head overwritten with the head's most topic-precise codes
-    (default ``k // 2``; see :func:`~codebook_lens.lm.topic_steering_hooks`)."""
+    """Code slots per steering head overwritten with the head's best codes for the topic
+    (default ``k // 2 + 1``; see :func:`~codebook_lens.lm.topic_steering_hooks`)."""
+    steer_rank_by: RankBy = "f1"
+    """How each head's steering codes are ranked: ``"f1"`` (precision and recall together; the
+    default) or ``"precision"`` (see :func:`~codebook_lens.lm.topic_codes`)."""
     n_samples: int = 100
     """Steered samples per topic."""
     n_baseline: int = 800
@@ -158,7 +167,7 @@ class LMDemoConfig(ValidatedConfig):
         if self.steer_per_head is not None and not 1 <= self.steer_per_head <= self.k:
             raise ValueError(
                 f"LMDemoConfig: steer_per_head={self.steer_per_head} must lie in [1, k={self.k}] "
-                "(or be None for k // 2)"
+                "(or be None for k // 2 + 1)"
             )
         if self.k > self.n_codes:
             raise ValueError(
@@ -181,8 +190,11 @@ class LMDemoConfig(ValidatedConfig):
 
     @property
     def steer_slots(self) -> int:
-        """Code slots overwritten per steering head: ``steer_per_head``, or ``k // 2``."""
-        return self.steer_per_head if self.steer_per_head is not None else max(1, self.k // 2)
+        """Code slots overwritten per steering head: ``steer_per_head``, or ``k // 2 + 1``
+        (5 of k=8: measured in ``docs/results/lm.md``), at most ``k``."""
+        if self.steer_per_head is not None:
+            return self.steer_per_head
+        return min(self.k, self.k // 2 + 1)
 
     @classmethod
     def small(cls, **overrides: Any) -> LMDemoConfig:
@@ -421,7 +433,9 @@ def _topic_step(run: _LMRun, cfg: LMDemoConfig, out: Path) -> None:
     )
     write_lm_browse_data(out, store, run.eval_labels, run.tok, TOPICS)  # for `browse`
     run.chosen = {
-        i: topic_codes(results, i, cfg.steer_slots, cfg.min_precision, cfg.min_count)
+        i: topic_codes(
+            results, i, cfg.steer_slots, cfg.min_precision, cfg.min_count, by=cfg.steer_rank_by
+        )
         for i in range(len(TOPICS))
     }
     run.best = {i: topic_codes(results, i, 1, 0.0, cfg.min_count, max_heads=1) for i in run.chosen}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
@@ -25,7 +25,10 @@ from torch import Tensor
 from codebook_lens.analysis import AttributionResult, steering_hooks
 from codebook_lens.model import CodebookModel
 
-__all__ = ["TopicCodes", "topic_codes", "topic_steering_hooks", "sample_texts"]
+__all__ = ["RankBy", "TopicCodes", "topic_codes", "topic_steering_hooks", "sample_texts"]
+
+RankBy = Literal["precision", "f1"]
+"""How :func:`topic_codes` ranks a head's codes for a label."""
 
 
 @dataclass
@@ -42,7 +45,7 @@ class TopicCodes:
     """Head index of each chosen head."""
 
     codes: Int[Tensor, "n per_head"]
-    """The head's most precise codes for the label, best first (-1: no code qualified)."""
+    """The head's best-ranked codes for the label, best first (-1: no code qualified)."""
 
     precision: Float[Tensor, "n per_head"]
     """Precision of each code for the label (-1 where the code is -1)."""
@@ -85,34 +88,40 @@ def topic_codes(
     min_precision: float = 0.5,
     min_count: int = 10,
     max_heads: int | None = None,
+    by: RankBy = "precision",
 ) -> TopicCodes:
-    """The ``per_head`` most precise codes of every (site, head) whose best code is precise.
+    """The ``per_head`` best codes for ``label`` of every (site, head) whose best code is precise.
 
+    Codes are ranked by ``by``: ``"precision"`` (the default) or ``"f1"``, the harmonic mean of
+    precision and recall, which passes over codes that are precise only because they are rare.
     Codes firing fewer than ``min_count`` times, or never with ``label``, are not ranked (a
     head with fewer than ``per_head`` such codes gets -1 in the remaining places). A head is
-    chosen when its most precise code for ``label`` has precision >= ``min_precision``; heads
-    are sorted by that precision (best first) and cut to ``max_heads``. Vectorized over heads
-    and codes. ``topic_codes(results, t, 1, 0.0, max_heads=1)`` is the single best code for
-    ``t``.
+    chosen when its best-ranked code for ``label`` has precision >= ``min_precision``; heads
+    are sorted by that code's score (best first) and cut to ``max_heads``. Vectorized over heads
+    and codes. ``topic_codes(results, t, 1, 0.0, max_heads=1)`` is the single most precise code
+    for ``t``.
     """
     if per_head < 1:
         raise ValueError(f"per_head={per_head}; choose at least 1")
+    if by not in ("precision", "f1"):
+        raise ValueError(f"by={by!r}; choose 'precision' or 'f1'")
     width = min((per_head, *(r.precision.shape[1] for r in results.values())))
     rows: list[tuple[float, str, int, Tensor, Tensor, Tensor, Tensor]] = []
     for site, r in results.items():
         if not 0 <= label < r.n_labels:
             raise IndexError(f"label {label} out of range; {site} has {r.n_labels} labels")
-        p = r.precision[..., label].clone()  # [head, n_codes]
-        p[(r.code_counts < min_count) | (r.joint[..., label] == 0)] = -1.0
-        top_p, top_c = p.topk(width, dim=-1)  # [head, width]
-        valid = top_p >= 0
+        score = getattr(r, by)[..., label].clone()  # [head, n_codes]
+        score[(r.code_counts < min_count) | (r.joint[..., label] == 0)] = -1.0
+        top_s, top_c = score.topk(width, dim=-1)  # [head, width]
+        valid = top_s >= 0
         codes = torch.where(valid, top_c, torch.full_like(top_c, -1))
-        h_ix = torch.arange(p.shape[0])[:, None]
+        h_ix = torch.arange(score.shape[0])[:, None]
+        prec = torch.where(valid, r.precision[h_ix, top_c, label], torch.full((), -1.0))
         rec = torch.where(valid, r.recall[h_ix, top_c, label], torch.zeros(()))
         cnt = torch.where(valid, r.code_counts[h_ix, top_c], torch.zeros((), dtype=torch.long))
-        chosen = valid[:, 0] & (top_p[:, 0] >= min_precision)
+        chosen = valid[:, 0] & (prec[:, 0] >= min_precision)
         for h in chosen.nonzero().flatten().tolist():  # loop over the chosen heads only
-            rows.append((float(top_p[h, 0]), site, h, codes[h], top_p[h], rec[h], cnt[h]))
+            rows.append((float(top_s[h, 0]), site, h, codes[h], prec[h], rec[h], cnt[h]))
     rows.sort(key=lambda x: -x[0])
     if max_heads is not None:
         rows = rows[:max_heads]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,7 +139,8 @@ def test_topic_codes_ranks_per_head_and_skips_rare_or_unrelated_codes():
         topic_codes(results, 2)
     with pytest.raises(ValueError, match="per_head"):
         topic_codes(results, 0, per_head=0)
-    assert LMDemoConfig().steer_slots == 4 and LMDemoConfig(steer_per_head=8).steer_slots == 8
+    assert LMDemoConfig().steer_slots == 5 and LMDemoConfig(k=1, n_codes=4).steer_slots == 1
+    assert LMDemoConfig(steer_per_head=8).steer_slots == 8
     with pytest.raises(ValueError, match="steer_per_head"):
         LMDemoConfig(steer_per_head=9)
 
@@ -192,3 +194,84 @@ def test_lm_demo_cli_flags_parse():
     assert build_parser().parse_args(["lm-demo", "--out", "x"]).seed is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["lm-demo", "--out", "x", "--seed", "three"])
+
+
+def _from_joint(site, joint, label_counts):
+    """An AttributionResult from joint counts [head, code, label], ratios computed with numpy."""
+    from codebook_lens.analysis import AttributionResult
+
+    joint, label_counts = np.asarray(joint), np.asarray(label_counts)
+    counts = joint.sum(-1)
+    p = joint / np.maximum(counts, 1)[..., None]
+    r = joint / label_counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
+    return AttributionResult(
+        site=site,
+        precision=torch.tensor(p, dtype=torch.float32),
+        recall=torch.tensor(r, dtype=torch.float32),
+        f1=torch.tensor(f1, dtype=torch.float32),
+        joint=torch.tensor(joint),
+        code_counts=torch.tensor(counts),
+        label_counts=torch.tensor(label_counts),
+        n_positions=int(label_counts.sum()),
+    )
+
+
+def _random_result(site, gen, n_heads=3, n_codes=12, n_labels=3):
+    joint = gen.integers(0, 40, size=(n_heads, n_codes, n_labels))
+    joint[gen.random(joint.shape) < 0.2] = 0  # some codes never fire with some labels
+    return _from_joint(site, joint, joint.sum((0, 1)) + gen.integers(1, 50, size=n_labels))
+
+
+def _slow_topic_codes(results, label, per_head, min_precision, min_count):
+    """topic_codes(by="f1") recounted with plain loops from the joint counts."""
+    rows = []
+    for site, r in results.items():
+        joint, counts = r.joint.tolist(), r.code_counts.tolist()
+        n_label = int(r.label_counts[label])
+        for h in range(len(joint)):
+            cand = []
+            for c in range(len(joint[h])):
+                j, n = joint[h][c][label], counts[h][c]
+                if n < min_count or j == 0:
+                    continue
+                p, rec = j / n, j / n_label
+                cand.append((2 * p * rec / (p + rec), c, p, rec, n))
+            cand.sort(key=lambda x: -x[0])
+            cand = cand[:per_head]
+            if cand and cand[0][2] >= min_precision:
+                rows.append((cand[0][0], site, h, cand))
+    rows.sort(key=lambda x: -x[0])
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_topic_codes_by_f1_matches_a_plain_recount(seed):
+    gen = np.random.default_rng(seed)
+    results = {s: _random_result(s, gen) for s in ("a", "b")}
+    for label in range(3):
+        got = topic_codes(results, label, per_head=3, min_precision=0.3, min_count=60, by="f1")
+        want = _slow_topic_codes(results, label, 3, 0.3, 60)
+        assert got.sites == [w[1] for w in want] and got.heads.tolist() == [w[2] for w in want]
+        for i, (_, _, _, cand) in enumerate(want):
+            n = len(cand)
+            assert got.codes[i, :n].tolist() == [c[1] for c in cand]
+            assert (got.codes[i, n:] == -1).all()
+            torch.testing.assert_close(
+                got.precision[i, :n], torch.tensor([c[2] for c in cand], dtype=torch.float32)
+            )
+            torch.testing.assert_close(
+                got.recall[i, :n], torch.tensor([c[3] for c in cand], dtype=torch.float32)
+            )
+            assert got.count[i, :n].tolist() == [c[4] for c in cand]
+
+
+def test_topic_codes_by_f1_prefers_a_frequent_code_to_a_rare_precise_one():
+    # one head, label 0 has 100 positions: code 0 fires 20 times, all with label 0 (precision 1,
+    # recall 0.2); code 1 fires 150 times, 90 with label 0 (precision 0.6, recall 0.9)
+    res = _from_joint("a", [[[20, 0], [90, 60], [0, 50]]], [100, 110])
+    assert topic_codes(res_ := {"a": res}, 0, 1, min_count=10).codes.tolist() == [[0]]
+    assert topic_codes(res_, 0, 1, min_count=10, by="f1").codes.tolist() == [[1]]
+    with pytest.raises((ValueError, TypeError)):  # the type checker or our own message
+        topic_codes(res_, 0, by="recall")
