@@ -207,7 +207,9 @@ store = collect_codes(cm, eval_tokens, sites)
 results = attribution_by_site(store, eval_labels, sites, n_labels=len(TOPICS) + 1)
 chosen = {}
 for i, topic in enumerate(TOPICS):
-    chosen[i] = topic_codes(results, i, cfg.steer_slots, cfg.min_precision, cfg.min_count)
+    chosen[i] = topic_codes(
+        results, i, cfg.steer_slots, cfg.min_precision, cfg.min_count, by=cfg.steer_rank_by
+    )
     best = topic_codes(results, i, 1, 0.0, cfg.min_count, max_heads=1)
     print(
         f"{topic:8s} best code: {best.sites[0]} head {int(best.heads[0])} code "
@@ -224,11 +226,13 @@ for i, topic in enumerate(TOPICS):
 # %% [markdown]
 # ## 6. Steering
 #
-# For every head whose best code is precise enough, write its `cfg.steer_slots` (`k // 2`) most
-# topic-precise codes into its lowest-ranked slots at every position (the other slots keep the
-# model's own codes), sample from a generic opening sentence, and classify the samples with the
-# grammar's topic words. (Appending a single code moves a k-code head by about 1/k; that barely
-# steers.)
+# For every head whose best code is precise enough, write its `cfg.steer_slots` (`k // 2 + 1`)
+# best codes for the topic, ranked by F1 (`cfg.steer_rank_by`), into its lowest-ranked slots at
+# every position (the other slots keep the model's own codes), sample from a generic opening
+# sentence, and classify the samples with the grammar's topic words. F1 rather than precision:
+# the most precise codes are often rare ones that fire on a few topic tokens, and writing them
+# everywhere steers less than codes that fire on most of the topic's tokens. (Appending a single
+# code moves a k-code head by about 1/k; that barely steers.)
 
 # %%
 prompt = "Once upon a time, there was a little girl named Lily."
