@@ -19,12 +19,23 @@ from codebook_lens.analysis import (
     recovered_labels,
 )
 from codebook_lens.compare.splice import feature_store
-from codebook_lens.fsm.data import eval_set, state_labels
+from codebook_lens.fsm.data import (
+    eval_set,
+    sample_walks_ending_in,
+    state_labels,
+    walks_to_tokens,
+)
 from codebook_lens.fsm.experiment import ExperimentConfig, intervention_success
 from codebook_lens.fsm.machine import FSM
-from codebook_lens.fsm.metrics import next_state_distribution
+from codebook_lens.fsm.metrics import append_digit_prefixes, next_state_distribution
 
-__all__ = ["StateFeatures", "state_features", "force_state_success"]
+__all__ = [
+    "StateFeatures",
+    "force_state_success",
+    "mean_active_values",
+    "recovery_tokens",
+    "state_features",
+]
 
 
 @dataclass
@@ -91,15 +102,23 @@ def mean_active_values(
     return (total / torch.as_tensor(count).clamp_min(1)).float()
 
 
-def state_vectors(
-    sf: StateFeatures, means: Float[Tensor, " d_sae"], k: int
-) -> Float[Tensor, "n_states d_sae"]:
-    """Per state, the feature vector that forces it: its ``k`` best features by F1 at their
-    mean active value, every other feature 0."""
-    f1 = sf.result.f1[0].T  # [n_states, d_sae] (one head: the dictionary is flat)
-    top = f1.topk(min(k, f1.shape[1]), dim=-1).indices
-    out = torch.zeros(f1.shape[0], means.shape[0])
-    return out.scatter_(1, top, means[top])
+@torch.no_grad()
+def _acts(model: HookedSAETransformer, sae: SAE, tokens: Tensor, start: int) -> Tensor:
+    """``sae``'s feature activations on ``tokens`` at positions ``start:``."""
+    site, parts = sae.cfg.metadata.hook_name, []
+    for chunk in tokens.split(512):
+        _, cache = model.run_with_cache(chunk, names_filter=site)
+        parts.append(sae.encode(cache[site].to(sae.dtype))[:, start:])
+    return torch.cat(parts)
+
+
+def _prompts(fsm: FSM, cfg: ExperimentConfig) -> tuple[Tensor, Tensor]:
+    """The demo's intervention prompts and their target states (never the prompt's own)."""
+    n_per = cfg.intervention_prompts
+    prompts = eval_set(fsm, fsm.n_states * n_per, cfg.intervention_prompt_states, cfg.seed + 4)
+    targets = torch.arange(fsm.n_states).repeat_interleave(n_per)
+    last = fsm.tokens_to_states(prompts[:, 1:])[:, -1]
+    return prompts, torch.where(targets == last, (targets + 1) % fsm.n_states, targets)
 
 
 @torch.no_grad()
@@ -108,26 +127,31 @@ def force_state_success(
     sae: SAE,
     fsm: FSM,
     cfg: ExperimentConfig,
-    vectors: Float[Tensor, "n_states d_sae"],
+    means: Float[Tensor, " d_sae"],
 ) -> float:
     """Share of the demo's intervention prompts whose next state follows a forced target state.
 
-    The prompts, targets and success criterion are those of
-    :func:`~codebook_lens.fsm.experiment.interventions`; instead of donor codes, the SAE's
-    feature activations from the last prompt position on are replaced by the target state's
-    ``vectors`` row (its best features at their mean active value).
+    The prompts, targets, donors and success criterion are those of
+    :func:`~codebook_lens.fsm.experiment.interventions`: at the state positions (the prompt's
+    last position and the next state's first digit) the dictionary's features are replaced by
+    the features active there in a donor walk ending in the target state, each at its mean
+    active value (a codebook's codes are always 1, or 1/k: this is the demo's code forcing).
     """
-    n_per = cfg.intervention_prompts
-    prompts = eval_set(fsm, fsm.n_states * n_per, cfg.intervention_prompt_states, cfg.seed + 4)
-    targets = torch.arange(fsm.n_states).repeat_interleave(n_per)
-    last = fsm.tokens_to_states(prompts[:, 1:])[:, -1]
-    targets = torch.where(targets == last, (targets + 1) % fsm.n_states, targets)
-    pos, forced = prompts.shape[1] - 1, vectors[targets]
+    prompts, targets = _prompts(fsm, cfg)
+    pos = prompts.shape[1] - 1
+    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    steps = cfg.intervention_prompt_states
+    donors = walks_to_tokens(fsm, sample_walks_ending_in(fsm, targets, steps, gen))
+    forced = []  # per digit j: [prompts * base**j, 1 + j, d_sae], the rows the j-th pass runs
+    for j in range(fsm.n_digits):
+        runs = append_digit_prefixes(donors, fsm.base, j)
+        forced.append((_acts(model, sae, runs, pos) > 0) * means.to(sae.dtype))
     name = f"{sae.cfg.metadata.hook_name}.hook_sae_acts_post"
 
     def force(acts: Tensor, hook: Any) -> Tensor:
-        rows = forced.repeat_interleave(acts.shape[0] // forced.shape[0], 0).to(acts)
-        acts[:, pos:] = rows[:, None]
+        rows = forced[min(acts.shape[1] - pos - 1, len(forced) - 1)]
+        rows = rows.repeat_interleave(acts.shape[0] // rows.shape[0], 0).to(acts)
+        acts[:, pos : pos + rows.shape[1]] = rows
         return acts
 
     def run(tokens: Tensor) -> Tensor:

@@ -23,7 +23,6 @@ from codebook_lens.compare.fsm_task import (
     mean_active_values,
     recovery_tokens,
     state_features,
-    state_vectors,
 )
 from codebook_lens.compare.splice import splice_metrics
 from codebook_lens.fsm.data import eval_set
@@ -130,13 +129,13 @@ def _measure(model, fsm, ecfg, spec, data, out: Path) -> dict[str, Any]:
     trained = time.perf_counter() - t0
     save_sae(sae, out / "saes" / spec.site / f"{spec.name.replace(' ', '-')}-seed{spec.seed}")
     sf = state_features(model, sae, fsm, recovery)
-    vectors = state_vectors(sf, mean_active_values(model, sae, recovery), spec.k)
+    means = mean_active_values(model, sae, recovery)
     return {
         "spec": spec.to_dict(),
         "name": spec.name,
         **splice_metrics(model, sae, held_out),
         **sf.metrics(),
-        "intervention_success": force_state_success(model, sae, fsm, ecfg, vectors),
+        "intervention_success": force_state_success(model, sae, fsm, ecfg, means),
         "train_seconds": trained,
         "seconds": time.perf_counter() - t0,
     }
