@@ -4,6 +4,7 @@ finetuned codebooks (the paper's setting) as a reference row. Writes ``results.j
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -143,7 +144,8 @@ def _measure(model, fsm, ecfg, spec, data, out: Path) -> dict[str, Any]:
 
 def _paper_setting(fsm: FSM, ecfg: ExperimentConfig, cache_dir: Path) -> dict[str, Any]:
     """The demo's finetuned codebooks (all sites, model finetuned too), by the demo's metrics."""
-    cm, base = cached_codebook_model(fsm, ecfg, cache_dir, progress=False, log=lambda m: None)
+    quiet = dataclasses.replace(ecfg, train=dataclasses.replace(ecfg.train, progress=False))
+    cm, base = cached_codebook_model(fsm, quiet, cache_dir, progress=False, log=lambda m: None)
     rec = state_recovery(cm, base, fsm, ecfg)
     return {
         "sites": cm.sites,
