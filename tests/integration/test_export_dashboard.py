@@ -15,17 +15,12 @@ import pytest
 
 from codebook_lens.analysis import CodeStore, code_logit_attribution, top_examples
 from codebook_lens.cli import main
-from codebook_lens.data import pydoc_texts
 from codebook_lens.export.dashboard_page import DATA_ID, embed_json
-from codebook_lens.pipeline.collect import collect_run
-from codebook_lens.pipeline.config import RunConfig
 from codebook_lens.pipeline.load import load_run
-from codebook_lens.pipeline.train import train_run
 from codebook_lens.viz.browser import check_page, find_chromium
 from codebook_lens.viz.report import CSP
-from tests.hf_fixtures import save_hf_model, save_texts
 from tests.integration.browse_helpers import Page
-from tests.integration.test_export_neuronpedia import SITES, code_arrays
+from tests.integration.test_export_neuronpedia import SITES, code_arrays, trained_run
 
 pytestmark = [pytest.mark.bridge, pytest.mark.timeout(600)]
 
@@ -37,28 +32,13 @@ PAGES = {site: f"{site}.html" for site in SITES}
 def run(tmp_path_factory):
     """A trained and collected run and its dashboards, written through the command line."""
     root = tmp_path_factory.mktemp("dashboard")
-    model = save_hf_model(root / "gpt2", "gpt2")
-    data = save_texts(root / "data", [t.replace("\n", " ") for t in pydoc_texts()[:40]], "jsonl")
-    groups = [
-        dict(pattern="blocks.*.attn.hook_z", **SITES["blocks.0.attn.hook_z"]),
-        dict(pattern="blocks.1.hook_mlp_out", **SITES["blocks.1.hook_mlp_out"]),
-    ]
-    cfg = RunConfig.from_dict(
-        dict(
-            out=str(root / "run"), report=False, model=dict(name=str(model)), sites=groups,
-            data=dict(path=data, context_len=32, batch_size=4, eval_tokens=256, eval_fraction=0.1),
-            train=dict(steps=4, warmup_steps=1, log_every=2, eval_every=100, checkpoint_every=100,
-                       progress=False),
-        )
-    )  # fmt: skip
-    train_run(cfg)
-    collect_run(cfg.out, tokens=1024, progress=False)
+    run_dir = trained_run(root)
     out = root / "dash"
     flags = ["--codes", str(N_CODES), "--n-examples", str(N_EXAMPLES), "--n-bins", str(N_BINS)]
     flags += ["--context-before", str(BEFORE), "--context-after", str(AFTER)]
     flags += ["--n-logits", str(N_LOGITS), "--no-progress"]
-    assert main(["export", "dashboard", cfg.out, "--out", str(out), *flags]) == 0
-    return load_run(cfg.out, device="cpu"), CodeStore.load(Path(cfg.out) / "store"), out
+    assert main(["export", "dashboard", run_dir, "--out", str(out), *flags]) == 0
+    return load_run(run_dir, device="cpu"), CodeStore.load(Path(run_dir) / "store"), out
 
 
 def page_data(path: Path) -> dict:

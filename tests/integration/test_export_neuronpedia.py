@@ -148,11 +148,9 @@ SOURCES = {
 N_EXAMPLES, BEFORE, AFTER = 6, 5, 2
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A trained and collected run (tiny GPT-2, BPE tokenizer, JSON-lines corpus) and its
-    export through the command line."""
-    root = tmp_path_factory.mktemp("np_export")
+def trained_run(root: Path) -> str:
+    """A trained and collected run in ``root/run`` (tiny GPT-2, BPE tokenizer, JSON-lines
+    corpus, the codebooks of :data:`SITES`); returns its directory."""
     model = save_hf_model(root / "gpt2", "gpt2")
     data = save_texts(root / "data", [t.replace("\n", " ") for t in pydoc_texts()[:40]], "jsonl")
     groups = [
@@ -169,12 +167,20 @@ def run(tmp_path_factory):
     )  # fmt: skip
     train_run(cfg)
     collect_run(cfg.out, tokens=1024, progress=False)
+    return cfg.out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A trained and collected run and its export through the command line."""
+    root = tmp_path_factory.mktemp("np_export")
+    run_dir = trained_run(root)
     out = root / "export"
     flags = ["--n-examples", str(N_EXAMPLES), "--context-before", str(BEFORE)]
     flags += ["--context-after", str(AFTER), "--features-per-batch", "16", "--no-progress"]
-    assert main(["export", "neuronpedia", cfg.out, "--out", str(out), *flags]) == 0
-    loaded = load_run(cfg.out, device="cpu")
-    return loaded, CodeStore.load(Path(cfg.out) / "store"), out
+    assert main(["export", "neuronpedia", run_dir, "--out", str(out), *flags]) == 0
+    loaded = load_run(run_dir, device="cpu")
+    return loaded, CodeStore.load(Path(run_dir) / "store"), out
 
 
 def read_source(out: Path, source: str) -> dict[str, list[dict]]:
