@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from jaxtyping import Int
 from torch import Tensor, nn
 
 from codebook_lens.analysis import AttributionResult, attribution_by_site, collect_codes
@@ -58,7 +59,15 @@ from codebook_lens.model import CodebookModel
 from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
 from codebook_lens.validation import Range, ValidatedConfig, renamed, upgrade_names
 
-__all__ = ["LMDemoConfig", "run_lm_demo", "eval_loss", "build_lm"]
+__all__ = [
+    "LMDemoConfig",
+    "LMData",
+    "lm_data",
+    "train_base_lm",
+    "run_lm_demo",
+    "eval_loss",
+    "build_lm",
+]
 
 _MAX_STEPS = 10**9
 """The most optimizer steps a config accepts."""
@@ -286,14 +295,65 @@ def _stage(timings: dict[str, float], name: str, t0: float) -> float:
 
 
 @dataclass
+class LMData:
+    """The LM demo's data for one config: the training corpus and stream, and the labelled
+    held-out blocks (the same for every run with the same ``seed``, sizes and tokenizer)."""
+
+    texts: list[str]
+    """The training stories' texts."""
+    tokenizer: Any
+    """The byte-level BPE tokenizer (trained on ``texts`` unless one was given)."""
+    stream: BlockStream
+    """Shuffled packed training blocks of ``block_len`` tokens, repeating."""
+    eval_tokens: Int[Tensor, "block pos"]
+    """Held-out stories packed into blocks."""
+    eval_labels: Int[Tensor, "block pos"]
+    """Topic id of every held-out token (``len(TOPICS)`` where a token has no topic)."""
+
+
+def lm_data(cfg: LMDemoConfig, tokenizer: Any = None) -> LMData:
+    """The corpus of ``cfg`` (seeded by ``cfg.seed``), a tokenizer trained on it unless
+    ``tokenizer`` is given, the training stream and the labelled held-out blocks."""
+    train = generate_stories(cfg.n_train_stories, StoryConfig(), seed=cfg.seed)
+    held = generate_stories(cfg.n_eval_stories, StoryConfig(), seed=cfg.seed + 10_000)
+    texts = [s.text for s in train]
+    tok = tokenizer or train_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
+    ids, labels = story_token_labels(tok, held)
+    eval_tokens, eval_labels = pack_labelled_blocks(
+        ids, labels, cfg.block_len, tok.bos_token_id, tok.eos_token_id
+    )
+    stream = BlockStream(
+        texts, tok, cfg.block_len, cfg.batch_size, shuffle_buffer=64 * cfg.batch_size,
+        seed=cfg.seed, repeat=True,
+    )  # fmt: skip
+    return LMData(texts, tok, stream, eval_tokens, eval_labels)
+
+
+def train_base_lm(data: LMData, cfg: LMDemoConfig) -> tuple[CodebookModel, TrainResult]:
+    """A fresh model of ``cfg`` trained with the next-token loss on ``data.stream`` (the demo's
+    base model; codebooks are attached to it afterwards)."""
+    cm = CodebookModel(build_lm(data.tokenizer, cfg))
+    hist = train_codebooks(
+        cm,
+        data.stream,
+        TrainConfig(
+            steps=cfg.base_steps,
+            lr=cfg.base_lr,
+            warmup_steps=max(1, cfg.base_steps // 20),
+            weight_decay=0.01,
+            log_every=max(1, cfg.base_steps // 10),
+            progress=cfg.progress,
+            allow_no_codebooks=True,
+        ),
+    )
+    return cm, hist
+
+
+@dataclass
 class _LMRun:
     """What the steps of :func:`run_lm_demo` produce, for the metrics."""
 
-    texts: list[str] = field(default_factory=list)
-    tok: Any = None
-    stream: BlockStream | None = None
-    eval_tokens: Tensor | None = None
-    eval_labels: Tensor | None = None
+    data: LMData
     cm: CodebookModel | None = None
     sites: list[str] = field(default_factory=list)
     loss: dict[str, float] = field(default_factory=dict)
@@ -316,7 +376,8 @@ def run_lm_demo(
 
     ``small=True`` uses :meth:`LMDemoConfig.small`; ``config`` replaces the defaults entirely;
     keyword ``overrides`` change single fields (e.g. ``base_steps=400``). Writes
-    ``metrics.json``, ``report.md``, ``tokenizer/`` and ``codebook_model/``.
+    ``metrics.json``, ``report.md``, ``evaluation.json``, ``tokenizer/``, ``base_model/`` (the
+    trained model before codebooks) and ``codebook_model/``.
     """
     cfg = config or (LMDemoConfig.small() if small else LMDemoConfig())
     if overrides:
@@ -326,10 +387,10 @@ def run_lm_demo(
     timings: dict[str, float] = {}
     t_start = t = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    run = _LMRun()
-    _corpus_step(run, cfg, out)
+    run = _LMRun(lm_data(cfg))
+    save_tokenizer(run.data.tokenizer, out / "tokenizer")
     t = _stage(timings, "corpus_and_tokenizer", t)
-    _base_step(run, cfg)
+    _base_step(run, cfg, out)
     t = _stage(timings, "base_training", t)
     _codebook_step(run, cfg, out)
     t = _stage(timings, "codebook_finetuning", t)
@@ -339,7 +400,7 @@ def run_lm_demo(
     t = _stage(timings, "steering", t)
     metrics = _metrics(run, cfg, timings)
     evaluation = evaluate_codebooks(
-        run.cm, list(run.eval_tokens.split(cfg.batch_size)), base_model=run.base_model
+        run.cm, list(run.data.eval_tokens.split(cfg.batch_size)), base_model=run.base_model
     ).to_dict()  # held-out stories; after steering, so no measured step changes
     write_text(out / "evaluation.json", json.dumps(evaluation, indent=2))
     metrics["evaluation"] = evaluation["all"]
@@ -350,48 +411,15 @@ def run_lm_demo(
     return metrics
 
 
-def _corpus_step(run: _LMRun, cfg: LMDemoConfig, out: Path) -> None:
-    """1. The corpus, the tokenizer (saved), the training stream and the labelled eval blocks."""
-    train = generate_stories(cfg.n_train_stories, StoryConfig(), seed=cfg.seed)
-    held = generate_stories(cfg.n_eval_stories, StoryConfig(), seed=cfg.seed + 10_000)
-    run.texts = [s.text for s in train]
-    run.tok = tok = train_bpe_tokenizer(run.texts, vocab_size=cfg.vocab_size)
-    save_tokenizer(tok, out / "tokenizer")
-    ids, labels = story_token_labels(tok, held)
-    run.eval_tokens, run.eval_labels = pack_labelled_blocks(
-        ids, labels, cfg.block_len, tok.bos_token_id, tok.eos_token_id
-    )
-    run.stream = BlockStream(
-        run.texts,
-        tok,
-        cfg.block_len,
-        cfg.batch_size,
-        shuffle_buffer=64 * cfg.batch_size,
-        seed=cfg.seed,
-        repeat=True,
-    )
-
-
-def _base_step(run: _LMRun, cfg: LMDemoConfig) -> None:
-    """2. The base model, trained with the next-token loss."""
-    run.cm = cm = CodebookModel(build_lm(run.tok, cfg))
-    run.base_hist = train_codebooks(
-        cm,
-        run.stream,
-        TrainConfig(
-            steps=cfg.base_steps,
-            lr=cfg.base_lr,
-            warmup_steps=max(1, cfg.base_steps // 20),
-            weight_decay=0.01,
-            log_every=max(1, cfg.base_steps // 10),
-            progress=cfg.progress,
-            allow_no_codebooks=True,
-        ),
-    )
-    run.loss["base"] = eval_loss(cm, run.eval_tokens)
+def _base_step(run: _LMRun, cfg: LMDemoConfig, out: Path) -> None:
+    """2. The base model, trained with the next-token loss, and saved (``base_model/``) for
+    comparisons on the same model (``python -m codebook_lens.compare``)."""
+    run.cm, run.base_hist = train_base_lm(run.data, cfg)
+    run.loss["base"] = eval_loss(run.cm, run.data.eval_tokens)
     with warnings.catch_warnings():  # the base, kept for the evaluation after finetuning
         warnings.simplefilter("ignore")
-        run.base_model = copy.deepcopy(cm.model)
+        run.base_model = copy.deepcopy(run.cm.model)
+    CodebookModel(run.base_model).save(out / "base_model", include_model=True)
 
 
 def _codebook_step(run: _LMRun, cfg: LMDemoConfig, out: Path) -> None:
@@ -401,15 +429,16 @@ def _codebook_step(run: _LMRun, cfg: LMDemoConfig, out: Path) -> None:
     run.sites = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
     for site in run.sites:
         cm.add_codebook(site, n_codes=cfg.n_codes, k=cfg.k, seed=cfg.seed)
-    init_tokens = next(iter(BlockStream(run.texts[:4000], run.tok, cfg.block_len, 64)))
+    head = BlockStream(run.data.texts[:4000], run.data.tokenizer, cfg.block_len, 64)
+    init_tokens = next(iter(head))
     cm.init_codebooks(init_tokens)
     with torch.no_grad():  # codes start as activations and the output sums k of them
         for cb in cm.codebooks.values():
             cb.codebook.div_(cb.cfg.k)
-    run.loss["codebooks_at_attach"] = eval_loss(cm, run.eval_tokens)
+    run.loss["codebooks_at_attach"] = eval_loss(cm, run.data.eval_tokens)
     run.cb_hist = train_codebooks(
         cm,
-        run.stream,
+        run.data.stream,
         TrainConfig(
             steps=cfg.codebook_steps,
             lr=cfg.codebook_lr / 3,
@@ -419,19 +448,20 @@ def _codebook_step(run: _LMRun, cfg: LMDemoConfig, out: Path) -> None:
             progress=cfg.progress,
         ),
     )
-    run.loss["codebooks_after_finetuning"] = eval_loss(cm, run.eval_tokens)
+    run.loss["codebooks_after_finetuning"] = eval_loss(cm, run.data.eval_tokens)
     cm.save(out / "codebook_model", include_model=True)
 
 
 def _topic_step(run: _LMRun, cfg: LMDemoConfig, out: Path) -> None:
     """4. Codes on held-out stories, ranked per topic: steering codes and best codes."""
-    assert run.cm is not None and run.eval_tokens is not None and run.eval_labels is not None
-    store = collect_codes(run.cm, run.eval_tokens, run.sites, progress=False)
+    assert run.cm is not None
+    eval_tokens, eval_labels = run.data.eval_tokens, run.data.eval_labels
+    store = collect_codes(run.cm, eval_tokens, run.sites, progress=False)
     n_labels = len(TOPICS) + 1
     results: dict[str, AttributionResult] = attribution_by_site(
-        store, run.eval_labels, run.sites, n_labels=n_labels
+        store, eval_labels, run.sites, n_labels=n_labels
     )
-    write_lm_browse_data(out, store, run.eval_labels, run.tok, TOPICS)  # for `browse`
+    write_lm_browse_data(out, store, eval_labels, run.data.tokenizer, TOPICS)  # for `browse`
     run.chosen = {
         i: topic_codes(
             results, i, cfg.steer_slots, cfg.min_precision, cfg.min_count, by=cfg.steer_rank_by

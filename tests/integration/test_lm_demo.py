@@ -39,6 +39,7 @@ def test_lm_demo_smoke(tmp_path):
     )
     m = run_lm_demo(tmp_path, config=cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "base_model",
         "browse",
         "codebook_model",
         "evaluation.json",
@@ -88,6 +89,13 @@ def test_lm_demo_smoke(tmp_path):
         logits = cm.eval()(blocks)
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), blocks[:, 1:].flatten())
     assert float(ce) == pytest.approx(loss["codebooks_after_finetuning"], abs=1e-5)
+    # the saved base model is the one the demo measured before attaching codebooks
+    base = CodebookModel.load(tmp_path / "base_model")
+    assert base.sites == []
+    with torch.no_grad():
+        logits = base.eval()(blocks)
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), blocks[:, 1:].flatten())
+    assert float(ce) == pytest.approx(loss["base"], abs=1e-5)
     with pytest.raises(TypeError):
         run_lm_demo(tmp_path, small=True, no_such_field=1)
 

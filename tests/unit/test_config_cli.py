@@ -220,18 +220,6 @@ def test_deprecated_names_keep_working_with_a_warning(cls, old, new, value):
         assert cls().to_dict()[new] == getattr(cls(), new)  # new name: no warning
 
 
-def test_old_names_in_small_and_run_lm_demo_overrides(monkeypatch, tmp_path):
-    with pytest.warns(DeprecationWarning, match="cb_steps"):
-        assert LMDemoConfig.small(cb_steps=10).codebook_steps == 10
-    import codebook_lens.lm.demo as lm_demo
-
-    seen = []
-    monkeypatch.setattr(lm_demo, "_corpus_step", lambda run, cfg, out: seen.append(cfg) or 1 / 0)
-    with pytest.warns(DeprecationWarning, match="cb_lr"), pytest.raises(ZeroDivisionError):
-        lm_demo.run_lm_demo(tmp_path, small=True, cb_lr=0.5)
-    assert seen[0].codebook_lr == 0.5
-
-
 def test_an_old_experiment_json_loads():
     old = ExperimentConfig().to_dict()
     old["base"]["min_lr_ratio"] = old["base"].pop("min_lr_frac") / 2
