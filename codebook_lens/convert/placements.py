@@ -62,6 +62,7 @@ REFUSED_PLACEMENTS = {
     "attn_plus_mlp": "it quantizes attn_out + mlp_out before the residual add, a sum that no "
     "TransformerLens hook point carries",
 }
+"""``codebook_at`` values of the reference that cannot be converted, each with the reason."""
 
 
 @dataclass
