@@ -230,7 +230,12 @@ def train_base_model(
         fsm: The machine generating the data.
         cfg: Model config (a TransformerLens config dict); default :func:`base_model_config`
             from ``train_cfg``'s architecture.
-        steps, batch_size, walk_states, lr, seed, eval_every: Override ``train_cfg``.
+        steps: ``train_cfg.steps`` when given.
+        batch_size: ``train_cfg.batch_size`` when given.
+        walk_states: ``train_cfg.walk_states`` when given.
+        lr: ``train_cfg.lr`` when given.
+        seed: ``train_cfg.seed`` when given.
+        eval_every: ``train_cfg.eval_every`` when given.
         n_steps_per_walk: Deprecated name of ``walk_states``.
         progress: Show a tqdm bar with the loss.
         train_cfg: Training hyper-parameters.
