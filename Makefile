@@ -8,7 +8,7 @@ TL3 := transformer-lens==3.9.*
 TL4 := transformer-lens>=4,<5
 DEMO_OUT ?= demo_out
 
-.PHONY: setup demo test lint pytest test-slow test-tl3 compare-saes wheel-check bench clean
+.PHONY: setup demo test lint pytest test-slow test-tl3 compare-saes wheel-check bench docs clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -64,5 +64,15 @@ bench: setup
 	$(BIN)/python benchmarks/bench_quantizer.py
 	$(BIN)/python benchmarks/bench_model.py
 
+# The documentation site (mkdocs.yml) in site/: README as Home, docs/*.md, the tutorials and the
+# API reference from the docstrings. --strict fails on a broken link, a docstring griffe cannot
+# parse and (docs/hooks/public_api.py) a public name without a docstring.
+$(BIN)/.docs-installed: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(BIN)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) .venv-tl3 $(DEMO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-tl3 $(DEMO_OUT) site .pytest_cache .ruff_cache
