@@ -3,16 +3,17 @@
 The public names are those in the ``__all__`` of each package of codebook_lens (what the API
 reference renders). Each must have a docstring (dunders such as ``__version__`` excepted), and
 each package must have a page in docs/api/ that renders it (``::: codebook_lens.<package>``).
-The package is read from source with griffe, as mkdocstrings reads it, so nothing is imported;
-a name that only exists at run time (a module ``__getattr__``) is found by importing the
-package and reading it from the module that defines it.
+The package is read from source with griffe, as mkdocstrings reads it, so nothing is imported
+(codebook_lens.saelens needs SAELens, which only the transformer-lens 3 venv has). A name that
+only exists at run time (a module ``__getattr__``), or that a submodule of the same name hides,
+is invisible there, so its package's page must render it from the module that defines it
+(``::: codebook_lens.viz.browser.check_page``).
 
 Run it alone: ``python docs/hooks/public_api.py`` prints the problems and exits 1 if any.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,13 @@ def _packages(mod: griffe.Module) -> list[griffe.Module]:
     return out
 
 
+def _is_module(root: griffe.Module, path: str) -> bool:
+    try:
+        return root.modules_collection[path].is_module
+    except (KeyError, griffe.AliasResolutionError):
+        return False  # mkdocstrings fails the build on an identifier it cannot find
+
+
 def _problem(package: griffe.Module, name: str, root: griffe.Module, page: str) -> str | None:
     """What is wrong with the public ``name`` of ``package`` (rendered by ``page``), or None."""
     try:
@@ -41,11 +49,21 @@ def _problem(package: griffe.Module, name: str, root: griffe.Module, page: str) 
         obj = obj.final_target if obj.is_alias else obj
     except griffe.AliasResolutionError as e:
         return f"imported from {e.alias.target_path}, which does not exist"
-    except KeyError:  # provided at run time (a module __getattr__): mkdocstrings cannot see it
-        value = getattr(importlib.import_module(package.path), name)
-        obj = root.modules_collection[value.__module__][name]
-        if f"::: {obj.path}" not in page:
-            return f"provided at run time only: add '::: {obj.path}' to its docs/api page"
+    except KeyError:
+        obj = None
+    # Two kinds of names mkdocstrings cannot render from the package: one provided at run time
+    # (a module __getattr__), and one whose submodule of the same name hides the imported
+    # object from static analysis (export.logit_extremes). The page renders them one by one.
+    if obj is None or obj.is_module:
+        shown = [line[4:].strip() for line in page.splitlines() if line.startswith("::: ")]
+        path = next((p for p in shown if p.endswith(f".{name}") and not _is_module(root, p)), None)
+        if path is None:
+            why = "provided at run time" if obj is None else "hidden by the submodule " + obj.path
+            return (
+                f"{why}, so mkdocstrings cannot see it: render it on the package's docs/api "
+                f"page with '::: <module that defines it>.{name}' (or rename the submodule)"
+            )
+        obj = root.modules_collection[path]
     return None if obj.docstring and obj.docstring.value.strip() else "no docstring"
 
 
