@@ -17,11 +17,10 @@ directory; a save never renames or deletes ``path`` itself::
 
 A save writes a new version directory completely (every file fsynced), then switches the head
 file atomically (temporary file, fsync, ``os.replace``, fsync of ``path``), then deletes the
-other versions of its kind, its old flat-layout files and leftovers of interrupted saves. A kill
-at any moment therefore leaves the old or the new checkpoint at ``path``; the next save removes
-what the killed one left. Readers see the head and the version it names, or a clear
-:class:`CheckpointError`; a head without ``data_dir`` is the flat layout of earlier versions
-(data files directly in ``path``), which is still read.
+other versions of its kind and leftovers of interrupted saves. A kill at any moment therefore
+leaves the old or the new checkpoint at ``path``; the next save removes what the killed one
+left. Readers see the head and the version it names, or a clear :class:`CheckpointError` (a
+head without ``data_dir`` is refused).
 
 A save refuses ``""``, ``"."``, the current directory, a filesystem root, a symlink, a file,
 and a non-empty directory that is not a checkpoint of the same kind (unless
@@ -85,9 +84,6 @@ class DirKind:
     """The value of ``"format"`` in the head file."""
     tag: str
     """Short name in version directories (``v-<tag>-<hex>``)."""
-    flat: tuple[str, ...] = ()
-    """Glob patterns of the flat (pre-versioned) layout's data files, deleted on the first
-    versioned save over such a checkpoint."""
     saver: str = ""
     """The call that writes it, for messages."""
 
@@ -138,7 +134,7 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 # ---------------------------------------------------------------------------------- locks
 def _open_lock(file: Path, create: bool) -> int | None:
     """A descriptor of lock ``file``. Readers (``create=False``) never create one: every
-    versioned checkpoint has it (its writer made it), and a flat one may be read-only data."""
+    checkpoint has it (its writer made it), and a copy may be read-only data."""
     if create:
         return os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -266,19 +262,15 @@ def _remove(entry: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
-def _cleanup(path: Path, kind: DirKind, keep: str | None, flat: bool) -> None:
-    """Delete ``kind``'s versions other than ``keep``, temp heads, and (``flat``) the flat
-    layout's data files; under the exclusive read lock, so no reader loses its files."""
+def _cleanup(path: Path, kind: DirKind, keep: str | None) -> None:
+    """Delete ``kind``'s versions other than ``keep`` and temp heads; under the exclusive read
+    lock, so no reader loses its files."""
     with _flock(path / READ_LOCK, exclusive=True, create=True):
         for name in os.listdir(path):
             stale_version = _version_tag(name) == kind.tag and name != keep
             stale_tmp = name.startswith(f".{kind.head}.") and name.endswith(".tmp")
             if stale_version or stale_tmp:
                 _remove(path / name)
-        if flat:
-            for pattern in kind.flat:
-                for entry in path.glob(pattern):
-                    _remove(entry)
     _fsync_dir(path)
 
 
@@ -315,7 +307,7 @@ def save_dir(
     with _flock(p / WRITE_LOCK, exclusive=True, create=True):
         p = check_save_target(p, kind, overwrite)  # another writer may have gone first
         old = _head_or_none(p, kind)
-        _cleanup(p, kind, keep=None if old is None else old.get("data_dir"), flat=False)
+        _cleanup(p, kind, keep=None if old is None else old.get("data_dir"))
         vname = f"v-{kind.tag}-{uuid.uuid4().hex}"
         vdir = p / vname
         try:
@@ -327,7 +319,7 @@ def save_dir(
         except BaseException:
             _remove(vdir)
             raise
-        _cleanup(p, kind, keep=vname, flat=old is not None and "data_dir" not in old)
+        _cleanup(p, kind, keep=vname)
     return vdir
 
 
@@ -341,7 +333,10 @@ def _head_or_none(path: Path, kind: DirKind) -> dict[str, Any] | None:
 def _data_dir(path: Path, head: dict[str, Any], kind: DirKind) -> Path:
     name = head.get("data_dir")
     if name is None:
-        return path  # the flat layout
+        raise CheckpointError(
+            f"{path / kind.head} names no data directory ('data_dir'); it is not a {kind.name} "
+            f"this codebook_lens reads. Write it again with {kind.saver}"
+        )
     if not isinstance(name, str) or _version_tag(name) != kind.tag:
         raise CheckpointError(
             f"{path / kind.head}: data_dir={name!r} is not a version directory of a {kind.name}"
@@ -359,10 +354,10 @@ def _data_dir(path: Path, head: dict[str, Any], kind: DirKind) -> Path:
 def open_dir(path: str | os.PathLike[str], kind: DirKind) -> Iterator[tuple[dict[str, Any], Path]]:
     """Read a ``kind`` checkpoint: yields ``(head, data_dir)`` while holding the shared read lock.
 
-    ``data_dir`` is the live version directory (or ``path`` itself for the flat layout); its
-    files stay in place until the block ends, even if a writer commits a newer version meanwhile.
-    Raises :class:`CheckpointError` when ``path`` is not a directory, has no head file, or the
-    head is corrupt, foreign, or names a missing version.
+    ``data_dir`` is the live version directory; its files stay in place until the block ends,
+    even if a writer commits a newer version meanwhile. Raises :class:`CheckpointError` when
+    ``path`` is not a directory, has no head file, or the head is corrupt, foreign, or names no
+    version or a missing one.
     """
     p = Path(path)
     if not p.is_dir():
@@ -381,7 +376,7 @@ def open_dir(path: str | os.PathLike[str], kind: DirKind) -> Iterator[tuple[dict
 
 def data_path(path: str | os.PathLike[str], kind: DirKind) -> Path:
     """Where the data files of the ``kind`` checkpoint at ``path`` are now: its live version
-    directory (``path`` itself for the flat layout). For inspection; loaders use
-    :func:`open_dir`, which also keeps the files in place while they read."""
+    directory. For inspection; loaders use :func:`open_dir`, which also keeps the files in
+    place while they read."""
     with open_dir(path, kind) as (_head, data):
         return data

@@ -57,13 +57,12 @@ __all__ = [
 ]
 
 CKPT_FORMAT = "codebook_lens.train_state"
-_VERSION = 2  # 2: state.json records every tensor; 1 (no record) still resumes
+_VERSION = 2  # state.json records every tensor
 TRAIN_KIND = DirKind(
     name="training checkpoint",
     head="state.json",
     format=CKPT_FORMAT,
     tag="train",
-    flat=("state.safetensors",),
     saver="train_codebooks (TrainConfig.checkpoint_dir)",
 )
 """The on-disk kind of a training checkpoint (for :mod:`codebook_lens.atomic`)."""
@@ -324,8 +323,8 @@ def _check_meta(
     steps: int | None,
     config: dict[str, Any] | None,
 ) -> None:
-    if meta.get("version") not in (1, _VERSION) or not _is_int(meta.get("version")):
-        raise _bad(file, "version", f"1 or {_VERSION}", meta.get("version"))
+    if meta.get("version") != _VERSION or not _is_int(meta.get("version")):
+        raise _bad(file, "version", str(_VERSION), meta.get("version"))
     for key in ("step", "consumed"):
         if not _is_int(meta.get(key)) or meta[key] < 0:
             raise _bad(file, key, "an integer >= 0", meta.get(key))
@@ -375,22 +374,17 @@ def _check_position(meta: dict[str, Any], file: Path, micro_batches: int | None)
     micro-batches per step``; the loop's accumulators and history must lie before it."""
     step, consumed = meta["step"], meta["consumed"]
     saved = meta["scalars"].get("n_micro")
-    if saved is not None and (not _is_int(saved) or saved < 1):
+    if not _is_int(saved) or saved < 1:
         raise _bad(file, "scalars.n_micro", "an integer >= 1", saved)
-    if saved is not None and micro_batches is not None and saved != micro_batches:
+    if micro_batches is not None and saved != micro_batches:
         raise CheckpointError(
             f"checkpoint {file.parent} was written with {saved} micro-batches per step, this run "
             f"takes {micro_batches} (grad_accum or the accelerator's gradient accumulation); use "
             "the same setting or a fresh checkpoint_dir"
         )
-    per_step = micro_batches if micro_batches is not None else saved
-    if per_step is not None:
-        ok = consumed == step * per_step
-        unit = "micro-batches" if per_step > 1 else "micro-batch"
-        want = f"step {step} x {per_step} {unit} = {step * per_step}"
-    else:  # a version-1 checkpoint: at least one micro-batch per step, the same number each
-        ok = consumed >= step and (consumed % step == 0 if step else consumed == 0)
-        want = f"a multiple of step {step}"
+    ok = consumed == step * saved
+    unit = "micro-batches" if saved > 1 else "micro-batch"
+    want = f"step {step} x {saved} {unit} = {step * saved}"
     if not ok:
         raise CheckpointError(
             f"{file}: the data position consumed={consumed} does not fit the checkpoint's step "
@@ -483,8 +477,8 @@ class _Plan:
                 "it; delete the checkpoint (or restore an earlier copy) and lower the learning "
                 "rate"
             )
-        if self.meta["version"] >= 2 or "tensors" in self.meta:  # last: the sharper errors first
-            check_tensors(self.tensors, self.meta.get("tensors"), self.file)
+        # last: the sharper errors first
+        check_tensors(self.tensors, self.meta.get("tensors"), self.file)
 
     def _check_codebooks(self) -> None:
         for site, cb in self.cm.codebooks.items():

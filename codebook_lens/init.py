@@ -9,16 +9,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from codebook_lens.moved import moved_names
 from codebook_lens.quantizer import Codebook
 from codebook_lens.topk import topk_codes
 
 __all__ = ["init_from_activations", "kmeans"]
-
-_MAINTENANCE = "codebook_lens.maintenance"
-__getattr__ = moved_names(
-    __name__, {"merge_duplicate_codes": _MAINTENANCE, "replace_dead_codes": _MAINTENANCE}
-)
 
 
 def _as_groups(cb: Codebook, acts: Tensor) -> Tensor:

@@ -19,8 +19,7 @@ Layout of a saved directory (see :mod:`codebook_lens.atomic` for the versioning 
                              (include_model=True) the base model's state dict
     v-model-<hex>/hf_model/  (include_model=True, Hugging Face-booted bridge) its config
 
-Checkpoints of earlier versions keep the data files directly beside ``cfg.json`` (no
-``data_dir``) or have no record (format version 1); they still load. Loading is data only: the
+Loading is data only: the
 JSON is validated field by field, every tensor is compared with the record (a missing, extra,
 swapped or foreign tensor or file is refused, :mod:`codebook_lens.integrity`), its dtype, shape
 and finiteness are checked before use, the base model comes back in its saved dtype, and
@@ -81,7 +80,6 @@ MODEL_KIND = DirKind(
     head="cfg.json",
     format=FORMAT,
     tag="model",
-    flat=("codebooks.safetensors", "model.safetensors", HF_DIR),
     saver="CodebookModel.save",
 )
 """The on-disk kind of a saved CodebookModel (for :mod:`codebook_lens.atomic`)."""
@@ -167,8 +165,11 @@ def _check_meta(meta: dict[str, Any], file: Path) -> None:
             f"{file} uses format version {version}; this codebook_lens reads up to "
             f"{FORMAT_VERSION}. Upgrade codebook_lens."
         )
-    if version < 1:
-        raise CheckpointError(f"{file}: format_version {version} is not a valid version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file}: format_version {version} is not a version this codebook_lens reads (it "
+            f"reads {FORMAT_VERSION}); save the model again with CodebookModel.save"
+        )
     for key, types in (("backend", (str, type(None))), ("model", (dict, type(None)))):
         if not isinstance(meta.get(key), types):
             raise CheckpointError(f"{file}: {key!r} must be {_names(types)}, got {meta.get(key)!r}")
@@ -189,8 +190,7 @@ def _check_meta(meta: dict[str, Any], file: Path) -> None:
             raise CheckpointError(f"{file}: site {entry['site']!r} is listed twice")
         seen.add(entry["site"])
     _check_model_meta(meta, file)
-    if version >= 2:
-        _check_record(meta, file)
+    _check_record(meta, file)
 
 
 def _check_model_meta(meta: dict[str, Any], file: Path) -> None:
@@ -206,7 +206,7 @@ def _check_model_meta(meta: dict[str, Any], file: Path) -> None:
 
 
 def _check_record(meta: dict[str, Any], file: Path) -> None:
-    """A version-2 head records every data file it points to."""
+    """The head records every data file it points to."""
     want = ["codebooks.safetensors"] + (["model.safetensors"] if meta.get("model") else [])
     rec = meta.get("tensors")
     if not isinstance(rec, dict) or not all(isinstance(rec.get(n), dict) for n in want):
@@ -257,16 +257,14 @@ def _base_model(meta: dict[str, Any], data: Path, path: Path, backend: str) -> n
             "CodebookModel.load(path, model), or save with include_model=True"
         )
     file = data / "model.safetensors"
-    if meta["format_version"] >= 2:
-        check_files(data, HF_DIR, meta["files"], path)
+    check_files(data, HF_DIR, meta["files"], path)
     sd = read_tensors(file)
-    if meta["format_version"] >= 2:
-        check_tensors(sd, meta["tensors"]["model.safetensors"], file)
+    check_tensors(sd, meta["tensors"]["model.safetensors"], file)
     for k, v in sd.items():  # buffers may hold -inf (attention masks); NaN is never valid
         if v.is_floating_point() and bool(torch.isnan(v).any()):
             raise CheckpointError(f"{file}: {k} holds NaN values; load an earlier checkpoint")
     try:
-        dtype = _saved_dtype(spec, sd, path)
+        dtype = _saved_dtype(spec, path)
         model = rebuild_model(spec, data, backend, n_saved=sum(v.numel() for v in sd.values()))
         if dtype is not None and {p.dtype for p in model.parameters()} != {dtype}:
             model.to(dtype)  # before the weights go in, so that they are copied exactly
@@ -281,16 +279,10 @@ def _base_model(meta: dict[str, Any], data: Path, path: Path, backend: str) -> n
     return model.eval()
 
 
-def _saved_dtype(
-    spec: dict[str, Any], sd: dict[str, torch.Tensor], path: Path
-) -> torch.dtype | None:
-    """The base model's saved dtype: recorded (format 2), else the one floating dtype of its
-    saved weights (format 1), else None (mixed)."""
-    if "dtype" in spec:
-        name = spec["dtype"]
-        return None if name is None else float_dtype(name, f"{path}: model.dtype")
-    dtypes = {v.dtype for v in sd.values() if v.is_floating_point()}
-    return dtypes.pop() if len(dtypes) == 1 else None
+def _saved_dtype(spec: dict[str, Any], path: Path) -> torch.dtype | None:
+    """The base model's saved dtype, as recorded (None: mixed)."""
+    name = spec.get("dtype")
+    return None if name is None else float_dtype(name, f"{path}: model.dtype")
 
 
 def _site_tensors(
@@ -330,7 +322,7 @@ def read_codebooks(
         file = data / "codebooks.safetensors"
         tensors = read_tensors(file)
         checked = {s: _site_tensors(s, c, tensors, file) for s, c in configs.items()}
-        if meta["format_version"] >= 2:  # after the config checks, whose messages are sharper
-            check_tensors(tensors, meta["tensors"]["codebooks.safetensors"], file)
+        # after the config checks, whose messages are sharper
+        check_tensors(tensors, meta["tensors"]["codebooks.safetensors"], file)
         model = _base_model(meta, data, path, backend) if with_model else None
     return SavedCodebooks(configs, checked, model)

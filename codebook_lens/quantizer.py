@@ -17,11 +17,8 @@ from transformer_lens.hook_points import HookPoint
 
 from codebook_lens import topk
 from codebook_lens.config import CodebookConfig
-from codebook_lens.moved import moved_names
 
 __all__ = ["Codebook"]
-
-__getattr__ = moved_names(__name__, {"topk_codes": "codebook_lens.topk"})
 
 
 class Codebook(nn.Module):

@@ -21,22 +21,20 @@ a class lists its own inclusive or open bounds in :attr:`ValidatedConfig.RANGES`
 Also here, for every config class: :meth:`ValidatedConfig.to_dict` / :meth:`~ValidatedConfig.
 from_dict` (nested configs round-trip; unknown keys are refused with the valid names),
 :func:`field_docs` (the attribute docstring of each field, which the command line shows as
-help) and :func:`renamed` (old field names keep working, with a ``DeprecationWarning``).
+help).
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import functools
 import inspect
 import math
 import numbers
 import textwrap
 import types
 import typing
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import cache
 from typing import Any, ClassVar, TypeVar
 
@@ -57,12 +55,9 @@ __all__ = [
     "field_docs",
     "field_types",
     "literal_choices",
-    "renamed",
-    "upgrade_names",
 ]
 
 C = TypeVar("C", bound="ValidatedConfig")
-T = TypeVar("T", bound=type)
 
 
 @cache
@@ -285,10 +280,7 @@ class ValidatedConfig:
     then ``validate()`` (override it for ranges and cross-field rules) runs again.
 
     :meth:`to_dict` / :meth:`from_dict` convert to and from JSON-ready dicts, nested config
-    fields included; :func:`renamed` lists old field names in :attr:`RENAMED`."""
-
-    RENAMED: ClassVar[dict[str, str]] = {}
-    """Deprecated field name -> current name (filled by :func:`renamed`)."""
+    fields included."""
 
     RANGES: ClassVar[dict[str, Range]] = {}
     """Field name -> its :class:`Range`, checked after the types and before :meth:`validate`
@@ -324,11 +316,11 @@ class ValidatedConfig:
     def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
         """Build from :meth:`to_dict` output; a dict in a config-typed field becomes that config.
 
-        Old field names (:attr:`RENAMED`) are read with a ``DeprecationWarning``; an unknown key
-        raises ``ValueError`` naming it, the class, the closest field and the valid fields."""
+        An unknown key raises ``ValueError`` naming it, the class, the closest field and the valid
+        fields."""
         if not isinstance(d, Mapping):
             raise TypeError(f"{cls.__name__}: expected a dict of fields, got {type(d).__name__}")
-        kwargs = upgrade_names(cls, dict(d), stacklevel=3)
+        kwargs = dict(d)
         names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
         unknown = [k for k in kwargs if k not in names]
         if unknown:
@@ -357,68 +349,6 @@ def _nested(tp: Any, value: Any) -> Any:
         if isinstance(option, type) and issubclass(option, ValidatedConfig):
             return option.from_dict(value)
     return value
-
-
-def upgrade_names(cls: type, kwargs: dict[str, Any], stacklevel: int = 2) -> dict[str, Any]:
-    """``kwargs`` with the deprecated field names of ``cls`` (its ``RENAMED``) replaced by the
-    current ones, warning once per old name; both names at once is a ``TypeError``."""
-    for old, new in getattr(cls, "RENAMED", {}).items():
-        if old not in kwargs:
-            continue
-        if new in kwargs:
-            raise TypeError(f"{cls.__name__}: got both {old!r} (the old name) and {new!r}")
-        _warn_renamed(cls, old, new, stacklevel + 1)
-        kwargs[new] = kwargs.pop(old)
-    return kwargs
-
-
-def _warn_renamed(cls: type, old: str, new: str, stacklevel: int) -> None:
-    warnings.warn(
-        f"{cls.__name__}.{old} is deprecated; it was renamed {new!r}",
-        DeprecationWarning,
-        stacklevel=stacklevel,
-    )
-
-
-class _RenamedField:
-    """The old name of a renamed field: reads and writes go to the new one, with a warning."""
-
-    def __init__(self, cls: type, old: str, new: str) -> None:
-        self.cls, self.old, self.new = cls, old, new
-
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        _warn_renamed(self.cls, self.old, self.new, 3)
-        return getattr(objtype if obj is None else obj, self.new)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        _warn_renamed(self.cls, self.old, self.new, 3)
-        setattr(obj, self.new, value)
-
-
-def renamed(**old_to_new: str) -> Callable[[T], T]:
-    """Class decorator, placed above ``@dataclass``: each old field name keeps working as a
-    constructor keyword, an attribute and a :meth:`~ValidatedConfig.from_dict` key, with a
-    ``DeprecationWarning`` naming the new one.
-
-    Example: ``@renamed(min_lr_ratio="min_lr_frac")``."""
-
-    def wrap(cls: T) -> T:
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        for old, new in old_to_new.items():
-            if new not in names or old in names:
-                raise TypeError(f"renamed: {cls.__name__} needs field {new!r} and no {old!r}")
-            setattr(cls, old, _RenamedField(cls, old, new))
-        cls.RENAMED = {**getattr(cls, "RENAMED", {}), **old_to_new}  # type: ignore[attr-defined]
-        init = cls.__init__
-
-        @functools.wraps(init)
-        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-            init(self, *args, **upgrade_names(cls, kwargs, stacklevel=3))
-
-        cls.__init__ = __init__  # type: ignore[misc]
-        return cls
-
-    return wrap
 
 
 def check_tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -43,7 +43,6 @@ from codebook_lens.analysis.store_manifest import (
     verify_hashes,
     with_shards,
 )
-from codebook_lens.analysis.store_v1 import read_v1
 from codebook_lens.atomic import open_dir, save_dir
 from codebook_lens.errors import CheckpointError
 from codebook_lens.suggest import unknown_site_error
@@ -547,8 +546,7 @@ class CodeStore:
         store id, index, keys, dtypes and shapes, and no unlisted shard (headers only).
         ``verify=True`` also hashes every file against the manifest (about 1 GB/s). An
         interrupted collection is refused unless ``allow_partial=True`` (then the complete
-        shards are opened). A version-1 store (no hashes) is loaded into memory instead.
-        Raises CheckpointError naming the file and the fix."""
+        shards are opened). Raises CheckpointError naming the file and the fix."""
         with open_dir(path, STORE_KIND) as (head, data):
             return cls._open_locked(Path(path), head, data, allow_partial, verify)
 
@@ -558,8 +556,7 @@ class CodeStore:
     ) -> CodeStore:
         """:meth:`open`, inside :func:`~codebook_lens.atomic.open_dir` (files stay put)."""
         file = path / STORE_KIND.head
-        if _version(head, file) == 1:
-            return cls._from_v1(head, data, file)
+        _check_version(head, file)
         check_manifest(head, file)
         if not head["complete"] and not allow_partial:
             raise _incomplete(path, head)
@@ -592,22 +589,12 @@ class CodeStore:
         return self
 
     @classmethod
-    def _from_v1(cls, head: dict[str, Any], data: Path, file: Path) -> CodeStore:
-        f = read_v1(head, data, file)
-        try:
-            return cls(**f)
-        except ValueError as e:
-            raise CheckpointError(f"{file.parent} is not a consistent CodeStore: {e}") from e
-
-    @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CodeStore:
         """Load a saved or collected store into memory. Checks what :meth:`open` checks, every
         content hash and every value (code ids in ``[-1, n_codes)``, tokens in
         ``[0, d_vocab)``); raises CheckpointError naming the file and the fix."""
         with open_dir(path, STORE_KIND) as (head, data):  # read while no writer deletes
             disk = cls._open_locked(Path(path), head, data, False, True)
-            if disk.path is None:
-                return disk  # version 1: already in memory and checked
             file = Path(path) / STORE_KIND.head
             codes = {s: disk.code_range(s, 0, disk.n_seq).clone() for s in disk.sites}
             for s, c in codes.items():
@@ -641,14 +628,13 @@ def _empty_tokens(m: dict[str, Any]) -> Tensor | None:
     return torch.empty((0, m["seq_len"]), dtype=_dt(m["token_dtype"]))
 
 
-def _version(head: dict[str, Any], file: Path) -> int:
+def _check_version(head: dict[str, Any], file: Path) -> None:
     v = head.get("version")
-    if type(v) is not int or not 1 <= v <= STORE_VERSION:
+    if type(v) is not int or v != STORE_VERSION:
         raise CheckpointError(
             f"{file}: version {v!r} is not a CodeStore format version this codebook_lens reads "
-            f"(1..{STORE_VERSION}); upgrade codebook_lens or re-save the store"
+            f"({STORE_VERSION}); upgrade codebook_lens or collect the store again"
         )
-    return v
 
 
 def _incomplete(path: Path, m: dict[str, Any]) -> CheckpointError:

@@ -62,13 +62,12 @@ __all__ = [
 ]
 
 STORE_VERSION = 2
-"""The manifest format version written now (1: the format before shards had ids and hashes)."""
+"""The manifest format version written and read."""
 STORE_KIND = DirKind(
     name="CodeStore",
     head="store.json",
     format=STORE_FORMAT,
     tag="store",
-    flat=("shard-*.safetensors",),
     saver="CodeStore.save or collect_codes(..., out=PATH)",
 )
 """The on-disk kind of a code store (for :mod:`codebook_lens.atomic`)."""

@@ -153,13 +153,6 @@ class StoreWriter:
         try:
             old = _old_manifest(p) if holds_data(p) else None
             if resume and old is not None:
-                if old.get("version") == 1:
-                    raise CheckpointError(
-                        f"{p} holds a code store of format version 1 (saved by an earlier "
-                        "codebook_lens), which records no collection settings and cannot be "
-                        "resumed; pass resume=False to replace it, or collect into another "
-                        "directory"
-                    )
                 return cls._resume(p, old, settings, collect, lock)
             settings = {**settings, "shard_seqs": settings["shard_seqs"] or default_shard_seqs}
             return cls._fresh(p, settings, collect, lock)
@@ -180,7 +173,7 @@ class StoreWriter:
         with _no_readers(p):  # the previous store (any version) and leftovers go
             for e in os.listdir(p):
                 old_version = e.startswith(f"v-{STORE_KIND.tag}-") and e != vname
-                if old_version or shard_index(e) is not None or e.endswith(".tmp"):
+                if old_version or e.endswith(".tmp"):
                     _remove(p / e)
         return w
 
@@ -285,11 +278,7 @@ class StoreWriter:
 
 
 def _old_manifest(p: Path) -> dict[str, Any]:
-    """The manifest at ``p``: checked if it has version 2, as it is for version 1."""
+    """The manifest at ``p``, checked."""
     with open_dir(p, STORE_KIND) as (head, _data):
-        if head.get("version") == 1:
-            return head
         check_manifest(head, p / STORE_KIND.head)
-        if "data_dir" not in head:
-            raise CheckpointError(f"{p / STORE_KIND.head} names no data directory; it is corrupt")
         return head

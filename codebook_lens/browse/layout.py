@@ -44,7 +44,6 @@ BROWSE_KIND = DirKind(
     head="browse.json",
     format=BROWSE_FORMAT,
     tag="browse",
-    flat=("store", "labels.safetensors"),
     saver="write_browse_data",
 )
 """The on-disk kind of ``DIR/browse`` (for :mod:`codebook_lens.atomic`)."""

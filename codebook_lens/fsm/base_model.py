@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -20,7 +19,7 @@ from codebook_lens.fsm.machine import FSM
 from codebook_lens.fsm.metrics import evaluate_transition_accuracy
 from codebook_lens.model import CodebookModel
 from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
-from codebook_lens.validation import Range, ValidatedConfig, renamed
+from codebook_lens.validation import Range, ValidatedConfig
 
 __all__ = [
     "BaseTrainConfig",
@@ -41,7 +40,6 @@ History = dict[str, list[int | float]]
 """Training history: metric name -> values (see :func:`train_base_model`)."""
 
 
-@renamed(min_lr_ratio="min_lr_frac", n_steps_per_walk="walk_states")
 @dataclass
 class BaseTrainConfig(ValidatedConfig):
     """Architecture and training of the TokFSM base model (the defaults are the tuned ones).
@@ -98,8 +96,7 @@ class BaseTrainConfig(ValidatedConfig):
     walk_states: int = 64
     """States per training walk (as :attr:`ExperimentConfig.walk_states
     <codebook_lens.fsm.experiment.ExperimentConfig.walk_states>` for finetuning);
-    ``1 + walk_states * n_digits`` must be ``<= n_ctx``. The old name ``n_steps_per_walk``
-    still works, with a ``DeprecationWarning``."""
+    ``1 + walk_states * n_digits`` must be ``<= n_ctx``."""
     lr: float = 5e-3
     """Peak AdamW learning rate."""
     weight_decay: float = 0.01
@@ -108,8 +105,7 @@ class BaseTrainConfig(ValidatedConfig):
     """Linear warmup steps before the cosine decay."""
     min_lr_frac: float = 0.1
     """Final learning rate as a fraction of ``lr`` at the end of the cosine decay (as
-    :attr:`TrainConfig.min_lr_frac <codebook_lens.training.TrainConfig.min_lr_frac>`; the old
-    name ``min_lr_ratio`` still works, with a ``DeprecationWarning``)."""
+    :attr:`TrainConfig.min_lr_frac <codebook_lens.training.TrainConfig.min_lr_frac>`)."""
     grad_clip: float = 1.0
     """Max global gradient norm (``0`` disables clipping)."""
     pos_init: Literal["sinusoidal", "random"] = "sinusoidal"
@@ -217,7 +213,6 @@ def train_base_model(
     *,
     train_cfg: BaseTrainConfig | None = None,
     backend: str = "auto",
-    n_steps_per_walk: int | None = None,
 ) -> tuple[nn.Module, History]:
     """Train a TokFSM base model with the next-token loss, through
     :func:`~codebook_lens.training.train_codebooks` (the package's one training loop).
@@ -236,7 +231,6 @@ def train_base_model(
         lr: ``train_cfg.lr`` when given.
         seed: ``train_cfg.seed`` when given.
         eval_every: ``train_cfg.eval_every`` when given.
-        n_steps_per_walk: Deprecated name of ``walk_states``.
         progress: Show a tqdm bar with the loss.
         train_cfg: Training hyper-parameters.
         backend: ``"auto"``, ``"hooked"`` or ``"bridge"`` (see :mod:`codebook_lens.backends`).
@@ -249,7 +243,6 @@ def train_base_model(
         seconds since the start), recorded at evaluations and always at the last step; plus
         ``loss_floor`` (one value: the best achievable loss, :func:`loss_floor`).
     """
-    walk_states = _renamed_walk_states(walk_states, n_steps_per_walk)
     overrides = dict(
         steps=steps, batch_size=batch_size, walk_states=walk_states, lr=lr, seed=seed,
         eval_every=eval_every,
@@ -270,22 +263,6 @@ def train_base_model(
         CodebookModel(model), stream, _loop_config(tc, progress), eval_fn=eval_fn
     )
     return model.eval(), _history(result, loss_floor(fsm, tc.walk_states))
-
-
-def _renamed_walk_states(walk_states: int | None, n_steps_per_walk: int | None) -> int | None:
-    """``walk_states``, or the value given under its old name (with a DeprecationWarning)."""
-    if n_steps_per_walk is None:
-        return walk_states
-    if walk_states is not None:
-        raise TypeError(
-            "train_base_model: got both 'n_steps_per_walk' (the old name) and 'walk_states'"
-        )
-    warnings.warn(
-        "train_base_model: n_steps_per_walk is deprecated; it was renamed 'walk_states'",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return n_steps_per_walk
 
 
 def _initial_model(

@@ -265,11 +265,10 @@ class ExperimentConfig(ValidatedConfig):
 
 # ---------------------------------------------------------------------------- base model
 def _base_key(cfg: ExperimentConfig) -> str:
-    spec = {"n_states": cfg.n_states, "n_edges": cfg.n_edges, "fsm_seed": cfg.fsm_seed}
-    base = cfg.base.to_dict()
-    for old, new in BaseTrainConfig.RENAMED.items():  # the key of models cached before renames
-        base[old] = base.pop(new)
-    spec["base"] = base
+    spec = {
+        "n_states": cfg.n_states, "n_edges": cfg.n_edges, "fsm_seed": cfg.fsm_seed,
+        "base": cfg.base.to_dict(),
+    }  # fmt: skip
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -406,20 +405,6 @@ class StateRecovery:
         }
 
     to_dict = metrics
-
-    def __getitem__(self, key: str) -> Any:
-        """Deprecated dict access (``rec["states_recovered"]``, ``rec["_store"]``, ...) from
-        when :func:`state_recovery` returned a dict; use the attributes."""
-        warnings.warn(
-            f"StateRecovery[{key!r}] is deprecated; use the attribute "
-            f"{key.lstrip('_')!r} (or .metrics() for the JSON part)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        name = key.lstrip("_") if key in ("_results", "_store", "_labels") else key
-        if name not in {f.name for f in dataclasses.fields(self)}:
-            raise KeyError(key)
-        return getattr(self, name)
 
 
 def codebook_cache_path(cfg: ExperimentConfig, cache_dir: str | os.PathLike[str]) -> Path:

@@ -57,7 +57,7 @@ from codebook_lens.lm.steering import (
 from codebook_lens.lm.tokenizer import save_tokenizer, train_bpe_tokenizer
 from codebook_lens.model import CodebookModel
 from codebook_lens.training import TrainConfig, TrainResult, train_codebooks
-from codebook_lens.validation import Range, ValidatedConfig, renamed, upgrade_names
+from codebook_lens.validation import Range, ValidatedConfig
 
 __all__ = [
     "LMDemoConfig",
@@ -76,7 +76,6 @@ PROMPT = "Once upon a time, there was a little girl named Lily."
 """The steering prompt: the generic opener of a story."""
 
 
-@renamed(cb_lr="codebook_lr", cb_steps="codebook_steps")
 @dataclass
 class LMDemoConfig(ValidatedConfig):
     """Sizes and hyperparameters of the LM demo (defaults: the full run; :meth:`small` for a
@@ -140,12 +139,10 @@ class LMDemoConfig(ValidatedConfig):
     k: int = 8
     """Codes active per head and position (the paper's k=8 for attention heads)."""
     codebook_steps: int = 200
-    """Optimizer steps of codebook finetuning (model and codebooks together); the old name
-    ``cb_steps`` still works, with a ``DeprecationWarning``."""
+    """Optimizer steps of codebook finetuning (model and codebooks together)."""
     codebook_lr: float = 1e-3
     """Peak learning rate of the codebooks (the model gets ``codebook_lr / 3``; as
-    :attr:`TrainConfig.codebook_lr <codebook_lens.training.TrainConfig.codebook_lr>`); the old
-    name ``cb_lr`` still works, with a ``DeprecationWarning``."""
+    :attr:`TrainConfig.codebook_lr <codebook_lens.training.TrainConfig.codebook_lr>`)."""
     min_count: int = 20
     """Codes firing fewer times than this on the held-out set are not ranked."""
     min_precision: float = 0.0
@@ -227,7 +224,7 @@ class LMDemoConfig(ValidatedConfig):
             n_baseline=16,
             max_new_tokens=24,
         )
-        return cls(**{**base, **upgrade_names(cls, overrides, stacklevel=3)})
+        return cls(**{**base, **overrides})
 
 
 def build_lm(tokenizer: Any, cfg: LMDemoConfig) -> nn.Module:
@@ -381,7 +378,7 @@ def run_lm_demo(
     """
     cfg = config or (LMDemoConfig.small() if small else LMDemoConfig())
     if overrides:
-        cfg = dataclasses.replace(cfg, **upgrade_names(LMDemoConfig, overrides, stacklevel=3))
+        cfg = dataclasses.replace(cfg, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

@@ -30,7 +30,6 @@ TOKENIZER_KIND = DirKind(
     head="codebook_lens_tokenizer.json",
     format="codebook_lens.tokenizer",
     tag="tok",
-    flat=("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"),
     saver="save_tokenizer",
 )
 """The on-disk kind of :func:`save_tokenizer` output (for :mod:`codebook_lens.atomic`)."""
@@ -101,17 +100,14 @@ def save_tokenizer(tokenizer: Any, path: str | os.PathLike[str], overwrite: bool
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (``save_pretrained``) to directory
     ``path`` in one atomic step (a version directory named by ``codebook_lens_tokenizer.json``).
 
-    A directory holding anything but a saved tokenizer is refused unless ``overwrite=True``; a
-    tokenizer saved flat by an earlier version is replaced."""
-    p = Path(path)
-    legacy = (p / "tokenizer.json").is_file() and not (p / TOKENIZER_KIND.head).exists()
+    A directory holding anything but a saved tokenizer is refused unless ``overwrite=True``."""
     head = {"format": TOKENIZER_KIND.format, "version": 1}
     save_dir(
-        p,
+        Path(path),
         TOKENIZER_KIND,
         head,
         lambda tmp: tokenizer.save_pretrained(str(tmp)),
-        overwrite=overwrite or legacy,
+        overwrite=overwrite,
     )
 
 

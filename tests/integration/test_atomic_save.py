@@ -119,23 +119,6 @@ def test_layout_and_leftovers_of_killed_saves_are_cleaned(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
-def test_flat_checkpoints_of_earlier_versions_load_and_upgrade(tmp_path):
-    cm = _cm()
-    d = tmp_path / "flat"
-    cm.save(d)
-    data = data_path(d, MODEL_KIND)
-    for f in data.iterdir():  # rebuild the pre-versioned layout: data beside cfg.json
-        f.rename(d / f.name)
-    data.rmdir()
-    meta = json.loads((d / "cfg.json").read_text())
-    del meta["data_dir"]
-    (d / "cfg.json").write_text(json.dumps(meta))
-    assert CodebookModel.load(d, make_model()).sites == cm.sites
-    cm.save(d)  # our flat checkpoint: replaced, its flat files removed
-    assert not (d / "codebooks.safetensors").exists()
-    assert CodebookModel.load(d, make_model()).sites == cm.sites
-
-
 _WRITER = """
 import sys, torch
 sys.path.insert(0, {root!r})

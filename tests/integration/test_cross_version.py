@@ -2,8 +2,9 @@
 
 ``tests/fixtures/cross_version`` holds tiny native models with codebooks, saved with
 ``include_model=True`` on transformer-lens 3.9 (as a ``HookedTransformer`` and as a native
-bridge) and on 4.3 (native bridge), each with the logits and codes it gave when saved. Every leg
-loads every checkpoint on every backend it has; the logits must agree to float32 precision.
+bridge) and on 4.3 (native bridge) by ``make.py`` there, each with the logits and codes it gave
+when saved. Every leg loads every checkpoint on every backend it has; the logits must agree to
+float32 precision.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from codebook_lens import BackendError, CheckpointError, CodebookModel, codes_hook_name
+from codebook_lens.atomic import data_path
 from codebook_lens.backends import has_hooked_transformer, hooked_to_native, native_to_hooked
+from codebook_lens.io import MODEL_KIND
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cross_version"
 SAVED = ["tl3_hooked", "tl3_bridge", "tl4_bridge"]
@@ -43,7 +46,7 @@ def test_checkpoint_loads_on_every_backend(saved, target):
 
 def test_weight_layouts_round_trip():
     cfg = json.loads((FIXTURES / "tl3_hooked" / "cfg.json").read_text())["model"]["config"]
-    sd = load_file(str(FIXTURES / "tl3_hooked" / "model.safetensors"))
+    sd = load_file(str(data_path(FIXTURES / "tl3_hooked", MODEL_KIND) / "model.safetensors"))
     native = hooked_to_native(sd, cfg)
     assert native["blocks.0.attn.q.weight"].shape == (32, 32)
     # head h of W_Q [head, d_model, d_head] is rows h*d_head:(h+1)*d_head of q.weight

@@ -135,11 +135,6 @@ def test_train_base_model_smoke(fsm):
 def test_train_base_model_errors(fsm):
     with pytest.raises(ValueError, match="n_ctx"):
         train_base_model(fsm, walk_states=17, train_cfg=BaseTrainConfig(**TINY_TRAIN))
-    with pytest.warns(DeprecationWarning, match="renamed 'walk_states'"):  # the old keyword
-        with pytest.raises(ValueError, match="walks of 17 states"):
-            train_base_model(fsm, n_steps_per_walk=17, train_cfg=BaseTrainConfig(**TINY_TRAIN))
-    with pytest.raises(TypeError, match="got both"):
-        train_base_model(fsm, walk_states=16, n_steps_per_walk=17)
     with pytest.raises(ValueError, match="divisible"):
         BaseTrainConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="steps"):

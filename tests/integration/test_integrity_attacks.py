@@ -157,12 +157,6 @@ def test_base_model_dtype_round_trips_with_equal_logits(backend, tmp_path, dtype
     assert torch.equal(got, want)
 
 
-def test_old_checkpoints_without_a_record_still_load():
-    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "cross_version" / "tl4_bridge"
-    assert "tensors" not in json.loads((fixture / "cfg.json").read_text())
-    CodebookModel.load(fixture, backend="bridge")
-
-
 def test_removing_the_record_from_a_new_checkpoint_is_refused(saved):
     path, _, backend = saved
     head = path / "cfg.json"

@@ -1,12 +1,11 @@
 """Config dataclasses as the command line: every field documented and a flag, dict round trips
-(nested), unknown keys refused, friendly Literal errors, and the deprecated field names."""
+(nested), unknown keys refused and friendly Literal errors."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import typing
-import warnings
 
 import pytest
 import torch
@@ -189,46 +188,7 @@ def test_fuzz_nested_round_trip(top, base, plan, train, codebook):
     assert LMDemoConfig.from_dict(lm.to_dict()) == lm
 
 
-@pytest.mark.parametrize(
-    ("cls", "old", "new", "value"),
-    [
-        (BaseTrainConfig, "min_lr_ratio", "min_lr_frac", 0.25),
-        (BaseTrainConfig, "n_steps_per_walk", "walk_states", 16),
-        (LMDemoConfig, "cb_lr", "codebook_lr", 2e-3),
-        (LMDemoConfig, "cb_steps", "codebook_steps", 7),
-    ],
-)
-def test_deprecated_names_keep_working_with_a_warning(cls, old, new, value):
-    with pytest.warns(DeprecationWarning, match=f"{cls.__name__}.{old} is deprecated.*'{new}'"):
-        cfg = cls(**{old: value})
-    assert getattr(cfg, new) == value
-    with pytest.warns(DeprecationWarning, match=old):
-        assert getattr(cfg, old) == value
-    with pytest.warns(DeprecationWarning, match=old):
-        setattr(cfg, old, value * 2)
-    assert getattr(cfg, new) == value * 2
-    saved = cls().to_dict()
-    saved[old] = value
-    del saved[new]
-    with pytest.warns(DeprecationWarning, match=old):
-        loaded = cls.from_dict(saved)
-    assert getattr(loaded, new) == value
-    with pytest.raises(TypeError, match=f"got both '{old}'"):
-        cls(**{old: value, new: value})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert cls().to_dict()[new] == getattr(cls(), new)  # new name: no warning
-
-
-def test_an_old_experiment_json_loads():
-    old = ExperimentConfig().to_dict()
-    old["base"]["min_lr_ratio"] = old["base"].pop("min_lr_frac") / 2
-    with pytest.warns(DeprecationWarning, match="min_lr_ratio"):
-        cfg = ExperimentConfig.from_dict(old)
-    assert cfg.base.min_lr_frac == 0.05 and cfg.train == ExperimentConfig().train
-
-
-def test_state_recovery_result_metrics_and_old_dict_access():
+def test_state_recovery_result_metrics():
     labels = torch.full((2, 3), -1)
     rec = StateRecovery(
         states_recovered=1, states_present=2, mean_best_code_precision=0.5,
@@ -239,9 +199,3 @@ def test_state_recovery_result_metrics_and_old_dict_access():
     m = rec.metrics()
     assert list(m)[:2] == ["states_recovered", "states_present"] and "store" not in m
     assert json.loads(json.dumps(m)) == m and rec.to_dict() == m
-    with pytest.warns(DeprecationWarning, match="use the attribute 'labels'"):
-        assert rec["_labels"] is labels
-    with pytest.warns(DeprecationWarning):
-        assert rec["states_recovered"] == 1
-    with pytest.warns(DeprecationWarning), pytest.raises(KeyError):
-        rec["nope"]

@@ -78,17 +78,3 @@ def test_maintenance_schedule_and_reseed_mask():
     unused = cb.window_counts == 0
     mask = reseed_dead_codes(cb)
     assert torch.equal(mask, unused) and not cb.window_counts.any()
-
-
-def test_moved_names_still_import_from_their_old_modules():
-    from codebook_lens import init, maintenance, quantizer, topk
-
-    with pytest.warns(DeprecationWarning, match="quantizer.topk_codes moved to codebook_lens.topk"):
-        assert quantizer.topk_codes is topk.topk_codes
-    with pytest.warns(DeprecationWarning, match="init.merge_duplicate_codes moved"):
-        assert init.merge_duplicate_codes is maintenance.merge_duplicate_codes
-    with pytest.warns(DeprecationWarning, match="init.replace_dead_codes moved"):
-        from codebook_lens.init import replace_dead_codes
-    assert replace_dead_codes is maintenance.replace_dead_codes
-    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
-        _ = init.nope

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from codebook_lens.analysis import CodeStore
 from codebook_lens.errors import CheckpointError
-from codebook_lens.tensor_files import write_tensors
 
 FIX = "restore|collect the store again|Move them away|Rename them back"
 SETTINGS = settings(
@@ -231,28 +230,6 @@ def test_fuzz_manifest(saved, tmp_path_factory, data):
         except CheckpointError:
             continue
         assert torch.equal(s.get("a"), want.get("a")) and torch.equal(s.tokens, want.tokens)
-
-
-def test_version_1_store_still_loads(tmp_path):
-    """A store written by the format before hashes (flat layout) loads into memory."""
-    want = make(3, n_seq=5)
-    path = tmp_path / "old"
-    path.mkdir()
-    for i, sl in enumerate((slice(0, 3), slice(3, 5))):
-        tensors = {"codes.a": want.codes["a"][sl], "tokens": want.tokens[sl]}
-        write_tensors(tensors, path / f"shard-{i:05d}.safetensors", "codebook_lens.code_store")
-    head = {
-        "format": "codebook_lens.code_store", "version": 1, "sites": ["a"], "n_codes": {"a": 9},
-        "per_head": {"a": True}, "shapes": {"a": [5, 5, 3, 2]}, "dtypes": {"a": "int8"},
-        "has_tokens": True, "d_vocab": 20, "n_shards": 2, "meta": {},
-    }  # fmt: skip
-    (path / "store.json").write_text(json.dumps(head))
-    for how in (CodeStore.load, CodeStore.open):
-        s = how(path)
-        assert s.path is None and torch.equal(s.get("a"), want.get("a"))
-    want.save(path)  # saving over it writes version 2 and removes the flat shards
-    assert json.loads((path / "store.json").read_text())["version"] == 2
-    assert not list(path.glob("shard-*")) and CodeStore.open(path).n_seq == 5
 
 
 def test_shard_replaced_after_open_is_refused_not_misread(saved, store):
