@@ -211,6 +211,7 @@ def _cmd_lm_demo(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from codebook_lens.convert import convert_checkpoint
+    from codebook_lens.fsm.reference import save_reference_fsm
     from codebook_lens.io import CheckpointError
 
     backend = "bridge" if args.backend == "auto" else args.backend
@@ -218,6 +219,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         cm = convert_checkpoint(
             args.src, args.out, args.base, backend=backend, revision=args.revision
         )
+        save_reference_fsm(args.src, args.out, args.revision)  # a TokFSM checkpoint's machine
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"codebook-lens convert: {e}") from e
     rows = [

@@ -1,7 +1,8 @@
 """The code browser: a local web server (JSON API + one static page) over a code store.
 
 ``codebook-lens browse DIR`` serves the output of ``codebook-lens demo`` / ``lm-demo`` (which
-call :func:`write_browse_data`). The web framework (FastAPI + uvicorn, the ``browse`` extra) is
+call :func:`write_browse_data`, describing themselves in DIR: the browser imports no
+experiment). The web framework (FastAPI + uvicorn, the ``browse`` extra) is
 imported only by :func:`create_app` and :func:`serve`, so the demos need none of it.
 """
 
@@ -9,13 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from codebook_lens.browse.demos import write_fsm_browse_data, write_lm_browse_data
 from codebook_lens.browse.layout import BrowseData, load_browse_data, write_browse_data
 
 __all__ = [
     "write_browse_data",
-    "write_fsm_browse_data",
-    "write_lm_browse_data",
     "load_browse_data",
     "BrowseData",
     "create_app",

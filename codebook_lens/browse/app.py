@@ -59,7 +59,7 @@ class BrowseState:
         n_labels = len(data.label_names)
         self.index = SearchIndex(data.store, data.labels, n_labels)
         self.text = StoreText(data.store.require_tokens(), data.vocab)
-        self.runner = ModelRunner(data.model_path, data.kind, data.tokenizer_path, data.fsm_path)
+        self.runner = ModelRunner(data.model_path, data.kind, data.tokenizer_path, data.prompts)
         self.runner.heads = {
             s: (data.store.n_heads(s) if data.store.per_head[s] else None) for s in self.store.sites
         }

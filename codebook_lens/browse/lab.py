@@ -1,8 +1,9 @@
 """The Lab: run a prompt with and without code interventions, side by side.
 
 One run gives the codes at every site per position (read at ``f"{site}.hook_codes"`` after the
-interventions), the next-token distribution (TokFSM: the exact next-state distribution of
-:func:`codebook_lens.fsm.metrics.next_state_distribution`) and a sampled continuation (no KV
+interventions), the next-token distribution (digit-unit prompts such as TokFSM's: the exact
+next-unit distribution of :func:`codebook_lens.digit_units.next_unit_distribution`, with the
+prompt format the run directory describes) and a sampled continuation (no KV
 cache, so interventions at prompt positions hold at every step). Interventions are the
 analysis hooks :func:`~codebook_lens.analysis.force_codes` and
 :func:`~codebook_lens.analysis.ablate_codes`. Model runs hold one lock: hooks are added to the
@@ -22,7 +23,9 @@ from torch import Tensor
 
 from codebook_lens.analysis import ablate_codes, code_logit_attribution, force_codes
 from codebook_lens.browse.errors import BrowseError, bad_request
+from codebook_lens.digit_units import DigitPrompts, next_unit_distribution
 from codebook_lens.model import CodebookModel, codes_hook_name
+from codebook_lens.tokenizer_files import load_tokenizer
 
 __all__ = ["Intervention", "ModelRunner", "MAX_NEW_TOKENS"]
 
@@ -45,14 +48,17 @@ class ModelRunner:
     """The saved CodebookModel behind a DIR, loaded on first use, with a lock around runs."""
 
     def __init__(
-        self, model_path: Path | None, kind: str, tokenizer_path: Path | None, fsm_path: Path | None
+        self,
+        model_path: Path | None,
+        kind: str,
+        tokenizer_path: Path | None,
+        prompts: DigitPrompts | None,
     ):
         self.model_path, self.kind = model_path, kind
-        self.tokenizer_path, self.fsm_path = tokenizer_path, fsm_path
+        self.tokenizer_path, self.prompts = tokenizer_path, prompts
         self.lock = threading.Lock()
         self._cm: CodebookModel | None = None
         self._tok: Any = None
-        self._fsm: Any = None
         self.error: str | None = None if model_path else "this DIR names no model"
         self.heads: dict[str, int | None] = {}
         """Site -> number of heads at per-head sites, None at sites without a head axis."""
@@ -63,13 +69,7 @@ class ModelRunner:
         if self._cm is None and self.error is None:
             try:
                 self._cm = CodebookModel.load(self.model_path).eval()
-                if self.kind == "fsm" and self.fsm_path is not None:
-                    from codebook_lens.fsm.machine import FSM
-
-                    self._fsm = FSM.load(self.fsm_path)
                 if self.tokenizer_path is not None:
-                    from codebook_lens.lm.tokenizer import load_tokenizer
-
                     self._tok = load_tokenizer(self.tokenizer_path)
             except Exception as e:  # noqa: BLE001 - reported to the user, not hidden
                 self.error = f"cannot load the model at {self.model_path}: {e}"
@@ -100,16 +100,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ prompts
     def tokenize(self, prompt: str) -> list[int]:
-        """Token ids of a prompt: TokFSM digits (BOS added), the tokenizer's, or ids."""
+        """Token ids of a prompt: digit units (BOS added), the tokenizer's, or ids."""
         cm = self.model()
-        if self._fsm is not None:
-            digits = [c for c in prompt if not c.isspace()]
-            if not digits or any(not c.isdigit() or int(c) >= self._fsm.base for c in digits):
-                raise bad_request(
-                    f"a TokFSM prompt is digits 0-{self._fsm.base - 1} (spaces allowed), e.g. "
-                    "'12 07 33'; BOS is added"
-                )
-            return [self._fsm.bos] + [int(c) for c in digits]
+        if self.prompts is not None:
+            try:
+                return self.prompts.tokenize(prompt)
+            except ValueError as e:
+                raise bad_request(str(e)) from e
         if self._tok is not None:
             ids = self._tok(prompt, add_special_tokens=False)["input_ids"]
             bos = self._tok.bos_token_id
@@ -201,29 +198,28 @@ class ModelRunner:
         return out
 
     def _next(self, logits: Tensor, toks: Tensor, hooks: list, top: int) -> dict[str, Any]:
-        fsm = self._fsm
-        if fsm is not None and (toks.shape[1] - 1) % fsm.n_digits == 0:
-            from codebook_lens.fsm.metrics import next_state_distribution
-
+        units = self.prompts
+        if units is not None and (toks.shape[1] - 1) % units.n_digits == 0:
             cm = self.model()
 
             def model(t: Tensor) -> Tensor:
                 return cm.run_with_hooks(t, fwd_hooks=hooks)
 
             n_ctx = int(cm.cfg.n_ctx)
-            if toks.shape[1] + fsm.n_digits - 1 <= n_ctx:
-                probs = next_state_distribution(model, fsm, toks, n_ctx=n_ctx)[0].cpu()
+            if toks.shape[1] + units.n_digits - 1 <= n_ctx:
+                probs = next_unit_distribution(
+                    model, toks, units.base, units.n_digits, units.n_units, n_ctx=n_ctx
+                )[0].cpu()
                 val, idx = probs.topk(min(top, probs.numel()))
-                last = None
-                if toks.shape[1] > 1:
-                    last = int(fsm.tokens_to_states(toks[0, 1:].cpu())[-1])
-                succ = fsm.successors[last].tolist() if last is not None else []
+                last = units.last_unit(toks[0].tolist())
+                known = last is not None and last < len(units.successors)
+                succ = list(units.successors[last]) if known else []
                 return {
                     "kind": "state",
                     "last_state": last,
                     "successors": succ,
                     "items": [
-                        {"id": int(i), "text": f"{int(i):0{fsm.n_digits}d}", "prob": float(v),
+                        {"id": int(i), "text": f"{int(i):0{units.n_digits}d}", "prob": float(v),
                          "valid": int(i) in succ}
                         for v, i in zip(val.tolist(), idx.tolist())
                     ],

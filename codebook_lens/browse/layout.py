@@ -7,7 +7,10 @@ Layout written by :func:`write_browse_data` (the demos call it)::
     DIR/browse/labels.safetensors    one label per stored position (-1 = none), if any
     DIR/bookmarks.json               written by the browser (atomically)
 
-The manifest's paths (model, tokenizer, fsm) are relative to DIR and must stay inside it.
+The manifest's paths (model, tokenizer) are relative to DIR and must stay inside it. An
+experiment describes itself there: label names, the token texts and, for digit-unit prompts
+(TokFSM), the prompt format (:class:`~codebook_lens.digit_units.DigitPrompts`), so the browser
+imports no experiment.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from torch import Tensor
 
 from codebook_lens.analysis.store import CodeStore
 from codebook_lens.atomic import DirKind, open_dir, save_dir
+from codebook_lens.digit_units import DigitPrompts
 from codebook_lens.errors import CheckpointError
 from codebook_lens.io import MODEL_KIND
 from codebook_lens.tensor_files import read_tensors, write_tensors
+from codebook_lens.tokenizer_files import TOKENIZER_KIND, load_tokenizer
 
 __all__ = [
     "BROWSE_FORMAT",
@@ -69,7 +74,7 @@ def write_browse_data(
     kind: str = "generic",
     model: str | None = "model",
     tokenizer: str | None = None,
-    fsm: str | None = None,
+    prompts: DigitPrompts | None = None,
 ) -> Path:
     """Write what ``codebook-lens browse out_dir`` needs to ``out_dir/browse``; return that path.
 
@@ -84,7 +89,8 @@ def write_browse_data(
             ``"generic"``.
         model: Path of the saved CodebookModel, relative to ``out_dir`` (None: none).
         tokenizer: Path of a saved tokenizer, relative to ``out_dir``.
-        fsm: Path of ``fsm.json``, relative to ``out_dir`` (TokFSM).
+        prompts: The digit-unit prompt format (TokFSM): the Lab tokenizes digit prompts and
+            shows the next-unit distribution.
     """
     if not store.has_tokens:
         raise ValueError("the browser needs the store's tokens; collect it with keep_tokens=True")
@@ -102,7 +108,7 @@ def write_browse_data(
         "label_names": names if labels is not None else [],
         "model": model,
         "tokenizer": tokenizer,
-        "fsm": fsm,
+        "prompts": None if prompts is None else prompts.to_dict(),
     }
 
     def write(tmp: Path) -> None:
@@ -165,8 +171,8 @@ class BrowseData:
     """Saved CodebookModel directory, if any."""
     tokenizer_path: Path | None = None
     """Saved tokenizer directory, if any."""
-    fsm_path: Path | None = None
-    """``fsm.json`` (TokFSM), if any."""
+    prompts: DigitPrompts | None = None
+    """The digit-unit prompt format (TokFSM), if any."""
     metrics: dict[str, Any] = field(default_factory=dict)
     """``DIR/metrics.json`` when present."""
 
@@ -194,6 +200,16 @@ def _labels(file: Path, cs: CodeStore) -> Tensor | None:
     return t.long()
 
 
+def _prompts(d: Any, file: Path) -> DigitPrompts | None:
+    """The manifest's digit prompt format, checked (None when it has none)."""
+    if d is None:
+        return None
+    try:
+        return DigitPrompts.from_dict(d, str(file))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -202,8 +218,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _vocab_from_tokenizer(path: Path | None, d_vocab: int) -> list[str] | None:
-    from codebook_lens.lm.tokenizer import TOKENIZER_KIND, load_tokenizer
-
     if path is None or not any(
         (path / f).exists() for f in ("tokenizer.json", TOKENIZER_KIND.head)
     ):
@@ -289,6 +303,6 @@ def load_browse_data(
         label_names=list(man.get("label_names", [])),
         model_path=Path(model).resolve() if model is not None else mp,
         tokenizer_path=_opt(root, man.get("tokenizer")),
-        fsm_path=_opt(root, man.get("fsm")),
+        prompts=_prompts(man.get("prompts"), root / "browse" / BROWSE_KIND.head),
         metrics=metrics,
     )

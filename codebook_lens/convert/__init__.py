@@ -23,7 +23,6 @@ from codebook_lens.convert.base import (
     load_base_weights,
 )
 from codebook_lens.convert.files import (
-    REFERENCE_FILES,
     ReferenceCheckpoint,
     read_reference_checkpoint,
 )
@@ -178,13 +177,9 @@ def convert_checkpoint(
 ) -> CodebookModel:
     """Convert ``checkpoint`` and save it to directory ``out`` in our format with the base model
     included, so that ``CodebookModel.load(out)`` alone restores it (no reference code, no base
-    path). A TokFSM checkpoint's ``fsm.npy`` is written beside it as ``fsm.json``
-    (:meth:`~codebook_lens.fsm.FSM.save`). ``kwargs`` go to :func:`from_codebook_features`."""
-    from codebook_lens.fsm.machine import FSM
-
+    path). ``kwargs`` go to :func:`from_codebook_features`. A TokFSM checkpoint's machine
+    (``fsm.npy``) is the TokFSM package's: :func:`codebook_lens.fsm.save_reference_fsm` writes
+    it beside as ``fsm.json`` (``codebook-lens convert`` calls both)."""
     cm = from_codebook_features(checkpoint, base_model, **kwargs)
-    src = resolve_dir(checkpoint, kwargs.get("revision"), REFERENCE_FILES)
     cm.save(out, include_model=True)
-    if (src / "fsm.npy").exists():
-        FSM.load_npy(src / "fsm.npy").save(os.path.join(out, "fsm.json"))
     return cm

@@ -32,6 +32,7 @@ from codebook_lens.fsm.metrics import (
     transition_accuracy,
     true_next_state_distribution,
 )
+from codebook_lens.fsm.reference import save_reference_fsm
 
 __all__ = [
     "FSM",
@@ -50,6 +51,7 @@ __all__ = [
     "sample_continuations",
     "sample_walks",
     "sample_walks_ending_in",
+    "save_reference_fsm",
     "sinusoidal_positions",
     "state_labels",
     "train_base_model",

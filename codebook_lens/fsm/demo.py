@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
+from codebook_lens.analysis.store import CodeStore
 from codebook_lens.atomic import write_text
-from codebook_lens.browse import write_fsm_browse_data
+from codebook_lens.browse.layout import write_browse_data
 from codebook_lens.evaluation import evaluate_codebooks
 from codebook_lens.fsm.data import eval_set
 from codebook_lens.fsm.experiment import (
@@ -36,7 +39,14 @@ from codebook_lens.fsm.report import summary_rows, write_report
 from codebook_lens.model import CodebookModel
 from codebook_lens.training import TrainResult
 
-__all__ = ["run_demo", "default_cache_dir", "summary_rows", "held_out_evaluation", "EVAL_WALKS"]
+__all__ = [
+    "run_demo",
+    "default_cache_dir",
+    "summary_rows",
+    "held_out_evaluation",
+    "write_fsm_browse_data",
+    "EVAL_WALKS",
+]
 
 
 def default_cache_dir() -> Path:
@@ -186,6 +196,20 @@ def held_out_evaluation(
     on held-out walks as long as the training walks."""
     tokens = eval_set(fsm, EVAL_WALKS, cfg.walk_states, seed=cfg.seed + 777)
     return evaluate_codebooks(cm, list(tokens.split(16)), base_model=base).to_dict()
+
+
+def write_fsm_browse_data(
+    out_dir: str | os.PathLike[str], store: CodeStore, labels: Tensor, fsm: FSM
+) -> Path:
+    """What ``codebook-lens browse out_dir`` reads (:func:`~codebook_lens.browse.
+    write_browse_data`): ``store`` and state ``labels`` over the recovery walks, the machine's
+    prompt format, and the model in ``out_dir/model`` (as :func:`run_demo` writes it)."""
+    vocab = [str(d) for d in range(fsm.base)] + ["<bos>"]
+    names = [f"{s:0{fsm.n_digits}d}" for s in range(fsm.n_states)]
+    return write_browse_data(
+        out_dir, store, labels=labels, label_names=names, vocab=vocab, kind="fsm",
+        model="model", prompts=fsm.digit_prompts(),
+    )  # fmt: skip
 
 
 def _write_artefacts(out: Path, run: _Run, cfg: ExperimentConfig, clock: _Clock) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from codebook_lens.atomic import write_file
+from codebook_lens.digit_units import DigitPrompts
 
 __all__ = ["FSM", "n_digits_for"]
 
@@ -177,6 +178,13 @@ class FSM:
             )
         digits = tokens.unflatten(-1, (-1, self.n_digits))
         return (digits * self._place_values(tokens.device)).sum(-1)
+
+    def digit_prompts(self) -> DigitPrompts:
+        """The machine's prompt format (digits, states, BOS, edges), as the browser reads it
+        from a run directory."""
+        return DigitPrompts(
+            self.base, self.n_digits, self.n_states, self.bos, self.successors.tolist()
+        )
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

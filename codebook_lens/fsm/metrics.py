@@ -9,13 +9,20 @@ transformer-lens 3.9); each new token costs one full forward over the sequence s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from codebook_lens.digit_units import (
+    Model,
+    append_digit_prefixes,
+    check_context,
+    infer_n_ctx,
+    model_device,
+    model_logits,
+    next_unit_distribution,
+)
 from codebook_lens.fsm.data import eval_set
 from codebook_lens.fsm.machine import FSM
 
@@ -31,59 +38,8 @@ __all__ = [
     "true_next_state_distribution",
 ]
 
-Model = Callable[..., Any]
-
 
 # ---------------------------------------------------------------------------- helpers
-def infer_n_ctx(model: Model) -> int | None:
-    """The context length of ``model``, or ``None`` when it cannot be found.
-
-    Looks at ``model.cfg.n_ctx`` and then at every submodule's ``cfg.n_ctx`` (so a module that
-    wraps a ``HookedTransformer`` works).
-    """
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and isinstance(getattr(cfg, "n_ctx", None), int):
-        return cfg.n_ctx
-    if isinstance(model, torch.nn.Module):
-        for sub in model.modules():
-            cfg = getattr(sub, "cfg", None)
-            if cfg is not None and isinstance(getattr(cfg, "n_ctx", None), int):
-                return cfg.n_ctx
-    return None
-
-
-def _model_device(model: Model) -> torch.device | None:
-    """Device of the model's first parameter, if it has any."""
-    if isinstance(model, torch.nn.Module):
-        p = next(model.parameters(), None)
-        if p is not None:
-            return p.device
-    return None
-
-
-def _logits(model: Model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos vocab"]:
-    """Call ``model(tokens)`` and return its logits (accepts objects with ``.logits`` too)."""
-    out = model(tokens)
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TypeError(
-        f"model(tokens) must return logits [batch, pos, d_vocab], got {type(out).__name__}"
-    )
-
-
-def _check_length(model: Model, total: int, n_ctx: int | None, what: str) -> None:
-    n_ctx = infer_n_ctx(model) if n_ctx is None else n_ctx
-    if n_ctx is not None and total > n_ctx:
-        raise ValueError(
-            f"{what} needs {total} tokens but the model's n_ctx is {n_ctx}; use shorter prompts, "
-            "fewer new states, or a model with a larger n_ctx"
-        )
-
-
 def _as_states(
     fsm: FSM, seq: Int[Tensor, "*batch pos"], is_tokens: bool | None
 ) -> Int[Tensor, "*batch step"]:
@@ -167,11 +123,11 @@ def sample_continuations(
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     n_new = n_new_states * n_digits
-    _check_length(model, prompts.shape[-1] + n_new, n_ctx, "sample_continuations")
-    device = _model_device(model)
+    check_context(model, prompts.shape[-1] + n_new, n_ctx, "sample_continuations")
+    device = model_device(model)
     tokens = prompts.to(device) if device is not None else prompts
     for _ in range(n_new):
-        logits = _logits(model, tokens)[:, -1, :].float()
+        logits = model_logits(model, tokens)[:, -1, :].float()
         nb = logits.shape[-1] - 1 if base is None else base
         logits = logits[:, :nb]
         if temperature == 0:
@@ -188,24 +144,6 @@ def sample_continuations(
 
 
 # ---------------------------------------------------------------------------- distributions
-@torch.no_grad()
-def append_digit_prefixes(
-    prompts: Int[Tensor, "batch pos"], base: int, j: int
-) -> Int[Tensor, "batch_times_prefixes pos_plus_j"]:
-    """Every prompt followed by every ``j``-digit prefix: ``[batch * base**j, pos + j]``.
-
-    Row ``i * base**j + p`` is prompt ``i`` followed by ``p`` written with ``j`` digits in base
-    ``base`` (prefixes in lexicographic order), the order :func:`next_state_distribution` uses.
-    """
-    b, length = prompts.shape
-    n_pre = base**j
-    place = base ** torch.arange(j - 1, -1, -1, device=prompts.device)
-    prefixes = (torch.arange(n_pre, device=prompts.device).unsqueeze(-1) // place) % base
-    return torch.cat(
-        [prompts.unsqueeze(1).expand(b, n_pre, length), prefixes.expand(b, n_pre, j)], dim=-1
-    ).reshape(b * n_pre, length + j)
-
-
 def next_state_distribution(
     model: Model,
     fsm: FSM,
@@ -213,11 +151,9 @@ def next_state_distribution(
     *,
     n_ctx: int | None = None,
 ) -> Float[Tensor, "batch n_states"]:
-    """The model's exact distribution over the next state after each prompt.
-
-    ``P(s) = prod_j P(digit_j | prompt, digit_<j)`` with each digit distribution restricted to
-    the digit tokens, enumerated in ``n_digits`` batched forwards (the ``j``-th over
-    ``batch * base**j`` sequences), then renormalised over the valid states ``[0, n_states)``.
+    """The model's exact distribution over the next state after each prompt:
+    :func:`~codebook_lens.digit_units.next_unit_distribution` with the machine's ``base``,
+    ``n_digits`` and ``n_states``.
 
     Args:
         model: Callable returning logits ``[batch, pos, d_vocab]``.
@@ -228,28 +164,10 @@ def next_state_distribution(
     Returns:
         ``[batch, n_states]``, rows summing to 1 (float32, on the model's device).
     """
-    prompts = torch.as_tensor(prompts, dtype=torch.long)
-    b, length = prompts.shape
-    if (length - 1) % fsm.n_digits != 0:
-        raise ValueError(
-            f"prompts must be BOS followed by whole states (length 1 + k*{fsm.n_digits}), "
-            f"got length {length}"
-        )
-    _check_length(model, length + fsm.n_digits - 1, n_ctx, "next_state_distribution")
-    device = _model_device(model)
-    if device is not None:
-        prompts = prompts.to(device)
-    base = fsm.base
-    logp = torch.zeros(b, 1, device=prompts.device)  # log P(prefix) for the base**j prefixes
-    for j in range(fsm.n_digits):
-        n_pre = base**j
-        logits = _logits(model, append_digit_prefixes(prompts, base, j))[:, -1, :base].float()
-        lp = torch.log_softmax(logits, dim=-1).view(b, n_pre, base)
-        # a prefix whose every digit logit is -inf (only possible after a zero-probability
-        # prefix) gives NaN: it has probability 0
-        lp = lp.nan_to_num(nan=-math.inf)
-        logp = (logp.unsqueeze(-1) + lp).reshape(b, n_pre * base)
-    return torch.softmax(logp[:, : fsm.n_states], dim=-1)
+    return next_unit_distribution(
+        model, prompts, fsm.base, fsm.n_digits, fsm.n_states, n_ctx=n_ctx,
+        what="next_state_distribution",
+    )  # fmt: skip
 
 
 def true_next_state_distribution(

@@ -35,10 +35,10 @@ from torch import Tensor, nn
 from codebook_lens.analysis import AttributionResult, attribution_by_site, collect_codes
 from codebook_lens.atomic import write_text
 from codebook_lens.backends import Backend, build_model
-from codebook_lens.browse import write_lm_browse_data
 from codebook_lens.config import MAX_CODEBOOK_ELEMENTS
 from codebook_lens.data import BlockStream, pack_labelled_blocks
 from codebook_lens.evaluation import evaluate_codebooks
+from codebook_lens.lm.browse_data import write_lm_browse_data
 from codebook_lens.lm.corpus import (
     TOPICS,
     StoryConfig,

@@ -3,18 +3,16 @@
 ``HookedTransformer(cfg, tokenizer=tok)`` needs a Hugging Face ``PreTrainedTokenizerFast`` with
 BOS/EOS/pad tokens; with such a tokenizer ``to_tokens``, ``to_string``, ``to_str_tokens`` and
 ``generate`` on strings all work, exactly as with a tokenizer from the Hub. Byte-level BPE
-decodes every string back to itself. Tokenizers are saved as ``tokenizer.json`` plus
-``tokenizer_config.json`` (``save_pretrained``), never pickled.
+decodes every string back to itself. Saving and loading (:func:`save_tokenizer`,
+:func:`load_tokenizer`) are :mod:`codebook_lens.tokenizer_files`, which the browser reads with.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
-from codebook_lens.atomic import DirKind, open_dir, save_dir
+from codebook_lens.tokenizer_files import TOKENIZER_KIND, load_tokenizer, save_tokenizer
 
 __all__ = [
     "SPECIAL_TOKEN",
@@ -25,14 +23,6 @@ __all__ = [
     "TOKENIZER_KIND",
 ]
 
-TOKENIZER_KIND = DirKind(
-    name="saved tokenizer",
-    head="codebook_lens_tokenizer.json",
-    format="codebook_lens.tokenizer",
-    tag="tok",
-    saver="save_tokenizer",
-)
-"""The on-disk kind of :func:`save_tokenizer` output (for :mod:`codebook_lens.atomic`)."""
 
 SPECIAL_TOKEN = "<|endoftext|>"
 """The one special token (id 0): BOS, EOS and padding, as in GPT-2."""
@@ -94,32 +84,3 @@ def train_bpe_tokenizer(
     )
     tok.train_from_iterator(texts, trainer)
     return wrap_tokenizer(tok, special_token)
-
-
-def save_tokenizer(tokenizer: Any, path: str | os.PathLike[str], overwrite: bool = False) -> None:
-    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (``save_pretrained``) to directory
-    ``path`` in one atomic step (a version directory named by ``codebook_lens_tokenizer.json``).
-
-    A directory holding anything but a saved tokenizer is refused unless ``overwrite=True``."""
-    head = {"format": TOKENIZER_KIND.format, "version": 1}
-    save_dir(
-        Path(path),
-        TOKENIZER_KIND,
-        head,
-        lambda tmp: tokenizer.save_pretrained(str(tmp)),
-        overwrite=overwrite,
-    )
-
-
-def load_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """Load a tokenizer written by :func:`save_tokenizer` (or any local HF tokenizer dir, read
-    as data: no code, no network)."""
-    from transformers import PreTrainedTokenizerFast
-
-    path = Path(path)
-    if (path / TOKENIZER_KIND.head).exists():
-        with open_dir(path, TOKENIZER_KIND) as (_head, data):
-            return PreTrainedTokenizerFast.from_pretrained(str(data), local_files_only=True)
-    if not (path / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{path} has no tokenizer.json; save one with save_tokenizer()")
-    return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)

@@ -1,5 +1,6 @@
-"""The package's structure rules, checked on its source: no import cycles (imports inside
-functions count), no private name used outside its module, one module importing
+"""The package's structure rules, checked on its source: no import cycles between modules or
+between packages (imports inside functions count), no experiment imported by the browser or
+the converter, no private name used outside its module, one module importing
 HookedTransformer, an explicit ``__all__`` everywhere, and no function over 80 lines."""
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ def _modules() -> dict[str, tuple[Path, ast.Module]]:
 MODULES = _modules()
 
 
-def _imports(name: str, f: Path, tree: ast.Module) -> set[str]:
-    """Modules of the package that ``name`` imports anywhere in its source (packages'
-    ``__init__`` re-exports excluded, as they are not where the code lives)."""
+def _imported(name: str, f: Path, tree: ast.Module) -> set[str]:
+    """Modules of the package (``__init__`` included) that ``name`` imports anywhere in its
+    source: at the top, inside functions, under ``if``."""
     base = name if f.name == "__init__.py" else name.rsplit(".", 1)[0]
     deps = set()
     for node in ast.walk(tree):
@@ -40,7 +41,32 @@ def _imports(name: str, f: Path, tree: ast.Module) -> set[str]:
                 deps.add(sub if sub in MODULES else mod)
         elif isinstance(node, ast.Import):
             deps.update(a.name for a in node.names)
-    return {d for d in deps if d in MODULES and d != name and MODULES[d][0].name != "__init__.py"}
+    return {d for d in deps if d in MODULES and d != name}
+
+
+def _imports(name: str, f: Path, tree: ast.Module) -> set[str]:
+    """:func:`_imported` without packages' ``__init__`` re-exports (not where the code lives)."""
+    return {d for d in _imported(name, f, tree) if MODULES[d][0].name != "__init__.py"}
+
+
+def _unit(module: str) -> str:
+    """The layer unit of a module: its subpackage (``codebook_lens.fsm.demo`` -> ``fsm``), or
+    the module itself for a top-level one (``codebook_lens.io`` -> ``io``)."""
+    return module.split(".")[1] if "." in module else ""
+
+
+def _package_graph() -> dict[str, dict[str, set[str]]]:
+    """Unit -> unit it imports -> the modules that import it (an import of a package's
+    ``__init__`` counts for that package)."""
+    graph: dict[str, dict[str, set[str]]] = {}
+    for m, (f, tree) in MODULES.items():
+        if not _unit(m):  # the package's own __init__: the top-level API, above every unit
+            continue
+        graph.setdefault(_unit(m), {})
+        for d in _imported(m, f, tree):
+            if _unit(d) and _unit(d) != _unit(m):
+                graph[_unit(m)].setdefault(_unit(d), set()).add(m)
+    return graph
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -73,6 +99,26 @@ def test_cycle_finder_finds_a_cycle():
 def test_no_import_cycles():
     graph = {m: _imports(m, f, t) for m, (f, t) in MODULES.items() if f.name != "__init__.py"}
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+
+
+def test_no_package_import_cycles():
+    """Subpackages and top-level modules import each other one way only (``browse`` -> ``fsm``
+    -> ``browse`` through a function-level import is a cycle, though no module cycle is)."""
+    graph = _package_graph()
+    cycle = _cycle({u: set(deps) for u, deps in graph.items()})
+    where = [sorted(graph[a][b]) for a, b in zip(cycle or [], (cycle or [])[1:])]
+    assert cycle is None, f"{' -> '.join(cycle or [])} (imported by {where})"
+
+
+EXPERIMENTS = {"fsm", "lm", "compare"}
+"""The experiment packages: they describe themselves to the browser through the run
+directory, and the converter knows nothing of them."""
+
+
+@pytest.mark.parametrize("unit", ["browse", "convert"])
+def test_tools_import_no_experiment(unit):
+    used = {e: sorted(by) for e, by in _package_graph()[unit].items() if e in EXPERIMENTS}
+    assert not used, used
 
 
 def _private_uses(tree: ast.Module) -> list[str]:

@@ -1,6 +1,6 @@
-"""What the demos call (one line each) so that ``codebook-lens browse DIR`` works on their
-output: the TokFSM demo's recovery store with state labels, and ``lm-demo``'s held-out store
-with topic labels."""
+"""What ``lm-demo`` writes so that ``codebook-lens browse`` works on its output: the held-out
+store with topic labels, the token texts and where the model and tokenizer are (the browser
+imports no experiment; the run directory describes it)."""
 
 from __future__ import annotations
 
@@ -14,20 +14,7 @@ from torch import Tensor
 from codebook_lens.analysis.store import CodeStore
 from codebook_lens.browse.layout import write_browse_data
 
-__all__ = ["write_fsm_browse_data", "write_lm_browse_data"]
-
-
-def write_fsm_browse_data(
-    out_dir: str | os.PathLike[str], store: CodeStore, labels: Tensor, fsm: Any
-) -> Path:
-    """TokFSM: ``store`` and state ``labels`` over the recovery walks; the model in
-    ``out_dir/model`` and the machine in ``out_dir/fsm.json`` (as ``run_demo`` writes them)."""
-    vocab = [str(d) for d in range(fsm.base)] + ["<bos>"]
-    names = [f"{s:0{fsm.n_digits}d}" for s in range(fsm.n_states)]
-    return write_browse_data(
-        out_dir, store, labels=labels, label_names=names, vocab=vocab, kind="fsm",
-        model="model", fsm="fsm.json",
-    )  # fmt: skip
+__all__ = ["write_lm_browse_data"]
 
 
 def write_lm_browse_data(
