@@ -19,7 +19,7 @@ import torch
 
 from codebook_lens import CheckpointError, CodebookModel, codes_hook_name
 from codebook_lens.convert import PLACEMENTS, convert_checkpoint, from_codebook_features
-from codebook_lens.fsm import FSM
+from codebook_lens.fsm import FSM, save_reference_fsm
 from tests.conftest import has_hooked_transformer
 from tests.integration.fsm_reference import (
     assert_interventions_match,
@@ -203,6 +203,7 @@ def test_convert_checkpoint_writes_a_self_contained_directory(tmp_path):
     d = _copy(tmp_path, "neox_ip_k3")
     shutil.copy(ROOT / "tokfsm" / "fsm.npy", d / "checkpoint" / "fsm.npy")
     convert_checkpoint(d / "checkpoint", tmp_path / "out", str(d / "base"))
+    save_reference_fsm(d / "checkpoint", tmp_path / "out")  # the TokFSM part, as the CLI does
     shutil.rmtree(d)  # nothing of the source is needed any more
     cm = CodebookModel.load(tmp_path / "out")
     exp = np.load(ROOT / "neox_ip_k3" / "expected.npz", allow_pickle=False)
