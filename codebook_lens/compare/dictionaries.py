@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import datasets
 import torch
@@ -21,14 +23,16 @@ from sae_lens import (
     LoggingConfig,
     TopKTrainingSAEConfig,
 )
-from torch import Tensor
+from safetensors.torch import save
+from torch import Tensor, nn
 
+from codebook_lens.atomic import write_file, write_text
 from codebook_lens.model import CodebookModel
 from codebook_lens.saelens import to_sae_lens
 from codebook_lens.training import TrainConfig, train_codebooks
 from codebook_lens.validation import Range, ValidatedConfig
 
-__all__ = ["DictionarySpec", "site_width", "train_dictionary"]
+__all__ = ["DictionarySpec", "as_sae_model", "save_sae", "site_width", "train_dictionary"]
 
 Method = Literal["sae", "codebook"]
 
@@ -77,6 +81,27 @@ class DictionarySpec(ValidatedConfig):
     def name(self) -> str:
         """A short label, e.g. ``"sae w1000 k1"``."""
         return f"{self.method} w{self.width} k{self.k}"
+
+    @property
+    def dirname(self) -> str:
+        """Where the comparison saves it, under its site: e.g. ``"sae-w1000-k1-seed0"``."""
+        return f"{self.name.replace(' ', '-')}-seed{self.seed}"
+
+
+def as_sae_model(model: nn.Module, tokenizer: Any = None) -> HookedSAETransformer:
+    """``model`` (a HookedTransformer) as a HookedSAETransformer with the same weights (and
+    ``tokenizer``, for sampling)."""
+    out = HookedSAETransformer(model.cfg, tokenizer=tokenizer)
+    out.load_state_dict(model.state_dict())
+    return out.eval()
+
+
+def save_sae(sae: SAE, path: Path) -> None:
+    """``sae`` in SAELens's layout (``cfg.json`` + ``sae_weights.safetensors``, what
+    ``SAE.load_from_disk`` reads), each file written atomically."""
+    state = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
+    write_file(path / "sae_weights.safetensors", save(state))
+    write_text(path / "cfg.json", json.dumps(sae.cfg.to_dict()))
 
 
 def site_width(model: HookedSAETransformer, site: str) -> int:
@@ -144,6 +169,8 @@ def _train_codebook(model: HookedSAETransformer, tokens: Tensor, spec: Dictionar
     g = torch.Generator().manual_seed(spec.seed)
     order = tokens[torch.randperm(tokens.shape[0], generator=g)]
     cm.init_codebooks(order[: max(1, 4 * spec.width // tokens.shape[1] + 1)])
+    with torch.no_grad():  # codes start as activations and the output sums k of them
+        cm.codebooks[spec.site].codebook.div_(spec.k)
     batch = max(1, _BATCH_TOKENS // tokens.shape[1])
     steps = max(1, spec.train_tokens // (batch * tokens.shape[1]))
     cfg = TrainConfig(

@@ -1,11 +1,10 @@
-"""The codes-versus-SAEs experiment on TokFSM: every dictionary of :class:`CompareConfig` at every
-site and seed, trained on the frozen demo base model, measured the same way; plus the demo's own
-finetuned codebooks (the paper's setting) as a reference row. Writes ``results.json``."""
+"""The codes-versus-SAEs experiment on TokFSM: every dictionary of :class:`FSMCompareConfig` at
+every site and seed, trained on the frozen demo base model, measured the same way; plus the demo's
+own finetuned codebooks (the paper's setting) as a reference row. Writes ``results.json``."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -13,19 +12,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from sae_lens import SAE, HookedSAETransformer
-from safetensors.torch import save
-from torch import nn
 
-from codebook_lens.atomic import write_file, write_text
-from codebook_lens.compare.dictionaries import DictionarySpec, train_dictionary
-from codebook_lens.compare.fsm_task import (
-    force_state_success,
-    mean_active_values,
-    recovery_tokens,
-    state_features,
+from codebook_lens.compare.dictionaries import (
+    DictionarySpec,
+    as_sae_model,
+    save_sae,
+    train_dictionary,
 )
-from codebook_lens.compare.splice import splice_metrics
+from codebook_lens.compare.fsm_task import force_state_success, recovery_tokens, state_features
+from codebook_lens.compare.grid import DictionaryGrid, run_grid, write_results
+from codebook_lens.compare.splice import mean_active_values, splice_metrics
 from codebook_lens.fsm.data import eval_set
 from codebook_lens.fsm.experiment import (
     ExperimentConfig,
@@ -35,21 +31,17 @@ from codebook_lens.fsm.experiment import (
     state_recovery,
 )
 from codebook_lens.fsm.machine import FSM
-from codebook_lens.validation import Range, ValidatedConfig
+from codebook_lens.validation import Range
 
-__all__ = ["CompareConfig", "compare_fsm", "as_sae_model", "save_sae"]
+__all__ = ["FSMCompareConfig", "compare_fsm"]
 
 
 @dataclass
-class CompareConfig(ValidatedConfig):
-    """Settings of the TokFSM comparison."""
+class FSMCompareConfig(DictionaryGrid):
+    """Settings of the TokFSM comparison (the grid's defaults: the demo's 1000 codes, k=1)."""
 
     RANGES: ClassVar[dict[str, Range]] = {
-        "width": Range(1, 2**20),
-        "k": Range(1, 2**10),
-        "wide_factor": Range(1, 64),
-        "large_k": Range(1, 2**10),
-        "train_tokens": Range(1, 2**40),
+        **DictionaryGrid.RANGES,
         "eval_walks": Range(1, 2**20),
     }
     """Bounds of the numeric fields."""
@@ -57,70 +49,16 @@ class CompareConfig(ValidatedConfig):
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     """The TokFSM demo's settings: its FSM, base model and finetuned codebooks."""
 
-    sites: list[str] = field(
-        default_factory=lambda: [
-            "blocks.0.hook_mlp_out",
-            "blocks.0.hook_resid_post",
-            "blocks.0.attn.hook_z",
-        ]
-    )
-    """Sites compared (``attn.hook_z`` flattened over heads: one dictionary)."""
-
-    width: int = 1000
-    """Dictionary width of the matched pair: the demo's codes per codebook."""
-
-    k: int = 1
-    """Active features of the matched pair: the demo's k."""
-
-    wide_factor: int = 4
-    """The wider SAE has ``wide_factor * width`` features (k unchanged)."""
-
-    large_k: int = 4
-    """The SAE with a larger k (width unchanged)."""
-
-    train_tokens: int = 300_000
-    """Training tokens of every dictionary (docs/results/codes_vs_saes.md compares 500k)."""
-
     eval_walks: int = 256
     """Held-out walks for explained variance, loss recovered and KL."""
 
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """Dictionary seeds (the base model is the demo's, seed ``experiment.seed``)."""
-
     @classmethod
-    def small(cls) -> CompareConfig:
-        """A minutes-long version on the demo's small TokFSM (for the slow test)."""
+    def small(cls) -> FSMCompareConfig:
+        """A minutes-long version on the demo's small TokFSM (for the tests)."""
         return cls(
             experiment=ExperimentConfig.small(), width=32, wide_factor=2, large_k=2,
             train_tokens=20_000, eval_walks=32, seeds=[0, 1],
         )  # fmt: skip
-
-    def specs(self, site: str, seed: int) -> list[DictionarySpec]:
-        """The dictionaries at ``site``: codebook and SAE at (width, k), a wider SAE and an SAE
-        with a larger k."""
-        shapes = [("codebook", self.width, self.k), ("sae", self.width, self.k)]
-        shapes += [("sae", self.wide_factor * self.width, self.k)]
-        shapes += [("sae", self.width, min(self.large_k, self.width))]
-        return [
-            DictionarySpec(method=m, site=site, width=w, k=k, train_tokens=self.train_tokens,
-                           seed=seed)
-            for m, w, k in shapes
-        ]  # fmt: skip
-
-
-def as_sae_model(model: nn.Module) -> HookedSAETransformer:
-    """``model`` (a HookedTransformer) as a HookedSAETransformer with the same weights."""
-    out = HookedSAETransformer(model.cfg)
-    out.load_state_dict(model.state_dict())
-    return out.eval()
-
-
-def save_sae(sae: SAE, path: Path) -> None:
-    """``sae`` in SAELens's layout (``cfg.json`` + ``sae_weights.safetensors``, what
-    ``SAE.load_from_disk`` reads), each file written atomically."""
-    state = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
-    write_file(path / "sae_weights.safetensors", save(state))
-    write_text(path / "cfg.json", json.dumps(sae.cfg.to_dict()))
 
 
 def _measure(model, fsm, ecfg, spec, data, out: Path) -> dict[str, Any]:
@@ -128,7 +66,7 @@ def _measure(model, fsm, ecfg, spec, data, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     sae = train_dictionary(model, train, spec)
     trained = time.perf_counter() - t0
-    save_sae(sae, out / "saes" / spec.site / f"{spec.name.replace(' ', '-')}-seed{spec.seed}")
+    save_sae(sae, out / "saes" / spec.site / spec.dirname)
     sf = state_features(model, sae, fsm, recovery)
     means = mean_active_values(model, sae, recovery)
     return {
@@ -156,10 +94,9 @@ def _paper_setting(fsm: FSM, ecfg: ExperimentConfig, cache_dir: Path) -> dict[st
     }
 
 
-def compare_fsm(cfg: CompareConfig, out: Path, cache_dir: Path, log=print) -> dict[str, Any]:
-    """Run the comparison seed by seed (every site of a seed before the next seed), rewriting
-    ``out/results.json`` after every dictionary so that a stopped run keeps what it measured;
-    the paper-setting row comes last. Returns what it wrote."""
+def compare_fsm(cfg: FSMCompareConfig, out: Path, cache_dir: Path, log=print) -> dict[str, Any]:
+    """Run the comparison (:func:`~codebook_lens.compare.grid.run_grid`: ``out/results.json``
+    after every dictionary); the paper-setting row comes last. Returns what it wrote."""
     t0, ecfg = time.perf_counter(), cfg.experiment
     torch.manual_seed(ecfg.seed)
     fsm = FSM(ecfg.n_states, ecfg.n_edges, seed=ecfg.fsm_seed)
@@ -172,19 +109,10 @@ def compare_fsm(cfg: CompareConfig, out: Path, cache_dir: Path, log=print) -> di
     result: dict[str, Any] = {"config": cfg.to_dict(), "runs": [], "paper_setting": None}
     result["torch_threads"] = torch.get_num_threads()
 
-    def write() -> None:
-        result["seconds"] = time.perf_counter() - t0
-        write_text(out / "results.json", json.dumps(result, indent=1))
+    def measure(spec: DictionarySpec) -> dict[str, Any]:
+        return _measure(model, fsm, ecfg, spec, data, out)
 
-    for seed in cfg.seeds:
-        for site in cfg.sites:
-            for spec in cfg.specs(site, seed):
-                r = _measure(model, fsm, ecfg, spec, data, out)
-                result["runs"].append(r)
-                write()
-                log(f"{site} {spec.name} seed {seed}: EV {r['explained_variance']:.3f}, "
-                    f"states {r['states_recovered']}, success {r['intervention_success']:.3f} "
-                    f"({r['seconds']:.0f} s)")  # fmt: skip
+    run_grid(cfg, measure, result, out, t0, log)
     result["paper_setting"] = _paper_setting(fsm, ecfg, cache_dir)
-    write()
+    write_results(result, out, t0)
     return result

@@ -32,7 +32,6 @@ from codebook_lens.fsm.metrics import append_digit_prefixes, next_state_distribu
 __all__ = [
     "StateFeatures",
     "force_state_success",
-    "mean_active_values",
     "recovery_tokens",
     "state_features",
 ]
@@ -87,19 +86,6 @@ def state_features(
         best_recall=torch.where(present, best.recall, nan).tolist(),
         result=res,
     )
-
-
-@torch.no_grad()
-def mean_active_values(
-    model: HookedSAETransformer, sae: SAE, tokens: Int[Tensor, "walk pos"]
-) -> Float[Tensor, " d_sae"]:
-    """Each feature's mean activation over the positions where it is active (0 if never)."""
-    site, total, count = sae.cfg.metadata.hook_name, 0.0, 0.0
-    for chunk in tokens.split(256):
-        _, cache = model.run_with_cache(chunk, names_filter=site)
-        acts = sae.encode(cache[site].to(sae.dtype)).flatten(0, -2).double()
-        total, count = total + acts.sum(0), count + (acts > 0).sum(0)
-    return (total / torch.as_tensor(count).clamp_min(1)).float()
 
 
 @torch.no_grad()

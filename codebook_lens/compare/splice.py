@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from sae_lens import SAE, HookedSAETransformer
 from torch import Tensor
 
 from codebook_lens.analysis import CodeStore
 
-__all__ = ["splice_metrics", "feature_store"]
+__all__ = ["splice_metrics", "feature_store", "mean_active_values"]
 
 
 def _site(sae: SAE) -> str:
@@ -28,7 +28,7 @@ def _ce(logits: Tensor, tokens: Tensor) -> float:
 
 @torch.no_grad()
 def splice_metrics(
-    model: HookedSAETransformer, sae: SAE, batches: list[Int[Tensor, "batch pos"]]
+    model: HookedSAETransformer, sae: SAE, batches: list[Int[Tensor, "_batch pos"]]
 ) -> dict[str, float]:
     """``explained_variance`` (``1 - SSE / SST`` of the site's activation vectors, SST about
     their mean over all positions), ``loss_recovered`` (``(CE_zero - CE_spliced) / (CE_zero -
@@ -78,11 +78,24 @@ def feature_store(
     SAE's site (``[seq, pos, 1, max active]``, -1 = empty slot), so that label attribution reads
     an SAE exactly as it reads codes."""
     site, parts = _site(sae), []
-    for chunk in tokens.split(batch_size):
+    for chunk in tokens.split(batch_size):  # only the active ids are kept: [n, pos, d_sae] is big
         _, cache = model.run_with_cache(chunk, names_filter=site)
-        parts.append(sae.encode(cache[site].to(sae.dtype)))
-    acts = torch.cat(parts)
-    width = int((acts > 0).sum(-1).max()) if acts.numel() else 0
-    vals, ids = acts.topk(max(width, 1), dim=-1)
-    ids = torch.where(vals > 0, ids, -1)
+        acts = sae.encode(cache[site].to(sae.dtype))
+        vals, ids = acts.topk(max(int((acts > 0).sum(-1).max()), 1), dim=-1)
+        parts.append(torch.where(vals > 0, ids, -1))
+    width = max(part.shape[-1] for part in parts)
+    ids = torch.cat([F.pad(part, (0, width - part.shape[-1]), value=-1) for part in parts])
     return CodeStore.from_codes({site: ids}, sae.cfg.d_sae, tokens=tokens)
+
+
+@torch.no_grad()
+def mean_active_values(
+    model: HookedSAETransformer, sae: SAE, tokens: Int[Tensor, "walk pos"]
+) -> Float[Tensor, " d_sae"]:
+    """Each feature's mean activation over the positions where it is active (0 if never)."""
+    site, total, count = sae.cfg.metadata.hook_name, 0.0, 0.0
+    for chunk in tokens.split(256):
+        _, cache = model.run_with_cache(chunk, names_filter=site)
+        acts = sae.encode(cache[site].to(sae.dtype)).flatten(0, -2).double()
+        total, count = total + acts.sum(0), count + (acts > 0).sum(0)
+    return (total / torch.as_tensor(count).clamp_min(1)).float()

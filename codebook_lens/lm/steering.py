@@ -156,7 +156,8 @@ def topic_steering_hooks(
 
     The j-th most precise code of a head replaces the head's slot ``k - 1 - j`` at every
     position (prompt and generated tokens alike); the slots before them keep the codes the model
-    chose. A head's codes must not outnumber its k slots.
+    chose. A head's codes must not outnumber its k slots. At a site whose codes have no head
+    axis (one codebook over the whole vector) the chosen "head" is that codebook, head 0.
     """
     hooks: list[tuple[str, Callable[..., Tensor]]] = []
     for site in dict.fromkeys(chosen.sites):
@@ -168,10 +169,12 @@ def topic_steering_hooks(
                 f"{codes.shape[1]} codes per head but {site} has only k={k} slots; choose "
                 f"per_head <= {k}"
             )
+        headless = cm.site_layout(site) in ("flat", "heads_flat")  # codes [batch, pos, k]
         for j in range(codes.shape[1]):
             has = codes[:, j] >= 0  # -1: the head keeps its own code in that slot
             if has.any():
-                hooks += steering_hooks(cm, site, codes[has, j], heads=heads[has], slot=k - 1 - j)
+                at = None if headless else heads[has]
+                hooks += steering_hooks(cm, site, codes[has, j], heads=at, slot=k - 1 - j)
     return hooks
 
 

@@ -1,6 +1,7 @@
 """Codes versus SAEs (transformer-lens 3.x leg, with SAELens): the splice metrics against
-``evaluate_codebooks`` (an independent implementation), the feature store against a brute force,
-and the small TokFSM comparison end to end, its numbers recounted from the saved dictionaries."""
+``evaluate_codebooks`` (an independent implementation), the feature store and the SAE steering
+hook against brute forces, and the small TokFSM and topic-stories comparisons end to end, their
+numbers recounted from the saved dictionaries."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from tests.conftest import TINY, needs_hooked
 
 sae_lens = pytest.importorskip("sae_lens", reason="SAELens is installed in the 3.x leg only")
 from codebook_lens.compare import (  # noqa: E402
-    CompareConfig,
+    FSMCompareConfig,
+    LMCompareConfig,
     as_sae_model,
     feature_store,
     splice_metrics,
@@ -99,11 +101,11 @@ def _recount_states(acts: np.ndarray, labels: np.ndarray, n_states: int) -> int:
 
 
 def test_small_comparison_end_to_end_recounted(tmp_path):
-    out = tmp_path / "out"
-    assert main(["--small", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-                 "--seeds", "0"]) == 0  # fmt: skip
+    assert main(["--small", "--task", "tokfsm", "--out", str(tmp_path / "out"),
+                 "--cache-dir", str(tmp_path / "cache"), "--seeds", "0"]) == 0  # fmt: skip
+    out = tmp_path / "out" / "tokfsm"
     result = json.loads((out / "results.json").read_text())
-    cfg = CompareConfig.small()
+    cfg = FSMCompareConfig.small()
     ecfg = cfg.experiment
     assert len(result["runs"]) == len(cfg.sites) * 4
     table = (out / "table.md").read_text().splitlines()
@@ -122,3 +124,82 @@ def test_small_comparison_end_to_end_recounted(tmp_path):
         acts = sae.encode(cache[spec["site"]]).detach().numpy()
         assert _recount_states(acts, labels, fsm.n_states) == run["states_recovered"]
         assert ((acts > 0).sum(-1).mean()) <= spec["k"] + 1e-9
+
+
+def test_sae_steering_hook_equals_a_loop():
+    from codebook_lens.compare.lm_task import sae_steering_hook
+    from codebook_lens.lm.steering import TopicCodes
+
+    cfg = sae_lens.TopKSAEConfig(d_in=6, d_sae=12, k=4)
+    sae = sae_lens.TopKSAE(cfg)
+    g = torch.Generator().manual_seed(3)
+    dense = torch.rand(2, 5, 12, generator=g)
+    acts = torch.zeros_like(dense).scatter(-1, dense.topk(4, dim=-1).indices, 1.0) * dense
+    means = torch.rand(12, generator=g) + 1
+    ones = torch.ones(1, 3)
+    codes = torch.tensor([[3, 7, -1]])
+    chosen = TopicCodes(0, ["x"], torch.tensor([0]), codes, ones, ones, ones.long())
+    got = sae_steering_hook(sae, chosen, means)(acts.clone(), None)
+    want = acts.clone()
+    for b in range(2):
+        for p in range(5):
+            order = sorted(range(12), key=lambda i: -float(acts[b, p, i]))[:4]
+            for i in order[2:]:  # the 2 weakest of the 4 active give way
+                want[b, p, i] = 0.0
+            want[b, p, 3], want[b, p, 7] = means[3], means[7]
+    assert torch.equal(got, want)
+
+
+def _recount_topic_precision(acts, labels, n_topics, min_count):
+    """Per topic: the best precision of a feature firing >= min_count times on labelled tokens
+    and at least once on the topic, by plain counting (0 if none)."""
+    on = acts.reshape(-1, acts.shape[-1]) > 0
+    lab = labels.reshape(-1)
+    fires = on[lab >= 0].sum(0)
+    best = []
+    for t in range(n_topics):
+        joint = on[lab == t].sum(0)
+        ok = (fires >= min_count) & (joint > 0)
+        best.append(float((joint[ok] / fires[ok]).max()) if ok.any() else 0.0)
+    return best
+
+
+def test_small_lm_comparison_end_to_end_recounted(tmp_path):
+    from codebook_lens.compare.lm_run import cached_lm_demo
+    from codebook_lens.lm import TOPICS, load_tokenizer
+    from codebook_lens.lm.demo import lm_data
+
+    assert main(["--small", "--task", "lm", "--out", str(tmp_path / "out"),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+    out = tmp_path / "out" / "lm"
+    result = json.loads((out / "results.json").read_text())
+    cfg = LMCompareConfig.small()
+    assert [r["name"] for r in result["runs"]] == [s.name for s in cfg.specs(cfg.sites[0], 0)]
+    assert len((out / "table.md").read_text().splitlines()) == 2 + 4 + 1
+    assert len((out / "topics.md").read_text().splitlines()) == 2 + 4 + 1
+    assert (out / "topics.png").stat().st_size
+    demo = cached_lm_demo(cfg.lm, tmp_path / "cache")  # the cached run: nothing is retrained
+    metrics = json.loads((demo / "metrics.json").read_text())
+    paper = result["paper_setting"]
+    assert paper["topic_precision"] == [metrics["topic_codes"][t]["best_precision"] for t in TOPICS]
+    assert paper["topics_steered"] == metrics["steering_summary"]["topics_with_10x"]
+    tok = load_tokenizer(demo / "tokenizer")
+    data = lm_data(cfg.lm, tokenizer=tok)
+    model = as_sae_model(CodebookModel.load(demo / "base_model", backend="hooked").detach())
+    base = result["unsteered_rate"]
+    for run in result["runs"]:
+        spec = run["spec"]
+        sae = sae_lens.SAE.load_from_disk(
+            out / "saes" / spec["site"] / f"{run['name'].replace(' ', '-')}-seed0"
+        )
+        _, cache = model.run_with_cache(data.eval_tokens)
+        acts = sae.encode(cache[spec["site"]]).detach().numpy()
+        want = _recount_topic_precision(
+            acts, data.eval_labels.numpy(), len(TOPICS), cfg.lm.min_count
+        )
+        assert run["topic_precision"] == pytest.approx(want, abs=1e-6)
+        assert ((acts > 0).sum(-1).mean()) <= spec["k"] + 1e-9
+        ratios = [r / max(b, 1 / cfg.n_baseline) for r, b in zip(run["steered_rate"], base)]
+        assert run["steer_ratio"] == pytest.approx(ratios)
+        assert run["topics_steered"] == sum(r >= 10 for r in ratios)
+        assert all(r * cfg.n_samples == round(r * cfg.n_samples) for r in run["steered_rate"])

@@ -181,6 +181,18 @@ def test_topic_steering_hooks_overwrite_the_lowest_ranked_slots():
     assert torch.equal(b[:, :, 0, :3], a[:, :, 0, :3])  # head 0's -1 keeps its own slot 2
     assert torch.equal(b[:, :, 2, :2], a[:, :, 2, :2])
     assert torch.equal(b[:, :, [1, 3]], a[:, :, [1, 3]])  # other heads untouched
+    # a site without a head axis (one codebook over the flattened heads): head 0 is the codebook
+    flat = "blocks.0.attn.hook_z"
+    cm.add_codebook(flat, n_codes=16, k=3, d_in=cm.cfg.n_heads * cm.cfg.d_head, n_groups=1)
+    one = TopicCodes(0, [flat], torch.tensor([0]), torch.tensor([[11, 4]]), torch.ones(1, 2),
+                     torch.ones(1, 2), torch.ones(1, 2, dtype=torch.long))  # fmt: skip
+    name = codes_hook_name(flat)
+    _, plain = cm.run_with_cache(tokens, names_filter=name)
+    with cm.hooks(fwd_hooks=topic_steering_hooks(cm, one)):
+        _, steered = cm.run_with_cache(tokens, names_filter=name)
+    a, b = plain[name], steered[name]  # [batch, pos, k]
+    assert b.shape == (2, 8, 3) and (b[..., 2] == 11).all() and (b[..., 1] == 4).all()
+    assert torch.equal(b[..., 0], a[..., 0])
     too_many = TopicCodes(
         0,
         [site],
