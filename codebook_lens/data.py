@@ -18,6 +18,7 @@ result, never built token by token.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -35,6 +36,8 @@ __all__ = [
     "pack_labelled_blocks",
     "BlockStream",
     "shard_batch",
+    "shuffle_groups",
+    "global_batches",
     "hf_texts",
     "file_texts",
     "pydoc_texts",
@@ -219,6 +222,64 @@ def shard_batch(batch: Tensor, rank: int, world_size: int) -> Tensor:
     return batch[rank * per : (rank + 1) * per]
 
 
+def shuffle_groups(
+    groups: Iterable[Tensor], buffer: int, seed: int, epoch: int = 0
+) -> Iterator[Tensor]:
+    """Groups of blocks mixed through a seeded buffer of about ``buffer`` blocks (a new order
+    for each ``epoch``); ``buffer <= 1`` passes them through in order.
+
+    Whenever the buffer holds ``buffer`` blocks it emits a random half and keeps the other half
+    to mix with what comes next; at the end it emits the rest, shuffled.
+    """
+    if buffer <= 1:
+        yield from groups
+        return
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    pool: list[Tensor] = []
+    n = 0
+    for g in groups:
+        pool.append(g)
+        n += g.shape[0]
+        if n >= buffer:
+            mixed = torch.cat(pool)
+            perm = torch.randperm(mixed.shape[0], generator=gen)
+            half = mixed.shape[0] // 2  # emit half, keep half to mix with what comes next
+            yield mixed[perm[:half]]
+            pool, n = [mixed[perm[half:]]], mixed.shape[0] - half
+    if pool:
+        mixed = torch.cat(pool)
+        yield mixed[torch.randperm(mixed.shape[0], generator=gen)]
+
+
+def global_batches(
+    groups: Iterable[Tensor],
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = True,
+) -> Iterator[Tensor]:
+    """Rank ``rank``'s rows (:func:`shard_batch`) of each global batch of ``batch_size`` blocks
+    cut from ``groups`` in order. The blocks left over at the end make one last, smaller batch
+    when ``drop_last`` is False and ``world_size`` divides their number; else they are dropped.
+    """
+    pending: list[Tensor] = []
+    n = 0
+    for g in groups:
+        pending.append(g)
+        n += g.shape[0]
+        if n >= batch_size:
+            pool = torch.cat(pending)
+            k = pool.shape[0] // batch_size
+            for b in pool[: k * batch_size].split(batch_size):
+                yield shard_batch(b, rank, world_size)
+            rest = pool[k * batch_size :]
+            pending, n = [rest], rest.shape[0]
+    if n and not drop_last:
+        last = torch.cat(pending)
+        if last.shape[0] % world_size == 0:
+            yield shard_batch(last, rank, world_size)
+
+
 # ---------------------------------------------------------------------- streaming
 class BlockStream(IterableDataset):
     """Stream ``[batch, block_len]`` token batches from texts, in bounded memory.
@@ -297,47 +358,19 @@ class BlockStream(IterableDataset):
                 self._docs(), self.block_len, self.bos_id, self.eos_id, drop_last=self.drop_last
             )
         )
-        if self.shuffle_buffer <= 1:
-            yield from groups
-            return
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        buf: list[Tensor] = []
-        n = 0
-        for g in groups:
-            buf.append(g)
-            n += g.shape[0]
-            if n >= self.shuffle_buffer:
-                pool = torch.cat(buf)
-                perm = torch.randperm(pool.shape[0], generator=gen)
-                half = pool.shape[0] // 2  # emit half, keep half to mix with what comes next
-                yield pool[perm[:half]]
-                buf, n = [pool[perm[half:]]], pool.shape[0] - half
-        if buf:
-            pool = torch.cat(buf)
-            yield pool[torch.randperm(pool.shape[0], generator=gen)]
+        return shuffle_groups(groups, self.shuffle_buffer, self.seed, epoch)
 
     def __iter__(self) -> Iterator[Int[Tensor, "batch block_len"]]:
         epoch = 0
         while True:
-            pending: list[Tensor] = []
-            n = 0
-            any_block = False
-            for g in self.blocks(epoch):
-                any_block = True
-                pending.append(g)
-                n += g.shape[0]
-                if n >= self.batch_size:
-                    pool = torch.cat(pending)
-                    k = pool.shape[0] // self.batch_size
-                    for b in pool[: k * self.batch_size].split(self.batch_size):
-                        yield shard_batch(b, self.rank, self.world_size)
-                    rest = pool[k * self.batch_size :]
-                    pending, n = [rest], rest.shape[0]
-            if n and not self.drop_last:
-                last = torch.cat(pending)
-                if last.shape[0] % self.world_size == 0:
-                    yield shard_batch(last, self.rank, self.world_size)
-            if not any_block and epoch == 0:
+            groups = self.blocks(epoch)
+            first = next(groups, None)
+            if first is not None:
+                yield from global_batches(
+                    itertools.chain((first,), groups), self.batch_size, self.rank,
+                    self.world_size, drop_last=self.drop_last,
+                )  # fmt: skip
+            elif epoch == 0:
                 raise ValueError(
                     f"the texts gave no complete block of {self.block_len} tokens; give more text "
                     "or a shorter block_len"

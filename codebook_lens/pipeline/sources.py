@@ -43,7 +43,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from codebook_lens.data import BlockStream, hf_texts, iter_blocks, shard_batch
+from codebook_lens.data import (
+    BlockStream,
+    global_batches,
+    hf_texts,
+    iter_blocks,
+    shuffle_groups,
+)
 from codebook_lens.pipeline.models import is_hub_id
 from codebook_lens.validation import Range, ValidatedConfig
 
@@ -317,29 +323,6 @@ def _token_rows(ds: Any, column: str) -> Iterator[list[int]]:
                 yield row
 
 
-def _shuffled(groups: Iterable[Tensor], buffer: int, seed: int, epoch: int) -> Iterator[Tensor]:
-    """Groups of blocks mixed through a seeded buffer of ``buffer`` blocks, as
-    :meth:`~codebook_lens.data.BlockStream.blocks` mixes them (a new order each epoch)."""
-    if buffer <= 1:
-        yield from groups
-        return
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    pool: list[Tensor] = []
-    n = 0
-    for g in groups:
-        pool.append(g)
-        n += g.shape[0]
-        if n >= buffer:
-            mixed = torch.cat(pool)
-            perm = torch.randperm(mixed.shape[0], generator=gen)
-            half = mixed.shape[0] // 2  # emit half, keep half to mix with what comes next
-            yield mixed[perm[:half]]
-            pool, n = [mixed[perm[half:]]], mixed.shape[0] - half
-    if pool:
-        mixed = torch.cat(pool)
-        yield mixed[torch.randperm(mixed.shape[0], generator=gen)]
-
-
 def _take(groups: Iterable[Tensor], n_blocks: int, context_len: int) -> Tensor:
     """The first ``n_blocks`` blocks of ``groups`` (fewer if they run out), reading no further."""
     got: list[Tensor] = []
@@ -436,19 +419,10 @@ class TokenSource:
         cfg = self.cfg
         epoch = 0
         while True:  # one epoch per pass; _check_one_batch made sure a pass fills a batch
-            groups = _shuffled(self._groups(self.train_data), cfg.shuffle_buffer, cfg.seed, epoch)
-            pending: list[Tensor] = []
-            n = 0
-            for g in groups:
-                pending.append(g)
-                n += g.shape[0]
-                if n >= cfg.batch_size:
-                    pool = torch.cat(pending)
-                    k = pool.shape[0] // cfg.batch_size
-                    for b in pool[: k * cfg.batch_size].split(cfg.batch_size):
-                        yield shard_batch(b, rank, world_size)
-                    pending = [pool[k * cfg.batch_size :]]
-                    n = pending[0].shape[0]
+            groups = shuffle_groups(
+                self._groups(self.train_data), cfg.shuffle_buffer, cfg.seed, epoch
+            )
+            yield from global_batches(groups, cfg.batch_size, rank, world_size)
             epoch += 1
 
     def eval_batches(self) -> list[Int[Tensor, "_batch context_len"]]:
