@@ -4,12 +4,7 @@ training run checkpointing every step."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +17,7 @@ from codebook_lens.analysis import CodeStore
 from codebook_lens.checkpoint import checkpoint_path, load_train_state
 from codebook_lens.training import TrainConfig, train_codebooks
 from tests.conftest import TINY, make_model
+from tests.integration.kill_helpers import assert_one_version, kill_mid_save
 
 WORKER = Path(__file__).with_name("kill_save_worker.py")
 SITE = "blocks.0.hook_resid_post"
@@ -111,24 +107,11 @@ KINDS = {
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_kill_during_save(kind, tmp_path):
     rng = random.Random(kind)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     path = tmp_path / "ck"
     kills = 2
     for n in range(kills):
         ready = Path(f"{path}.ready")
-        ready.unlink(missing_ok=True)
-        proc = subprocess.Popen([sys.executable, str(WORKER), kind, str(path)], env=env)
-        deadline = time.time() + 120
-        while not ready.exists():
-            assert proc.poll() is None, f"the {kind} worker died (rc {proc.returncode})"
-            assert time.time() < deadline
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.4))  # a random moment of the save loop
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_mid_save([str(WORKER), kind, str(path)], ready, rng, kind, timeout_s=120)
         KINDS[kind].check(path)  # the old or the new checkpoint loads; the next save works
-        ck = KINDS[kind].ckpt(path)
-        versions = [e for e in os.listdir(ck) if e.startswith("v-")]
-        tmp = [e for e in os.listdir(ck) if e.endswith(".tmp")]
-        assert len(versions) == 1 and tmp == [], f"kill {n}: leftovers {sorted(os.listdir(ck))}"
+        assert_one_version(KINDS[kind].ckpt(path), n)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "ck.ready"]

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from codebook_lens.lm.tokenizer import (  # noqa: E402
     save_tokenizer,
     train_bpe_tokenizer,
 )
+from tests.integration.kill_helpers import assert_one_version, kill_mid_save  # noqa: E402
 
 TEXTS = [
     f"story {i}: the dragon flew over the castle and the sea, {i * 7} times" for i in range(50)
@@ -154,25 +152,12 @@ SAVED = {"tokenizer": lambda p: p, "browse": lambda p: p / "browse"}
 @pytest.mark.parametrize("kind", list(LOOPS))
 def test_kill_during_save(kind, tmp_path):
     rng = random.Random(kind)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     path = tmp_path / "target"
     for n in range(2):
         ready = Path(f"{path}.ready")
-        ready.unlink(missing_ok=True)
-        proc = subprocess.Popen([sys.executable, __file__, kind, str(path)], env=env)
-        deadline = time.monotonic() + 300
-        while not ready.exists():
-            assert proc.poll() is None, f"the {kind} worker died (rc {proc.returncode})"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.4))  # a random moment of the save loop
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_mid_save([__file__, kind, str(path)], ready, rng, kind, timeout_s=300)
         CHECKS[kind](path)  # the old or the new save loads whole; the next save works
-        saved = SAVED[kind](path)
-        versions = [e for e in os.listdir(saved) if e.startswith("v-")]
-        tmp = [e for e in os.listdir(saved) if e.endswith(".tmp")]
-        assert len(versions) == 1 and tmp == [], f"kill {n}: leftovers {sorted(os.listdir(saved))}"
+        assert_one_version(SAVED[kind](path), n)
 
 
 if __name__ == "__main__":
