@@ -10,12 +10,6 @@ from codebook_lens.convert import from_codebook_features
 from codebook_lens.errors import BackendError, CheckpointError
 from codebook_lens.evaluation import Evaluation, evaluate_codebooks
 from codebook_lens.init import init_from_activations, kmeans
-from codebook_lens.maintenance import (
-    maintain_codebook,
-    merge_duplicate_codes,
-    replace_dead_codes,
-    reseed_dead_codes,
-)
 from codebook_lens.model import CodebookModel, codes_hook_name
 from codebook_lens.quantizer import Codebook
 from codebook_lens.topk import topk_codes
@@ -37,10 +31,6 @@ __all__ = [
     "topk_codes",
     "init_from_activations",
     "kmeans",
-    "merge_duplicate_codes",
-    "replace_dead_codes",
-    "reseed_dead_codes",
-    "maintain_codebook",
     "evaluate_codebooks",
     "Evaluation",
 ]

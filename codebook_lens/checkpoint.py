@@ -6,8 +6,9 @@ for its versions and locks) holding
 * ``state.json`` (the commit pointer): format marker, optimizer step, micro-batches consumed,
   optimizer hyperparameters, training history, the config it was written with and the record
   of every tensor (dtype, shape, SHA-256; :mod:`codebook_lens.integrity`);
-* ``v-train-<hex>/state.safetensors``: base-model weights (unless the model is frozen),
-  codebooks with their usage counters, affine input norms and recent activations, optimizer
+* ``v-train-<hex>/state.safetensors``: the base model's ``state_dict()`` (unless the model is
+  frozen) as ``model.<name>``, each codebook's ``state_dict()`` (code vectors, affine input
+  norm, usage counters, recent activations) as ``cb.<site>.<name>``, the optimizer's state
   tensors (AdamW moments and step counts), metric accumulators and the RNG state.
 
 A new checkpoint replaces the previous one in one atomic step, so an interrupted run always
@@ -41,7 +42,7 @@ from codebook_lens.atomic import (
 from codebook_lens.errors import CheckpointError
 from codebook_lens.integrity import check_tensors, record_tensors
 from codebook_lens.model import CodebookModel
-from codebook_lens.tensor_files import read_tensors, untie, write_tensors
+from codebook_lens.tensor_files import check_codebook_state, read_tensors, untie, write_tensors
 
 __all__ = [
     "TrainState",
@@ -158,13 +159,8 @@ def _state_tensors(
         for k, v in cm.model.state_dict().items():
             tensors[f"model.{k}"] = v
     for site, cb in cm.codebooks.items():
-        tensors[f"cb.{site}.codebook"] = cb.codebook
-        tensors[f"cb.{site}.code_counts"] = cb.code_counts
-        tensors[f"cb.{site}.window_counts"] = cb.window_counts
-        for name, t in cb.extra_tensors().items():
+        for name, t in cb.state_dict().items():
             tensors[f"cb.{site}.{name}"] = t
-        if cb.recent is not None:
-            tensors[f"cb.{site}.recent"] = cb.recent
     sd = optimizer.state_dict()
     opt_scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
@@ -438,6 +434,7 @@ class _Plan:
 
     def __init__(self, meta, tensors, file, cm, optimizer):  # noqa: ANN001
         self.meta, self.tensors, self.file, self.cm, self.opt = meta, tensors, file, cm, optimizer
+        self.states: dict[str, dict[str, Tensor]] = {}  # site -> checked codebook state
 
     def _get(self, key: str) -> Tensor:
         if key not in self.tensors:
@@ -481,15 +478,11 @@ class _Plan:
         check_tensors(self.tensors, self.meta.get("tensors"), self.file)
 
     def _check_codebooks(self) -> None:
-        for site, cb in self.cm.codebooks.items():
-            self._shape(f"cb.{site}.codebook", tuple(cb.codebook.shape))
-            self._shape(f"cb.{site}.code_counts", tuple(cb.code_counts.shape))
-            self._shape(f"cb.{site}.window_counts", tuple(cb.window_counts.shape))
-            for name, t in cb.extra_tensors().items():
-                self._shape(f"cb.{site}.{name}", tuple(t.shape))
-            r = self.tensors.get(f"cb.{site}.recent")
-            if r is not None and (r.dim() < 1 or r.shape[-1] != cb.codebook.shape[-1]):
-                raise CheckpointError(f"{self.file}: cb.{site}.recent has shape {tuple(r.shape)}")
+        """Each codebook's state, checked against its config, for :meth:`apply`."""
+        self.states = {
+            site: check_codebook_state(self.tensors, cb.cfg, self.file, f"cb.{site}.", True)
+            for site, cb in self.cm.codebooks.items()
+        }
 
     def _check_model(self) -> None:
         """The saved base model's tensors are exactly this model's (none when not saved)."""
@@ -562,7 +555,6 @@ class _Plan:
         """Restore the optimizer (which checks its own layout before it changes anything),
         then the model and codebooks, whose every key and shape :meth:`check` has verified."""
         cm, tensors = self.cm, self.tensors
-        device = next(cm.parameters()).device
         opt_meta = self.meta["optimizer"]
         state: dict[int, dict[str, Any]] = {}
         for k, v in tensors.items():
@@ -579,13 +571,7 @@ class _Plan:
             sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
             cm.model.load_state_dict(sd, strict=True)
         for site, cb in cm.codebooks.items():
-            cb.codebook.copy_(tensors[f"cb.{site}.codebook"])
-            cb.code_counts.copy_(tensors[f"cb.{site}.code_counts"])
-            cb.window_counts.copy_(tensors[f"cb.{site}.window_counts"])
-            for name, t in cb.extra_tensors().items():
-                t.copy_(tensors[f"cb.{site}.{name}"])
-            r = tensors.get(f"cb.{site}.recent")
-            cb.recent = r.to(device) if r is not None else None
+            cb.load_state_dict(self.states[site], strict=False)  # "recent" may be absent
 
 
 def _accepted(state: Tensor, cuda_index: int | None) -> bool:

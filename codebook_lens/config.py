@@ -130,7 +130,7 @@ class CodebookConfig(ValidatedConfig):
     merge_threshold: float = 0.0
     """During training, a used code whose cosine similarity to a more-used code exceeds this is
     parked (set to zero) so that its positions move to that code; 0 disables merging. See
-    :func:`~codebook_lens.maintenance.merge_duplicate_codes`."""
+    :meth:`~codebook_lens.quantizer.Codebook.merge_duplicate_codes`."""
 
     replace_every: int = 100
     """Training steps between codebook maintenance rounds: dead-code replacement (when

@@ -12,9 +12,10 @@ Layout of a saved directory (see :mod:`codebook_lens.atomic` for the versioning 
                              "files": the SHA-256 of each file under hf_model/,
                              "data_dir": the version directory below (the commit pointer)
     v-model-<hex>/codebooks.safetensors
-                             "<site>.codebook" [n_groups, n_codes, d_in], "<site>.code_counts"
-                             [n_groups, n_codes], "<site>.ln_weight", "<site>.ln_bias"
-                             [n_groups, d_in] (affine norm)
+                             "<site>.<name>" for each tensor of the codebook's state_dict()
+                             but the training state (Codebook.TRAINING_STATE): "codebook"
+                             [n_groups, n_codes, d_in], "ln_weight", "ln_bias" [n_groups,
+                             d_in] (affine norm), "code_counts" [n_groups, n_codes]
     v-model-<hex>/model.safetensors
                              (include_model=True) the base model's state dict
     v-model-<hex>/hf_model/  (include_model=True, Hugging Face-booted bridge) its config
@@ -58,7 +59,12 @@ from codebook_lens.integrity import (
     record_tensors,
 )
 from codebook_lens.quantizer import Codebook
-from codebook_lens.tensor_files import check_tensor, read_tensors, untie, write_tensors
+from codebook_lens.tensor_files import (
+    check_codebook_state,
+    read_tensors,
+    untie,
+    write_tensors,
+)
 
 __all__ = [
     "FORMAT",
@@ -92,9 +98,9 @@ class SavedCodebooks:
     configs: dict[str, CodebookConfig]
     """The config of each site's codebook, in attachment order."""
     tensors: dict[str, dict[str, Tensor]]
-    """Per site: ``"codebook"`` [n_groups, n_codes, d_in], ``"code_counts"`` [n_groups,
-    n_codes] (when saved) and, for ``input_norm="affine"``, ``"ln_weight"``/``"ln_bias"``
-    [n_groups, d_in]."""
+    """Per site, the codebook's ``state_dict()`` less :attr:`Codebook.TRAINING_STATE`:
+    ``"codebook"`` [n_groups, n_codes, d_in], for ``input_norm="affine"`` ``"ln_weight"`` and
+    ``"ln_bias"`` [n_groups, d_in], ``"code_counts"`` [n_groups, n_codes] (when saved)."""
     model: nn.Module | None
     """The saved base model, rebuilt (when asked for and saved with ``include_model=True``)."""
 
@@ -115,12 +121,12 @@ def write_codebooks(
     """
     from codebook_lens import __version__  # the package imports this module
 
-    tensors = {}
-    for site, cb in codebooks.items():
-        tensors[f"{site}.codebook"] = cb.codebook
-        tensors[f"{site}.code_counts"] = cb.code_counts
-        for name, t in cb.extra_tensors().items():  # e.g. the affine input LayerNorm
-            tensors[f"{site}.{name}"] = t
+    tensors = {
+        f"{site}.{name}": t
+        for site, cb in codebooks.items()
+        for name, t in cb.state_dict().items()
+        if name not in Codebook.TRAINING_STATE
+    }
     files = {"codebooks.safetensors": untie(tensors)}
     if model is not None:
         files["model.safetensors"] = untie(model.state_dict())
@@ -285,27 +291,6 @@ def _saved_dtype(spec: dict[str, Any], path: Path) -> torch.dtype | None:
     return None if name is None else float_dtype(name, f"{path}: model.dtype")
 
 
-def _site_tensors(
-    site: str, cfg: CodebookConfig, tensors: dict[str, torch.Tensor], file: Path
-) -> dict[str, torch.Tensor]:
-    """The checked tensors of one site: codebook, code_counts (if saved), affine LayerNorm."""
-    g, n, d = cfg.n_groups, cfg.n_codes, cfg.d_in
-    key = f"{site}.codebook"
-    if key not in tensors:
-        raise CheckpointError(f"{file} has no tensor {key!r}")
-    out = {"codebook": check_tensor(tensors[key], key, file, (g, n, d), "float")}
-    if f"{site}.code_counts" in tensors:
-        key = f"{site}.code_counts"
-        out["code_counts"] = check_tensor(tensors[key], key, file, (g, n), "count")
-    if cfg.input_norm == "affine":
-        for name in ("ln_weight", "ln_bias"):
-            key = f"{site}.{name}"
-            if key not in tensors:
-                raise CheckpointError(f"{file} has no tensor {key!r} (input_norm='affine')")
-            out[name] = check_tensor(tensors[key], key, file, (g, d), "float")
-    return out
-
-
 def read_codebooks(
     path: str | os.PathLike, with_model: bool = False, backend: str = "auto"
 ) -> SavedCodebooks:
@@ -321,7 +306,9 @@ def read_codebooks(
         configs = {e["site"]: _site_config(e, head) for e in meta["sites"]}
         file = data / "codebooks.safetensors"
         tensors = read_tensors(file)
-        checked = {s: _site_tensors(s, c, tensors, file) for s, c in configs.items()}
+        checked = {
+            s: check_codebook_state(tensors, c, file, prefix=f"{s}.") for s, c in configs.items()
+        }
         # after the config checks, whose messages are sharper
         check_tensors(tensors, meta["tensors"]["codebooks.safetensors"], file)
         model = _base_model(meta, data, path, backend) if with_model else None

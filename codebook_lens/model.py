@@ -538,14 +538,8 @@ class CodebookModel(nn.Module):
                     cb = cm.add_codebook(site, Codebook(cfg))
                 except (KeyError, ValueError, TypeError) as e:
                     raise CheckpointError(f"saved codebook does not fit this model: {e}") from e
-                t = saved.tensors[site]
-                with torch.no_grad():
-                    cb.codebook.copy_(t["codebook"])
-                    if "code_counts" in t:
-                        cb.code_counts.copy_(t["code_counts"])
-                extra = {n: t[n] for n in ("ln_weight", "ln_bias") if n in t}
-                if extra:
-                    cb.load_extra_tensors(extra)
+                # checked by read_codebooks; the training state is not saved with a model
+                cb.load_state_dict(saved.tensors[site], strict=False)
         except BaseException:
             cm.detach()  # leave the caller's model as it was
             raise

@@ -8,14 +8,16 @@ gradient to ``x``. The top-k selection itself is :func:`codebook_lens.topk.topk_
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from codebook_lens import topk
+from codebook_lens import maintenance, topk
 from codebook_lens.config import CodebookConfig
 
 __all__ = ["Codebook"]
@@ -27,6 +29,13 @@ class Codebook(nn.Module):
     The code vectors are one parameter ``codebook`` of shape ``[n_groups, n_codes, d_in]``.
     Ungrouped codebooks take ``[..., d_in]`` and give codes ``[..., k]``; grouped ones take
     ``[..., n_groups, d_in]`` and give ``[..., n_groups, k]``. Code id ``-1`` is an empty slot.
+
+    State (``state_dict()``, shapes in :meth:`state_shapes`): the parameters ``codebook`` and,
+    with ``input_norm="affine"``, ``ln_weight``/``ln_bias``; the buffers ``code_counts`` (uses
+    since the last :meth:`reset_usage`), ``window_counts`` (uses since the usage window last
+    restarted, which maintenance reads) and ``recent`` (``[rows, n_groups, d_in]``, activations
+    of the last training forward, the seeds of re-seeded codes; no rows before one). Only the
+    codebook's own methods change the buffers.
 
     Hook points: ``hook_codes`` sees the chosen ids; a hook returning modified ids changes what
     ``forward`` emits (that is how patching works). When attached by :class:`CodebookModel` it is
@@ -67,12 +76,13 @@ class Codebook(nn.Module):
             self.ln_weight = nn.Parameter(torch.ones(cfg.n_groups, cfg.d_in))
             self.ln_bias = nn.Parameter(torch.zeros(cfg.n_groups, cfg.d_in))
         self.hook_codes = HookPoint()
+        # every tensor of the codebook's state is a parameter or a persistent buffer, so
+        # state_dict() holds it all (see state_shapes)
         self.register_buffer("code_counts", torch.zeros(cfg.n_groups, cfg.n_codes))
-        self.register_buffer(
-            "window_counts", torch.zeros(cfg.n_groups, cfg.n_codes), persistent=False
-        )
+        self.register_buffer("window_counts", torch.zeros(cfg.n_groups, cfg.n_codes))
+        self.register_buffer("recent", torch.zeros(0, cfg.n_groups, cfg.d_in))
+        self.register_load_state_dict_pre_hook(self._fit_recent)
         self.last_losses: dict[str, Tensor] = {}
-        self.recent: Tensor | None = None
         self.enabled = True
         self.check_finite = False
         # memory of the score tile, reused by every encode (kept on the CPU only; see Workspace)
@@ -124,65 +134,35 @@ class Codebook(nn.Module):
             return F.layer_norm(x, (cfg.d_in,), eps=cfg.norm_eps) * w.to(x.dtype) + b.to(x.dtype)
         return x
 
-    # ------------------------------------------------------------------ checkpoint tensors
-    def extra_tensors(self) -> dict[str, Tensor]:
-        """Learned tensors other than ``codebook`` that a checkpoint keeps, by name: the affine
-        input LayerNorm's ``ln_weight`` and ``ln_bias`` ``[n_groups, d_in]`` (empty otherwise)."""
-        if self.cfg.input_norm != "affine":
-            return {}
-        return {"ln_weight": self.ln_weight, "ln_bias": self.ln_bias}
+    # ------------------------------------------------------------------ state
+    COUNTS = ("code_counts", "window_counts")
+    """The state tensors that hold usage counts (integer-valued, non-negative)."""
 
-    def load_extra_tensors(self, tensors: dict[str, Tensor]) -> None:
-        """Copy :meth:`extra_tensors` values in; a missing name, a wrong shape, a non-float
-        dtype or a non-finite value raises ``ValueError`` naming the site and the tensor."""
-        for name in self.extra_tensors():
-            if name not in tensors:
-                raise ValueError(
-                    f"{self.where}: missing tensor {name!r} for a codebook with input_norm="
-                    f"{self.cfg.input_norm!r}"
-                )
-        self.load_tensors({n: tensors[n] for n in self.extra_tensors()})
+    TRAINING_STATE = ("window_counts", "recent")
+    """The state a training run keeps (training checkpoints) but a saved model does not."""
 
-    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
-        """Copy saved tensors in by name (``"codebook"``, ``"code_counts"`` and the names of
-        :meth:`extra_tensors`; absent names are left as they are), after checking all of them:
-        a float dtype (``code_counts`` may be an integer), the exact shape, finite values and
-        non-negative counts. Raises ``ValueError`` naming the site and the tensor; nothing is
-        copied unless every tensor passes."""
-        targets = {"codebook": self.codebook, "code_counts": self.code_counts}
-        targets.update(self.extra_tensors())
-        unknown = sorted(set(tensors) - set(targets))
-        if unknown:
-            raise ValueError(f"{self.where}: unknown tensor(s) {unknown}; expected {list(targets)}")
-        for name, t in tensors.items():
-            self._check_tensor(name, t, targets[name])
-        with torch.no_grad():
-            for name, t in tensors.items():
-                targets[name].copy_(t)
+    @staticmethod
+    def state_shapes(cfg: CodebookConfig) -> dict[str, tuple[int | None, ...]]:
+        """The shape of each tensor of ``state_dict()`` of a codebook built from ``cfg``, by
+        name, in ``state_dict()`` order (``None``: any size, the rows of ``recent``)."""
+        g, n, d = cfg.n_groups, cfg.n_codes, cfg.d_in
+        shapes: dict[str, tuple[int | None, ...]] = {"codebook": (g, n, d)}
+        if cfg.input_norm == "affine":
+            shapes.update(ln_weight=(g, d), ln_bias=(g, d))
+        shapes.update(code_counts=(g, n), window_counts=(g, n), recent=(None, g, d))
+        return shapes
 
-    def _check_tensor(self, name: str, t: Tensor, target: Tensor) -> None:
-        where = f"{self.where}, tensor {name!r}"
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{where}: expected a tensor, got {type(t).__name__}")
-        integer_ok = name == "code_counts" and not (t.is_complex() or t.dtype == torch.bool)
-        if not (t.is_floating_point() or integer_ok):
-            raise ValueError(
-                f"{where} has dtype {t.dtype}; it must be a floating-point tensor (the file is "
-                "corrupt or not written by codebook_lens)"
-            )
-        if tuple(t.shape) != tuple(target.shape):
-            raise ValueError(
-                f"{self.where}: {name} has shape {tuple(t.shape)}; this codebook needs "
-                f"{tuple(target.shape)} (config n_groups={self.cfg.n_groups}, n_codes="
-                f"{self.cfg.n_codes}, d_in={self.cfg.d_in})"
-            )
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(
-                f"{where} holds NaN/inf values; the checkpoint was saved from a diverged run. "
-                "Load an earlier checkpoint or retrain with a lower learning rate"
-            )
-        if name == "code_counts" and t.numel() and bool((t < 0).any()):
-            raise ValueError(f"{where} holds negative counts; the checkpoint is corrupt")
+    @staticmethod
+    def _fit_recent(module: Codebook, state_dict: Mapping[str, Any], prefix: str, *_: Any) -> None:
+        """Before a state is loaded (a ``load_state_dict`` pre-hook): ``recent`` takes the
+        number of rows and the dtype of the saved one, which vary with the last batch."""
+        saved = state_dict.get(prefix + "recent")
+        if (
+            isinstance(saved, Tensor)
+            and saved.dim() == 3
+            and saved.shape[1:] == module.recent.shape[1:]
+        ):
+            module.recent = module.recent.new_empty(saved.shape, dtype=saved.dtype)
 
     # ------------------------------------------------------------------ encode / decode
     def encode(
@@ -365,6 +345,74 @@ class Codebook(nn.Module):
         """Zero the usage counters."""
         self.code_counts.zero_()
         self.window_counts.zero_()
+
+    def restart_window(self) -> None:
+        """Restart the usage window (``window_counts``) that maintenance reads."""
+        self.window_counts.zero_()
+
+    @torch.no_grad()
+    def set_usage(
+        self, code_counts: Tensor | None = None, window_counts: Tensor | None = None
+    ) -> None:
+        """Set the usage counters (those given) to these counts, ``[n_groups, n_codes]``: e.g.
+        the totals over the processes of a distributed run."""
+        for buf, counts in ((self.code_counts, code_counts), (self.window_counts, window_counts)):
+            if counts is not None:
+                buf.copy_(counts)
+
+    # ------------------------------------------------------------------ maintenance
+    def maintenance_due(self, step: int) -> bool:
+        """Whether maintenance runs after optimizer step ``step`` (counted from 1): some
+        maintenance is on (``dead_code_threshold > 0`` or ``merge_threshold > 0``) and ``step``
+        is a multiple of ``cfg.replace_every``."""
+        c = self.cfg
+        return (c.dead_code_threshold > 0 or c.merge_threshold > 0) and step % c.replace_every == 0
+
+    @torch.no_grad()
+    def reseed_dead_codes(self, threshold: float | None = None) -> Bool[Tensor, "n_groups n_codes"]:
+        """Re-seed the codes used fewer than ``threshold`` times in the usage window (default
+        ``cfg.dead_code_threshold``) from the recent training activations, restart the window,
+        and return the mask of re-seeded codes (all False when ``threshold <= 0`` or no
+        training forward has run yet). ``.sum()`` counts them."""
+        threshold = self.cfg.dead_code_threshold if threshold is None else threshold
+        dead = self.window_counts < threshold  # [G, N]
+        self.restart_window()
+        if self.recent.shape[0] == 0 or threshold <= 0:
+            return torch.zeros_like(dead)
+        self.codebook.copy_(maintenance.reseeded(self.codebook, dead, self.recent))
+        return dead
+
+    @torch.no_grad()
+    def merge_duplicate_codes(
+        self, threshold: float | None = None, chunk_mb: float = 64.0
+    ) -> Bool[Tensor, "n_groups n_codes"]:
+        """Park every used code that has a more-used near-duplicate; return the parked codes.
+
+        Among the codes used in the usage window (``window_counts > 0``), code ``i`` is parked
+        when a code ``j`` of the same group with more uses (on a tie, the lower id) has cosine
+        similarity above ``threshold`` (default ``cfg.merge_threshold``; ``<= 0`` parks
+        nothing). A parked code becomes the zero vector, which scores 0 under every similarity,
+        so the positions that chose it move to their next-best code (in practice the
+        near-duplicate) and it stays unused while some code scores above 0. It is re-seeded
+        later only if dead-code replacement is on. The usage window is left for the caller to
+        restart.
+
+        Why: with many more codes than the site has distinct states, a cluster stretched along a
+        nuisance direction (position, say) is split between several codes, each a
+        perfect-precision but low-recall detector; merging them gives one code per feature.
+        """
+        threshold = self.cfg.merge_threshold if threshold is None else threshold
+        parked = maintenance.duplicates(self.codebook, self.window_counts, threshold, chunk_mb)
+        if threshold > 0:
+            self.codebook.masked_fill_(parked[..., None], 0.0)
+        return parked
+
+    @torch.no_grad()
+    def maintain(self) -> Bool[Tensor, "n_groups n_codes"]:
+        """One maintenance pass: :meth:`merge_duplicate_codes`, then :meth:`reseed_dead_codes`
+        (which restarts the usage window); returns the mask of codes that were parked or
+        re-seeded, whose optimizer moments the caller should reset."""
+        return self.merge_duplicate_codes() | self.reseed_dead_codes()
 
     def dead_fraction(self, threshold: float = 1.0) -> Tensor:
         """Fraction of codes used fewer than ``threshold`` times (over ``code_counts``)."""

@@ -1,8 +1,10 @@
 """Safetensors files: read with errors that name the file, write with shared storage untied, and
-check loaded tensors against what their config says."""
+check loaded tensors against what their config says: :func:`check_tensor`, and
+:func:`check_codebook_state` for a codebook's state (every reader of one uses it)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -11,9 +13,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from codebook_lens.config import CodebookConfig
 from codebook_lens.errors import CheckpointError
+from codebook_lens.quantizer import Codebook
 
-__all__ = ["read_tensors", "write_tensors", "untie", "check_tensor"]
+__all__ = ["read_tensors", "write_tensors", "untie", "check_tensor", "check_codebook_state"]
 
 
 def read_tensors(file: Path, fix: str = "") -> dict[str, Tensor]:
@@ -54,13 +58,14 @@ def _is_int(t: Tensor) -> bool:
 def check_tensor(
     t: Tensor,
     name: str,
-    file: Path,
-    shape: tuple[int, ...] | None,
+    file: Path | str,
+    shape: tuple[int | None, ...] | None,
     kind: Literal["float", "count", "int"],
 ) -> Tensor:
-    """``t`` if it has ``shape`` and is a finite ``kind`` tensor (``"float"``: floating point;
-    ``"count"``: integer or floating, >= 0; ``"int"``: integer), else a CheckpointError naming
-    ``name`` in ``file``."""
+    """``t`` if it has ``shape`` (``None`` for any shape; a ``None`` axis has any size) and is
+    a finite ``kind`` tensor (``"float"``: floating point; ``"count"``: integer or floating,
+    >= 0; ``"int"``: integer), else a CheckpointError naming ``name`` in ``file`` (a path, or
+    words naming where the tensor comes from)."""
     ok = {
         "float": t.is_floating_point(),
         "count": t.is_floating_point() or _is_int(t),
@@ -68,9 +73,12 @@ def check_tensor(
     }[kind]
     if not ok:
         raise CheckpointError(f"{file}: {name} has dtype {t.dtype}; expected a {kind} tensor")
-    if shape is not None and tuple(t.shape) != tuple(shape):
+    if shape is not None and (
+        t.dim() != len(shape) or any(w is not None and n != w for n, w in zip(t.shape, shape))
+    ):
+        want = str(tuple(shape)).replace("None", "any")
         raise CheckpointError(
-            f"{file}: {name} has shape {tuple(t.shape)}, but its config says {tuple(shape)}"
+            f"{file}: {name} has shape {tuple(t.shape)}, but its config says {want}"
         )
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         raise CheckpointError(
@@ -80,3 +88,31 @@ def check_tensor(
     if kind == "count" and t.numel() and bool((t < 0).any()):
         raise CheckpointError(f"{file}: {name} holds negative counts; the checkpoint is corrupt")
     return t
+
+
+def check_codebook_state(
+    tensors: Mapping[str, Tensor],
+    cfg: CodebookConfig,
+    file: Path | str,
+    prefix: str = "",
+    training: bool = False,
+) -> dict[str, Tensor]:
+    """The state of one codebook built from ``cfg``, read from ``file``: the tensors
+    ``prefix + name`` of ``tensors`` for each name of :meth:`Codebook.state_shapes`, checked
+    by :func:`check_tensor` (shape, finite, counts >= 0), keyed by name as
+    ``Codebook.load_state_dict`` takes them. A saved model holds the parameters and
+    (optionally) ``code_counts``; with ``training`` (a training checkpoint) the usage window
+    and (optionally) ``recent`` are read too. A missing tensor raises CheckpointError."""
+    optional = ("code_counts",) if not training else ("recent",)
+    out = {}
+    for name, shape in Codebook.state_shapes(cfg).items():
+        key = prefix + name
+        if name in Codebook.TRAINING_STATE and not training:
+            continue
+        if key not in tensors:
+            if name in optional:
+                continue
+            raise CheckpointError(f"{file} has no tensor {key!r}; the checkpoint is incomplete")
+        kind = "count" if name in Codebook.COUNTS else "float"
+        out[name] = check_tensor(tensors[key], key, file, shape, kind)
+    return out

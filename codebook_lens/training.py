@@ -2,7 +2,7 @@
 
 Works with any model and any stream of token batches. The reconstruction (and commitment) loss
 is a visible, logged term added to the task loss; each codebook is maintained on its schedule
-(:mod:`codebook_lens.maintenance`: dead codes re-seeded, near-duplicates merged); metrics are
+(:meth:`Codebook.maintain`: dead codes re-seeded, near-duplicates merged); metrics are
 read back to the host only at logging steps.
 
 The same loop runs on one CPU, one GPU, or several processes through Hugging Face Accelerate
@@ -39,7 +39,6 @@ from codebook_lens.checkpoint import (
     save_train_state,
 )
 from codebook_lens.data import shard_batch
-from codebook_lens.maintenance import maintain_codebook, maintenance_due
 from codebook_lens.model import CodebookModel
 from codebook_lens.quantizer import Codebook
 from codebook_lens.validation import Range, ValidatedConfig
@@ -490,7 +489,7 @@ def _start_loop(
     if loaded is None:
         state = TrainState()
         for cb in s.cbs.values():
-            cb.window_counts.zero_()
+            cb.restart_window()
         log_counts = {site: cb.code_counts.clone() for site, cb in s.cbs.items()}
         sums = torch.zeros(3, device=s.device, dtype=_metric_dtype(s.device))
         n_acc = 0
@@ -500,8 +499,8 @@ def _start_loop(
         if not s.dist.main:  # process 0 saved the totals (_settle); the others restart at zero
             sums.zero_()
             for site, cb in s.cbs.items():
-                cb.window_counts.zero_()
-                cb.code_counts.copy_(log_counts[site])
+                cb.restart_window()
+                cb.set_usage(code_counts=log_counts[site])
     result = TrainResult(resumed_from=0 if loaded is None else state.step)
     result.history, result.evals = list(state.history), list(state.evals)
     last_saved = state.step if result.resumed_from else None
@@ -564,10 +563,10 @@ def _maybe_maintain(s: _Setup, done: int) -> None:
     """Maintenance of each codebook due after ``done`` steps, on global usage counts; the
     optimizer forgets the moments of the codes it changed, and process 0's codes win."""
     for cb in s.cbs.values():
-        if maintenance_due(cb, done):
+        if cb.maintenance_due(done):
             if s.dist.n > 1:
-                cb.window_counts.copy_(s.dist.sum(cb.window_counts))
-            _reset_moments(s.opt, cb.codebook, maintain_codebook(cb))
+                cb.set_usage(window_counts=s.dist.sum(cb.window_counts))
+            _reset_moments(s.opt, cb.codebook, cb.maintain())
             with torch.no_grad():
                 s.dist.broadcast_(cb.codebook.data)
 
@@ -652,9 +651,11 @@ def _settle(s: _Setup, loop: _Loop) -> None:
     loop.sums = total if main else torch.zeros_like(total)
     for site, cb in s.cbs.items():
         since_log = s.dist.sum(cb.code_counts - loop.log_counts[site])
-        cb.code_counts.copy_(loop.log_counts[site] + since_log if main else loop.log_counts[site])
         window = s.dist.sum(cb.window_counts)
-        cb.window_counts.copy_(window if main else torch.zeros_like(window))
+        cb.set_usage(
+            code_counts=loop.log_counts[site] + since_log if main else loop.log_counts[site],
+            window_counts=window if main else torch.zeros_like(window),
+        )
 
 
 def _log_row(
@@ -676,7 +677,7 @@ def _log_row(
         for s, cb in cbs.items():
             delta = dist.sum(cb.code_counts - log_counts[s])
             if dist.n > 1:
-                cb.code_counts.copy_(log_counts[s] + delta)
+                cb.set_usage(code_counts=log_counts[s] + delta)
             dead.append((delta == 0).float().mean())
         row["dead_frac"] = float(torch.stack(dead).mean())
     return row

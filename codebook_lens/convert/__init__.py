@@ -38,6 +38,7 @@ from codebook_lens.errors import BackendError, CheckpointError
 from codebook_lens.hub import resolve_dir
 from codebook_lens.model import CodebookModel
 from codebook_lens.quantizer import Codebook
+from codebook_lens.tensor_files import check_codebook_state
 
 __all__ = [
     "from_codebook_features",
@@ -163,9 +164,8 @@ def from_codebook_features(
                 f"the checkpoint's codebook for {s.site} (codebook {tuple(s.codebook.shape)}) does "
                 f"not fit the base model: {e}"
             ) from e
-        with torch.no_grad():
-            cb.codebook.copy_(s.codebook)
-        cb.load_extra_tensors(s.extra)
+        state = check_codebook_state(s.state, s.cfg, f"{ckpt.path} ({s.site})")
+        cb.load_state_dict(state, strict=False)  # a fresh codebook's usage counts
     return cm
 
 

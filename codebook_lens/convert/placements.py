@@ -75,11 +75,15 @@ class ConvertedSite:
     cfg: CodebookConfig
     """Config with the reference's semantics (affine LayerNorm input, mean of k codes)."""
 
-    codebook: Float[Tensor, "n_groups n_codes d_in"]
-    """Code vectors."""
+    state: dict[str, Tensor]
+    """The codebook's state as the reference saved it, named as in ``Codebook.state_dict()``:
+    ``codebook`` ``[n_groups, n_codes, d_in]``, ``ln_weight`` and ``ln_bias``
+    ``[n_groups, d_in]`` (no usage counts)."""
 
-    extra: dict[str, Float[Tensor, "n_groups d_in"]]
-    """``ln_weight`` and ``ln_bias`` ``[n_groups, d_in]``."""
+    @property
+    def codebook(self) -> Float[Tensor, "n_groups n_codes d_in"]:
+        """Code vectors."""
+        return self.state["codebook"]
 
 
 def _normalize_key(key: str) -> str:
@@ -220,7 +224,8 @@ def converted_sites(
                     f"{prefix}: num_codes={n_codes[i]} in config.json, {cfg.n_codes} in the tensors"
                 )
             site = hook.format(L=layer)
-            sites.append(ConvertedSite(site, cfg, w, {"ln_weight": ln_w, "ln_bias": ln_b}))
+            state = {"codebook": w, "ln_weight": ln_w, "ln_bias": ln_b}
+            sites.append(ConvertedSite(site, cfg, state))
     if cb_sd:
         raise CheckpointError(
             f"the checkpoint has codebook tensors that its config does not explain: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codebook_lens import CodebookModel, replace_dead_codes
+from codebook_lens import CodebookModel
 from codebook_lens.training import TrainConfig, train_codebooks
 from tests.conftest import make_model
 
@@ -68,7 +68,7 @@ def test_dead_codes_are_reseeded_from_recent_activations():
     dead = cb.window_counts == 0
     assert int(dead.sum()) == 63
     w0 = cb.codebook.detach().clone()
-    n = replace_dead_codes(cb)
+    n = cb.reseed_dead_codes().sum()
     assert int(n) == int(dead.sum())
     changed = (cb.codebook.detach() != w0).any(-1)
     assert torch.equal(changed, dead)

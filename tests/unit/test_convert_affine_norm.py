@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codebook_lens import Codebook, CodebookConfig
+from codebook_lens import CheckpointError, Codebook, CodebookConfig
+from codebook_lens.tensor_files import check_codebook_state
 
 
 def _cb(**kw) -> Codebook:
@@ -49,7 +50,7 @@ def test_other_norms_have_no_norm_parameters():
     for norm in ("none", "layernorm"):
         cb = Codebook(CodebookConfig(d_in=6, n_codes=9, input_norm=norm))
         assert [n for n, _ in cb.named_parameters()] == ["codebook"]
-        assert cb.extra_tensors() == {}
+        assert not {"ln_weight", "ln_bias"} & set(cb.state_dict())
 
 
 def test_norm_parameters_train_with_the_codebook():
@@ -66,19 +67,23 @@ def test_norm_parameters_train_with_the_codebook():
     assert {n for n, _ in cb.named_parameters()} == {"codebook", "ln_weight", "ln_bias"}
 
 
-def test_extra_tensors_load_checks_names_and_shapes():
+def test_norm_state_load_checks_names_and_shapes():
     cb = _cb(input_norm="affine", n_groups=2)
     other = _cb(input_norm="affine", n_groups=2)
     with torch.no_grad():
         other.ln_bias.add_(1.0)
-    cb.load_extra_tensors(other.extra_tensors())
+    cb.load_state_dict(check_codebook_state(other.state_dict(), cb.cfg, "other"), strict=False)
     assert torch.equal(cb.ln_bias, other.ln_bias)
-    with pytest.raises(ValueError, match="missing tensor 'ln_bias'"):
-        cb.load_extra_tensors({"ln_weight": cb.ln_weight})
+    with pytest.raises(CheckpointError, match="has no tensor 'ln_bias'"):
+        check_codebook_state({"codebook": cb.codebook, "ln_weight": cb.ln_weight}, cb.cfg, "x")
     with pytest.raises(
-        ValueError, match=r"ln_weight has shape \(6,\); this codebook needs \(2, 6\)"
+        CheckpointError, match=r"ln_weight has shape \(6,\), but its config says \(2, 6\)"
     ):
-        cb.load_extra_tensors({"ln_weight": torch.ones(6), "ln_bias": torch.zeros(2, 6)})
+        check_codebook_state(
+            {"codebook": cb.codebook, "ln_weight": torch.ones(6), "ln_bias": torch.zeros(2, 6)},
+            cb.cfg,
+            "x",
+        )
 
 
 def test_config_validation():

@@ -8,8 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codebook_lens import Codebook, CodebookConfig, merge_duplicate_codes
-from codebook_lens.maintenance import maintenance_due, reseed_dead_codes
+from codebook_lens import Codebook, CodebookConfig
 from tests.unit.bruteforce import bf_merge
 
 
@@ -26,7 +25,7 @@ def _codebook(seed: int, n_groups: int, n_codes: int, d: int, n_dups: int) -> Co
         w[h, dst[h]] = w[h, src[h]] * (0.5 + torch.rand(n_dups, 1, generator=g)) + noise
     with torch.no_grad():
         cb.codebook.copy_(w)
-    cb.window_counts.copy_(torch.randint(0, 4, (n_groups, n_codes), generator=g).float())
+    cb.set_usage(window_counts=torch.randint(0, 4, (n_groups, n_codes), generator=g).float())
     return cb
 
 
@@ -42,7 +41,7 @@ def test_parked_codes_match_brute_force(seed, n_groups, n_codes, threshold):
     w0 = cb.codebook.detach().clone()
     want = bf_merge(w0.numpy(), cb.window_counts.numpy(), threshold)
     # a tiny budget forces one code row per similarity tile
-    got = merge_duplicate_codes(cb, threshold, chunk_mb=1e-6)
+    got = cb.merge_duplicate_codes(threshold, chunk_mb=1e-6)
     np.testing.assert_array_equal(got.numpy(), want)
     w = cb.codebook.detach()
     assert torch.equal(w[got], torch.zeros_like(w[got]))
@@ -58,10 +57,10 @@ def test_merging_moves_positions_to_the_survivor_and_defaults_to_the_config():
     cb.train()
     cb(x)
     assert cb.encode(x)[:, 0].tolist() == [2, 0, 1]
-    parked = merge_duplicate_codes(cb)  # code 0 and 2 are used once each: id 0 wins the tie
+    parked = cb.merge_duplicate_codes()  # code 0 and 2 are used once each: id 0 wins the tie
     assert parked.tolist() == [[False, False, True]]
     assert cb.encode(x)[:, 0].tolist() == [0, 0, 1]
-    assert not merge_duplicate_codes(cb, threshold=0.0).any()
+    assert not cb.merge_duplicate_codes(threshold=0.0).any()
 
 
 def test_merge_threshold_is_validated():
@@ -71,10 +70,10 @@ def test_merge_threshold_is_validated():
 
 def test_maintenance_schedule_and_reseed_mask():
     cb = Codebook(CodebookConfig(d_in=3, n_codes=4, dead_code_threshold=1, replace_every=5))
-    assert [s for s in range(1, 16) if maintenance_due(cb, s)] == [5, 10, 15]
-    assert not maintenance_due(Codebook(CodebookConfig(d_in=3, n_codes=4, replace_every=5)), 5)
+    assert [s for s in range(1, 16) if cb.maintenance_due(s)] == [5, 10, 15]
+    assert not Codebook(CodebookConfig(d_in=3, n_codes=4, replace_every=5)).maintenance_due(5)
     cb.train()
     cb(torch.randn(10, 3, generator=torch.Generator().manual_seed(0)))
     unused = cb.window_counts == 0
-    mask = reseed_dead_codes(cb)
+    mask = cb.reseed_dead_codes()
     assert torch.equal(mask, unused) and not cb.window_counts.any()

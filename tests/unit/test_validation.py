@@ -13,10 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codebook_lens.config import CodebookConfig
+from codebook_lens.errors import CheckpointError
 from codebook_lens.fsm.base_model import BaseTrainConfig
 from codebook_lens.fsm.experiment import CodebookPlan, ExperimentConfig
 from codebook_lens.lm.demo import LMDemoConfig
 from codebook_lens.quantizer import Codebook
+from codebook_lens.tensor_files import check_codebook_state
 from codebook_lens.training import TrainConfig
 from codebook_lens.validation import field_types
 
@@ -216,25 +218,31 @@ def test_layernorm_input_with_inf_is_not_finite():
     assert cb.encode(x)[0].tolist() == [-1]
 
 
-def test_load_tensors_rejects_bad_tensors_and_copies_nothing():
+def test_codebook_state_check_rejects_bad_tensors_and_nothing_is_copied():
     cb = _cb(n_groups=2, input_norm="affine")
     before = {k: v.detach().clone() for k, v in cb.state_dict().items()}
-    good = torch.randn(2, 3, 4)
+    good, ln = torch.randn(2, 3, 4), {"ln_weight": torch.ones(2, 4), "ln_bias": torch.zeros(2, 4)}
     bad_cases = [
         ({"codebook": good, "code_counts": torch.zeros(3, 2)}, r"code_counts has shape \(3, 2\)"),
-        ({"codebook": good.clone().index_fill_(0, torch.tensor([1]), math.nan)}, "NaN/inf"),
-        ({"codebook": torch.ones(2, 3, 4, dtype=torch.long)}, "must be a floating-point"),
+        ({"codebook": good.clone().index_fill_(0, torch.tensor([1]), math.nan)}, "NaN or inf"),
+        ({"codebook": torch.ones(2, 3, 4, dtype=torch.long)}, "expected a float tensor"),
         ({"codebook": good, "code_counts": -torch.ones(2, 3)}, "negative counts"),
-        ({"ln_weight": torch.full((2, 4), math.inf)}, "'ln_weight' holds NaN/inf"),
-        ({"bogus": good}, "unknown tensor"),
+        (
+            {"codebook": good, **ln, "ln_weight": torch.full((2, 4), math.inf)},
+            "ln_weight holds NaN",
+        ),
+        ({"bogus": good}, "has no tensor 'codebook'"),
     ]
     for tensors, match in bad_cases:
-        with pytest.raises(ValueError, match=match):
-            cb.load_tensors(tensors)
+        with pytest.raises(CheckpointError, match=match):
+            cb.load_state_dict(check_codebook_state({**ln, **tensors}, cb.cfg, "test"))
         for k, v in cb.state_dict().items():
             assert torch.equal(v, before[k]), k
+    with pytest.raises(RuntimeError, match="Unexpected key.*bogus"):  # torch's own check
+        cb.load_state_dict({**before, "bogus": good})
     counts = torch.arange(6).view(2, 3)  # integer counts are fine
-    cb.load_tensors({"codebook": good, "code_counts": counts})
+    state = check_codebook_state({"codebook": good, "code_counts": counts, **ln}, cb.cfg, "test")
+    cb.load_state_dict(state, strict=False)
     assert torch.equal(cb.codebook.detach(), good)
     assert torch.equal(cb.code_counts, counts.float())
 
