@@ -24,10 +24,16 @@ __all__ = [
 
 
 def alternate(
-    cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+    cases: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    *,
+    self_timed: bool = False,
 ) -> dict[str, list[float]]:
     """Seconds per call of every case, cases run in turn (rotating the order) so that load drift
-    on a shared machine hits them all alike."""
+    on a shared machine hits them all alike. With ``self_timed`` each case returns the seconds
+    to record itself (e.g. a step timed with device synchronization) instead of being timed
+    here."""
     names = list(cases)
     for _ in range(warmup):
         for f in cases.values():
@@ -37,8 +43,8 @@ def alternate(
         r = rep % len(names)
         for name in names[r:] + names[:r]:
             t0 = time.perf_counter()
-            cases[name]()
-            times[name].append(time.perf_counter() - t0)
+            took = cases[name]()
+            times[name].append(float(took) if self_timed else time.perf_counter() - t0)
     return times
 
 

@@ -55,7 +55,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import load_line, print_table  # noqa: E402
+from _timing import alternate, load_line, print_table  # noqa: E402
 
 __all__ = ["main"]
 
@@ -283,19 +283,6 @@ def _profile(step: Callable[[], float], rows: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
-def _rounds(cases: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of every case per round, the order rotated each round; one warm-up round."""
-    names = list(cases)
-    for f in cases.values():
-        f()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(repeats):
-        r = rep % len(names)
-        for name in names[r:] + names[:r]:
-            times[name].append(cases[name]())
-    return times
-
-
 def _ratio(a: list[float], b: list[float]) -> str:
     per_round = [x / y for x, y in zip(a, b)]
     return f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
@@ -364,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
             cases["reference: base"] = lambda: ref.step("base")
             cases["reference: codebooks"] = lambda: ref.step("codebooks")
         try:
-            times = _rounds(cases, args.repeats)
+            times = alternate(cases, args.repeats, self_timed=True)
         finally:
             if ref is not None:
                 ref.close()
