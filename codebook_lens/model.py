@@ -47,6 +47,27 @@ site with one codebook; ``split``, a ``[b, p, d]`` site cut into ``n_groups`` gr
 ``heads_flat``, a per-head site quantized as one ``[b, p, head * d_head]`` vector."""
 
 
+def _codebook_view(act: Tensor, layout: Layout, n_groups: int) -> Tensor:
+    """The activation ``act`` (``[..., *site shape]``) as the codebook at a ``layout`` site
+    takes it: ``split`` cuts the last axis into ``n_groups`` groups, ``heads_flat`` joins the
+    heads into one vector, ``flat`` and ``heads`` are as they are."""
+    if layout == "split":
+        return einops.rearrange(act, "... (g d) -> ... g d", g=n_groups)
+    if layout == "heads_flat":
+        return einops.rearrange(act, "... h d -> ... (h d)")
+    return act
+
+
+def _site_view(out: Tensor, layout: Layout, site_shape: torch.Size) -> Tensor:
+    """The codebook's output ``out`` back in the site's shape (the inverse of
+    :func:`_codebook_view`; ``site_shape`` is the activation's)."""
+    if layout == "split":
+        return einops.rearrange(out, "... g d -> ... (g d)")
+    if layout == "heads_flat":
+        return einops.rearrange(out, "... (h d) -> ... h d", h=site_shape[-2])
+    return out
+
+
 @dataclass
 class _Attachment:
     """How one codebook sits at its site."""
@@ -307,15 +328,8 @@ class CodebookModel(nn.Module):
             if not (self.enabled and cb.enabled):
                 return None
             layout = self._att[site].layout
-            check = self._check_now
-            if layout == "flat" or layout == "heads":
-                return cb(act, check)
-            if layout == "split":
-                split = einops.rearrange(act, "... (g d) -> ... g d", g=cb.cfg.n_groups)
-                return einops.rearrange(cb(split, check), "... g d -> ... (g d)")
-            h = act.shape[-2]  # heads_flat
-            flat = einops.rearrange(act, "... h d -> ... (h d)")
-            return einops.rearrange(cb(flat, check), "... (h d) -> ... h d", h=h)
+            out = cb(_codebook_view(act, layout, cb.cfg.n_groups), self._check_now)
+            return _site_view(out, layout, act.shape)
 
         return quantize
 
@@ -497,14 +511,7 @@ class CodebookModel(nn.Module):
             if a.shape[0] > max_rows:
                 a = a[torch.randperm(a.shape[0], generator=g)[:max_rows].to(a.device)]
             cb = self.codebook(s)
-            layout = self._att[s].layout
-            if layout == "split":
-                a = einops.rearrange(a, "n (g d) -> n g d", g=cb.cfg.n_groups)
-            elif layout == "heads" and not cb.grouped:
-                a = einops.rearrange(a, "n h d -> (n h) d")
-            elif layout == "heads_flat":
-                a = einops.rearrange(a, "n h d -> n (h d)")
-            init_from_activations(cb, a)
+            init_from_activations(cb, _codebook_view(a, self._att[s].layout, cb.cfg.n_groups))
 
     def save(
         self, path: str | os.PathLike, include_model: bool = False, overwrite: bool = False
