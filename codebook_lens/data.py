@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,26 @@ def shard_batch(batch: Tensor, rank: int, world_size: int) -> Tensor:
     return batch[rank * per : (rank + 1) * per]
 
 
+def _carry(
+    groups: Iterable[Tensor],
+    at_least: int,
+    cut: Callable[[Tensor], tuple[Iterable[Tensor], Tensor]],
+) -> Generator[Tensor, None, Tensor | None]:
+    """Concatenate ``groups`` until they hold ``at_least`` rows, then yield what ``cut`` takes
+    from them and carry what it leaves into the next round. Returns what is left at the end
+    (None if no group came)."""
+    kept: list[Tensor] = []
+    n = 0
+    for g in groups:
+        kept.append(g)
+        n += g.shape[0]
+        if n >= at_least:
+            out, rest = cut(torch.cat(kept))
+            yield from out
+            kept, n = [rest], rest.shape[0]
+    return torch.cat(kept) if kept else None
+
+
 def shuffle_groups(
     groups: Iterable[Tensor], buffer: int, seed: int, epoch: int = 0
 ) -> Iterator[Tensor]:
@@ -235,20 +255,15 @@ def shuffle_groups(
         yield from groups
         return
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    pool: list[Tensor] = []
-    n = 0
-    for g in groups:
-        pool.append(g)
-        n += g.shape[0]
-        if n >= buffer:
-            mixed = torch.cat(pool)
-            perm = torch.randperm(mixed.shape[0], generator=gen)
-            half = mixed.shape[0] // 2  # emit half, keep half to mix with what comes next
-            yield mixed[perm[:half]]
-            pool, n = [mixed[perm[half:]]], mixed.shape[0] - half
-    if pool:
-        mixed = torch.cat(pool)
-        yield mixed[torch.randperm(mixed.shape[0], generator=gen)]
+
+    def emit_half(mixed: Tensor) -> tuple[list[Tensor], Tensor]:
+        perm = torch.randperm(mixed.shape[0], generator=gen)
+        half = mixed.shape[0] // 2  # emit half, keep half to mix with what comes next
+        return [mixed[perm[:half]]], mixed[perm[half:]]
+
+    rest = yield from _carry(groups, buffer, emit_half)
+    if rest is not None:
+        yield rest[torch.randperm(rest.shape[0], generator=gen)]
 
 
 def global_batches(
@@ -262,22 +277,17 @@ def global_batches(
     cut from ``groups`` in order. The blocks left over at the end make one last, smaller batch
     when ``drop_last`` is False and ``world_size`` divides their number; else they are dropped.
     """
-    pending: list[Tensor] = []
-    n = 0
-    for g in groups:
-        pending.append(g)
-        n += g.shape[0]
-        if n >= batch_size:
-            pool = torch.cat(pending)
-            k = pool.shape[0] // batch_size
-            for b in pool[: k * batch_size].split(batch_size):
-                yield shard_batch(b, rank, world_size)
-            rest = pool[k * batch_size :]
-            pending, n = [rest], rest.shape[0]
-    if n and not drop_last:
-        last = torch.cat(pending)
-        if last.shape[0] % world_size == 0:
-            yield shard_batch(last, rank, world_size)
+
+    def whole_batches(pool: Tensor) -> tuple[Iterator[Tensor], Tensor]:
+        k = pool.shape[0] // batch_size
+        shards = (
+            shard_batch(b, rank, world_size) for b in pool[: k * batch_size].split(batch_size)
+        )
+        return shards, pool[k * batch_size :]
+
+    rest = yield from _carry(groups, batch_size, whole_batches)
+    if rest is not None and rest.shape[0] and not drop_last and rest.shape[0] % world_size == 0:
+        yield shard_batch(rest, rank, world_size)
 
 
 # ---------------------------------------------------------------------- streaming
