@@ -42,7 +42,7 @@ from codebook_lens.atomic import (
 from codebook_lens.errors import CheckpointError
 from codebook_lens.integrity import check_tensors, record_tensors
 from codebook_lens.model import CodebookModel
-from codebook_lens.tensor_files import check_codebook_state, read_tensors, untie, write_tensors
+from codebook_lens.tensor_files import read_tensors, untie, write_tensors
 
 __all__ = [
     "TrainState",
@@ -480,7 +480,7 @@ class _Plan:
     def _check_codebooks(self) -> None:
         """Each codebook's state, checked against its config, for :meth:`apply`."""
         self.states = {
-            site: check_codebook_state(self.tensors, cb.cfg, self.file, f"cb.{site}.", True)
+            site: cb.checked_state(self.tensors, cb.cfg, self.file, f"cb.{site}.", True)
             for site, cb in self.cm.codebooks.items()
         }
 

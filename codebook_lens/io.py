@@ -60,7 +60,6 @@ from codebook_lens.integrity import (
 )
 from codebook_lens.quantizer import Codebook
 from codebook_lens.tensor_files import (
-    check_codebook_state,
     read_tensors,
     untie,
     write_tensors,
@@ -307,7 +306,7 @@ def read_codebooks(
         file = data / "codebooks.safetensors"
         tensors = read_tensors(file)
         checked = {
-            s: check_codebook_state(tensors, c, file, prefix=f"{s}.") for s, c in configs.items()
+            s: Codebook.checked_state(tensors, c, file, prefix=f"{s}.") for s, c in configs.items()
         }
         # after the config checks, whose messages are sharper
         check_tensors(tensors, meta["tensors"]["codebooks.safetensors"], file)

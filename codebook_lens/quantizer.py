@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from transformer_lens.hook_points import HookPoint
 
 from codebook_lens import maintenance, topk
 from codebook_lens.config import CodebookConfig
+from codebook_lens.errors import CheckpointError
+from codebook_lens.tensor_files import check_tensor
 
 __all__ = ["Codebook"]
 
@@ -151,6 +154,36 @@ class Codebook(nn.Module):
             shapes.update(ln_weight=(g, d), ln_bias=(g, d))
         shapes.update(code_counts=(g, n), window_counts=(g, n), recent=(None, g, d))
         return shapes
+
+    @staticmethod
+    def checked_state(
+        tensors: Mapping[str, Tensor],
+        cfg: CodebookConfig,
+        file: Path | str,
+        prefix: str = "",
+        training: bool = False,
+    ) -> dict[str, Tensor]:
+        """The state of a codebook built from ``cfg``, read from ``file`` (a path, or words
+        naming the source): the tensors ``prefix + name`` of ``tensors`` for each name of
+        :meth:`state_shapes`, each checked by :func:`~codebook_lens.tensor_files.check_tensor`
+        (dtype, shape, finite, counts >= 0), keyed by name as :meth:`load_state_dict` takes
+        them. A saved model holds the parameters and (optionally) ``code_counts``; with
+        ``training`` (a training checkpoint) :attr:`TRAINING_STATE` is read too, ``recent``
+        optionally. Every reader of saved codebooks uses it; a missing tensor or a bad one
+        raises :class:`~codebook_lens.errors.CheckpointError` naming it."""
+        optional = ("recent",) if training else ("code_counts",)
+        out = {}
+        for name, shape in Codebook.state_shapes(cfg).items():
+            key = prefix + name
+            if name in Codebook.TRAINING_STATE and not training:
+                continue
+            if key not in tensors:
+                if name in optional:
+                    continue
+                raise CheckpointError(f"{file} has no tensor {key!r}; the checkpoint is incomplete")
+            kind = "count" if name in Codebook.COUNTS else "float"
+            out[name] = check_tensor(tensors[key], key, file, shape, kind)
+        return out
 
     @staticmethod
     def _fit_recent(module: Codebook, state_dict: Mapping[str, Any], prefix: str, *_: Any) -> None:

@@ -1,10 +1,9 @@
 """Safetensors files: read with errors that name the file, write with shared storage untied, and
-check loaded tensors against what their config says: :func:`check_tensor`, and
-:func:`check_codebook_state` for a codebook's state (every reader of one uses it)."""
+check loaded tensors against what their config says (:func:`check_tensor`; a codebook's whole
+state: :meth:`codebook_lens.quantizer.Codebook.checked_state`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -13,11 +12,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from codebook_lens.config import CodebookConfig
 from codebook_lens.errors import CheckpointError
-from codebook_lens.quantizer import Codebook
 
-__all__ = ["read_tensors", "write_tensors", "untie", "check_tensor", "check_codebook_state"]
+__all__ = ["read_tensors", "write_tensors", "untie", "check_tensor"]
 
 
 def read_tensors(file: Path, fix: str = "") -> dict[str, Tensor]:
@@ -88,31 +85,3 @@ def check_tensor(
     if kind == "count" and t.numel() and bool((t < 0).any()):
         raise CheckpointError(f"{file}: {name} holds negative counts; the checkpoint is corrupt")
     return t
-
-
-def check_codebook_state(
-    tensors: Mapping[str, Tensor],
-    cfg: CodebookConfig,
-    file: Path | str,
-    prefix: str = "",
-    training: bool = False,
-) -> dict[str, Tensor]:
-    """The state of one codebook built from ``cfg``, read from ``file``: the tensors
-    ``prefix + name`` of ``tensors`` for each name of :meth:`Codebook.state_shapes`, checked
-    by :func:`check_tensor` (shape, finite, counts >= 0), keyed by name as
-    ``Codebook.load_state_dict`` takes them. A saved model holds the parameters and
-    (optionally) ``code_counts``; with ``training`` (a training checkpoint) the usage window
-    and (optionally) ``recent`` are read too. A missing tensor raises CheckpointError."""
-    optional = ("code_counts",) if not training else ("recent",)
-    out = {}
-    for name, shape in Codebook.state_shapes(cfg).items():
-        key = prefix + name
-        if name in Codebook.TRAINING_STATE and not training:
-            continue
-        if key not in tensors:
-            if name in optional:
-                continue
-            raise CheckpointError(f"{file} has no tensor {key!r}; the checkpoint is incomplete")
-        kind = "count" if name in Codebook.COUNTS else "float"
-        out[name] = check_tensor(tensors[key], key, file, shape, kind)
-    return out

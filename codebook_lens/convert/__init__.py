@@ -38,7 +38,6 @@ from codebook_lens.errors import BackendError, CheckpointError
 from codebook_lens.hub import resolve_dir
 from codebook_lens.model import CodebookModel
 from codebook_lens.quantizer import Codebook
-from codebook_lens.tensor_files import check_codebook_state
 
 __all__ = [
     "from_codebook_features",
@@ -164,7 +163,7 @@ def from_codebook_features(
                 f"the checkpoint's codebook for {s.site} (codebook {tuple(s.codebook.shape)}) does "
                 f"not fit the base model: {e}"
             ) from e
-        state = check_codebook_state(s.state, s.cfg, f"{ckpt.path} ({s.site})")
+        state = Codebook.checked_state(s.state, s.cfg, f"{ckpt.path} ({s.site})")
         cb.load_state_dict(state, strict=False)  # a fresh codebook's usage counts
     return cm
 

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from codebook_lens import CheckpointError, Codebook, CodebookConfig
-from codebook_lens.tensor_files import check_codebook_state
 
 
 def _cb(**kw) -> Codebook:
@@ -72,14 +71,14 @@ def test_norm_state_load_checks_names_and_shapes():
     other = _cb(input_norm="affine", n_groups=2)
     with torch.no_grad():
         other.ln_bias.add_(1.0)
-    cb.load_state_dict(check_codebook_state(other.state_dict(), cb.cfg, "other"), strict=False)
+    cb.load_state_dict(Codebook.checked_state(other.state_dict(), cb.cfg, "other"), strict=False)
     assert torch.equal(cb.ln_bias, other.ln_bias)
     with pytest.raises(CheckpointError, match="has no tensor 'ln_bias'"):
-        check_codebook_state({"codebook": cb.codebook, "ln_weight": cb.ln_weight}, cb.cfg, "x")
+        Codebook.checked_state({"codebook": cb.codebook, "ln_weight": cb.ln_weight}, cb.cfg, "x")
     with pytest.raises(
         CheckpointError, match=r"ln_weight has shape \(6,\), but its config says \(2, 6\)"
     ):
-        check_codebook_state(
+        Codebook.checked_state(
             {"codebook": cb.codebook, "ln_weight": torch.ones(6), "ln_bias": torch.zeros(2, 6)},
             cb.cfg,
             "x",

@@ -18,7 +18,6 @@ from codebook_lens.fsm.base_model import BaseTrainConfig
 from codebook_lens.fsm.experiment import CodebookPlan, ExperimentConfig
 from codebook_lens.lm.demo import LMDemoConfig
 from codebook_lens.quantizer import Codebook
-from codebook_lens.tensor_files import check_codebook_state
 from codebook_lens.training import TrainConfig
 from codebook_lens.validation import field_types
 
@@ -235,13 +234,13 @@ def test_codebook_state_check_rejects_bad_tensors_and_nothing_is_copied():
     ]
     for tensors, match in bad_cases:
         with pytest.raises(CheckpointError, match=match):
-            cb.load_state_dict(check_codebook_state({**ln, **tensors}, cb.cfg, "test"))
+            cb.load_state_dict(Codebook.checked_state({**ln, **tensors}, cb.cfg, "test"))
         for k, v in cb.state_dict().items():
             assert torch.equal(v, before[k]), k
     with pytest.raises(RuntimeError, match="Unexpected key.*bogus"):  # torch's own check
         cb.load_state_dict({**before, "bogus": good})
     counts = torch.arange(6).view(2, 3)  # integer counts are fine
-    state = check_codebook_state({"codebook": good, "code_counts": counts, **ln}, cb.cfg, "test")
+    state = Codebook.checked_state({"codebook": good, "code_counts": counts, **ln}, cb.cfg, "test")
     cb.load_state_dict(state, strict=False)
     assert torch.equal(cb.codebook.detach(), good)
     assert torch.equal(cb.code_counts, counts.float())
