@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from codebook_lens import CodebookModel
 from codebook_lens.backends import build_model, has_hooked_transformer, tl_version
 
 # Tiny models run fastest on one thread, and CI shares 2 cores with subprocess tests.
@@ -36,6 +38,43 @@ def make_model(backend: str = "auto", *, tokenizer: Any = None, **overrides: Any
     if backend == "hooked" and not has_hooked_transformer():
         pytest.skip(f"transformer-lens {tl_version()} has no HookedTransformer")
     return build_model({**TINY, **overrides}, backend, tokenizer=tokenizer)
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess under test: this process's, on one CPU thread with no
+    GPU and the Hugging Face Hub offline, then ``extra``."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HF_HUB_OFFLINE": "1",
+        **extra,
+    }
+
+
+def attach_codebooks(
+    model: nn.Module, sites: dict[str, dict[str, Any]], tokens: torch.Tensor | None = None
+) -> CodebookModel:
+    """A :class:`CodebookModel` of ``model`` with one codebook per site (``{site: fields}``),
+    initialized from ``tokens`` when they are given."""
+    cm = CodebookModel(model)
+    for site, fields in sites.items():
+        cm.add_codebook(site, **fields)
+    if tokens is not None:
+        cm.init_codebooks(tokens)
+    return cm
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection attempt fails the test (local paths and data must never reach
+    the Hub)."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
 
 
 needs_hooked = pytest.mark.skipif(

@@ -10,7 +10,6 @@ reads the previous one's directory); ``browse`` serves a store with ``--store --
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -34,16 +33,10 @@ from codebook_lens.fsm.experiment import (
     state_recovery,
     transition_accuracy_of,
 )
+from tests.conftest import offline_env
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "PYTHONWARNINGS": "ignore::DeprecationWarning",
-}
+ENV = offline_env(TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore::DeprecationWarning")
 
 
 def _command() -> list[str]:

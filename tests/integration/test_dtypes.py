@@ -9,7 +9,7 @@ import torch
 
 from codebook_lens import CodebookModel
 from codebook_lens.training import TrainConfig, train_codebooks
-from tests.conftest import make_model
+from tests.conftest import attach_codebooks, make_model
 
 LOW = [torch.bfloat16, torch.float16]
 SITES = {
@@ -20,11 +20,7 @@ SITES = {
 
 
 def _cm(backend: str, dtype: torch.dtype) -> CodebookModel:
-    model = make_model(backend).to(dtype)
-    cm = CodebookModel(model)
-    for site, kw in SITES.items():
-        cm.add_codebook(site, **kw)
-    return cm
+    return attach_codebooks(make_model(backend).to(dtype), SITES)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)

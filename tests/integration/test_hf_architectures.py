@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from codebook_lens import CodebookModel, boot_hf, build_model, codes_hook_name
-from tests.conftest import needs_hooked
+from tests.conftest import attach_codebooks, needs_hooked
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -79,14 +79,6 @@ SITES = {
 }
 
 
-def _attach(model, tokens) -> CodebookModel:
-    cm = CodebookModel(model)
-    for site, kw in SITES.items():
-        cm.add_codebook(site, **kw)
-    cm.init_codebooks(tokens)
-    return cm
-
-
 def _tokens(n: int = 3, pos: int = 12) -> torch.Tensor:
     return torch.randint(0, VOCAB - 1, (n, pos), generator=torch.Generator().manual_seed(0))
 
@@ -106,7 +98,7 @@ def test_codebooks_on_hf_bridge(hf_dir, compat, tmp_path):
     model = _boot(d, compat)
     tokens = _tokens()
     base = model(tokens).clone()
-    cm = _attach(model, tokens)
+    cm = attach_codebooks(model, SITES, tokens)
     logits, cache = cm.run_with_cache(tokens)
     n_kv = 2 if arch == "llama" else 4
     assert cache[codes_hook_name("blocks.0.attn.hook_z")].shape == (3, 12, 4, 2)
@@ -160,7 +152,7 @@ def test_codebooks_on_hooked_counterparts(variant, tmp_path):
     model = build_model(cfg, "hooked")
     tokens = _tokens()
     base = model(tokens).clone()
-    cm = _attach(model, tokens)
+    cm = attach_codebooks(model, SITES, tokens)
     if variant == "attn_result":
         cm.add_codebook("blocks.1.attn.hook_result", n_codes=16, k=1)
     logits, cache = cm.run_with_cache(tokens)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from codebook_lens import CodebookConfig, CodebookModel
-from tests.conftest import make_model
+from tests.conftest import attach_codebooks, make_model
 from tests.unit.bruteforce import bf_decode, bf_quantize, bf_select
 
 SITES = {
@@ -16,14 +16,6 @@ SITES = {
     "blocks.1.hook_mlp_out": dict(n_codes=40, k=1, similarity="dot"),
     "blocks.1.mlp.hook_post": dict(n_codes=50, k=2, similarity="euclidean", combine="mean"),
 }
-
-
-def _attach(model, tokens) -> CodebookModel:
-    cm = CodebookModel(model)
-    for site, kw in SITES.items():
-        cm.add_codebook(site, **kw)
-    cm.init_codebooks(tokens)
-    return cm
 
 
 def _bf_hook(cb):
@@ -40,7 +32,7 @@ def _bf_hook(cb):
 
 
 def test_code_shapes_and_logits_match_bruteforce(model, tokens):
-    cm = _attach(model, tokens)
+    cm = attach_codebooks(model, SITES, tokens)
     logits, cache = cm.run_with_cache(tokens)
     b, p = tokens.shape
     assert cache["blocks.0.hook_resid_pre.hook_codes"].shape == (b, p, 3)
@@ -61,7 +53,7 @@ def test_code_shapes_and_logits_match_bruteforce(model, tokens):
 
 def test_disable_and_remove_restore_base_logits_exactly(model, tokens):
     base = model(tokens).clone()
-    cm = _attach(model, tokens)
+    cm = attach_codebooks(model, SITES, tokens)
     assert not torch.equal(cm(tokens), base)
     with cm.disabled():
         assert torch.equal(cm(tokens), base)
@@ -106,10 +98,8 @@ def test_patching_codes_equals_replacing_activation(model, tokens):
 
 
 def test_per_head_patch_only_changes_that_head(model, tokens):
-    cm = CodebookModel(model)
     site = "blocks.0.attn.hook_z"
-    cm.add_codebook(site, n_codes=25, k=1)
-    cm.init_codebooks(tokens)
+    cm = attach_codebooks(model, {site: dict(n_codes=25, k=1)}, tokens)
 
     def force_head2(codes, hook):
         codes = codes.clone()
@@ -126,7 +116,7 @@ def test_per_head_patch_only_changes_that_head(model, tokens):
 
 
 def test_no_hooks_leak_on_exception(model, tokens):
-    cm = _attach(model, tokens)
+    cm = attach_codebooks(model, SITES, tokens)
     counts = {n: len(hp.fwd_hooks) for n, hp in model.hook_dict.items()}
 
     def boom(codes, hook):
@@ -145,7 +135,7 @@ def test_no_hooks_leak_on_exception(model, tokens):
 
 
 def test_codebooks_survive_reset_hooks(model, tokens):
-    cm = _attach(model, tokens)
+    cm = attach_codebooks(model, SITES, tokens)
     out = cm(tokens)
     model.reset_hooks(including_permanent=True)
     torch.testing.assert_close(cm(tokens), out)
@@ -215,7 +205,7 @@ def test_bad_inputs_give_clear_errors(model):
 
 
 def test_generate_runs_with_codebooks(model, tokens):
-    cm = _attach(model, tokens)
+    cm = attach_codebooks(model, SITES, tokens)
     torch.manual_seed(0)
     out = cm.generate(
         tokens[:1, :4],
@@ -232,7 +222,7 @@ def test_generate_runs_with_codebooks(model, tokens):
 
 
 def test_training_gradients_reach_codebooks_and_model(model, tokens):
-    cm = _attach(model, tokens)
+    cm = attach_codebooks(model, SITES, tokens)
     cm.train()
     loss = cm(tokens, return_type="loss") + cm.aux_loss()
     loss.backward()
@@ -245,10 +235,8 @@ def test_training_gradients_reach_codebooks_and_model(model, tokens):
 
 
 def test_in_place_patch_is_honoured(model, tokens):
-    cm = CodebookModel(model)
     site = "blocks.1.hook_mlp_out"
-    cm.add_codebook(site, n_codes=20, k=1)
-    cm.init_codebooks(tokens)
+    cm = attach_codebooks(model, {site: dict(n_codes=20, k=1)}, tokens)
 
     def in_place(codes, hook):
         codes[:, 2, 0] = 5

@@ -11,7 +11,6 @@ constant, so processed models are compared on log-probabilities (measured about 
 
 from __future__ import annotations
 
-import socket
 import warnings
 
 import pytest
@@ -27,17 +26,6 @@ from tests.hf_fixtures import ARCHS, bpe_tokenizer, save_hf_model
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-5
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any connection attempt fails the test: local paths must never reach the Hub."""
-
-    def refuse(self, *args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -21,19 +21,16 @@ import torch
 from codebook_lens import CodebookModel
 from codebook_lens.analysis import CodeStore
 from codebook_lens.data import pydoc_texts
+from tests.conftest import offline_env
 from tests.hf_fixtures import save_hf_model, save_texts
 
 pytestmark = pytest.mark.bridge
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "CUDA_VISIBLE_DEVICES": "",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-}
+ENV = offline_env(
+    HF_DATASETS_OFFLINE="1",
+    PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+)
 
 CONFIG = """
 [model]

@@ -10,7 +10,6 @@ the network: the ``no_network`` fixture makes every socket connection fail.
 from __future__ import annotations
 
 import math
-import socket
 import warnings
 
 import numpy as np
@@ -34,15 +33,7 @@ datasets = pytest.importorskip("datasets")
 N_DOCS, VOCAB_WORDS, CTX, BATCH = 120, 20, 16, 4
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any connection attempt fails the test: local data must never touch the Hub."""
-
-    def refuse(self, *args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")
