@@ -47,9 +47,9 @@ test-slow: setup
 test-tl3: .venv-tl3/.installed
 	.venv-tl3/bin/pytest -m "not slow"
 
-# Codes versus SAELens TopK SAEs on the TokFSM demo model (docs/results/codes_vs_saes.md); runs
-# on the transformer-lens 3.9 leg, where SAELens installs. COMPARE_OUT holds results.json,
-# table.md, best_features.png and every trained dictionary.
+# Codes versus SAELens TopK SAEs on the TokFSM demo model (docs/results/codes_vs_saes.md)
+# and on the topic-stories LM; runs on the transformer-lens 3.9 leg, where SAELens installs.
+# COMPARE_OUT/tokfsm and COMPARE_OUT/lm hold results.json, tables, figures and every dictionary.
 COMPARE_OUT ?= compare_out
 compare-saes: .venv-tl3/.installed
 	.venv-tl3/bin/python -m codebook_lens.compare --out $(COMPARE_OUT)
