@@ -142,11 +142,11 @@ def _paper_setting(demo: Path) -> dict[str, Any]:
     """The lm-demo's finetuned codebooks (every head of every layer, model finetuned too)."""
     m = json.loads((demo / "metrics.json").read_text())
     steer = [m["steering"][t] for t in TOPICS]
+    precision = [m["topic_codes"][t]["best_precision"] for t in TOPICS]
     return {
         "sites": [f"blocks.{i}.attn.hook_z" for i in range(m["config"]["n_layers"])],
-        "topic_precision": [m["topic_codes"][t]["best_precision"] for t in TOPICS],
-        "mean_topic_precision": sum(m["topic_codes"][t]["best_precision"] for t in TOPICS)
-        / len(TOPICS),
+        "topic_precision": precision,
+        "mean_topic_precision": sum(precision) / len(precision),
         "steered_rate": [s.get("steered_rate") for s in steer],
         "steer_ratio": [s.get("ratio") for s in steer],
         "topics_steered": m["steering_summary"]["topics_with_10x"],
